@@ -1,0 +1,242 @@
+"""Data sets as in-memory tensors, and the batches each rank trains on.
+
+Every data set here fits in memory, so it is decoded once into float tensors (on the GPU when
+there is one) and batches are slices of those tensors, not items decoded one at a time.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
+  split 80/20 stratified with a fixed seed. Models that need MNIST's shape get it resized.
+- ``mnist``, ``cifar10``, ``cifar100``: the original files read through torchvision from
+  ``--data-dir`` (``MNIST/raw/*-ubyte``, ``cifar-10-batches-py/``, ``cifar-100-python/``).
+- ``synthetic``: random tensors of any shape, for throughput.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors: x float (N, C, H, W), normalised; y int64 (N,)."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        return replace(self, **{k: getattr(self, k).to(device)
+                                for k in ("train_x", "train_y", "test_x", "test_y")})
+
+
+# ---------------------------------------------------------------------------- loaders
+
+def load(name: str, data_dir: str = "data", download: bool = False, synthetic: bool = False,
+         input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+         synthetic_samples: int = 4096, seed: int = 0) -> Dataset:
+    """Load data set ``name``; ``synthetic=True`` gives random data of the same shape."""
+    if name == "synthetic" or synthetic:
+        if name != "synthetic":
+            input_shape, num_classes = _SHAPES[name]
+        return make_synthetic(input_shape, num_classes, synthetic_samples, seed)
+    if name == "digits":
+        return load_digits()
+    if name == "mnist":
+        return load_mnist(data_dir, download)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, data_dir, download)
+    raise UsageError(f"unknown dataset {name!r}; choose one of: digits, mnist, cifar10, cifar100, synthetic")
+
+
+_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10),
+           "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's digits: 1,437 train / 360 test images of 8x8, 10 classes."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x = bunch.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    y = bunch.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    return _normalised("digits", xtr, ytr, xte, yte, [str(c) for c in range(10)])
+
+
+def load_mnist(data_dir: str, download: bool = False) -> Dataset:
+    """MNIST from ``DATA_DIR/MNIST/raw/*-ubyte`` (the original idx files, gunzipped)."""
+    from torchvision.datasets import MNIST
+
+    raw = Path(data_dir) / "MNIST" / "raw"
+    _require_files("mnist", data_dir, raw, MNIST_FILES, download)
+    try:
+        splits = [MNIST(data_dir, train=t, download=download) for t in (True, False)]
+    except Exception as e:  # torchvision asserts on sizes, numpy/torch raise on short buffers
+        raise UsageError(f"mnist files in {raw} are truncated or corrupt ({_why(e)}); "
+                         "delete them and fetch them again (or pass --download)")
+    (xtr, ytr), (xte, yte) = [(s.data.numpy()[:, None].astype(np.float32) / 255.0,
+                               s.targets.numpy().astype(np.int64)) for s in splits]
+    return _normalised("mnist", xtr, ytr, xte, yte, [str(c) for c in range(10)])
+
+
+def load_cifar(name: str, data_dir: str, download: bool = False) -> Dataset:
+    """CIFAR-10/100 from the python-pickle batches under ``DATA_DIR``."""
+    from torchvision import datasets
+
+    base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+
+    class _Cifar(base):  # type: ignore[misc, valid-type]
+        # Existence instead of MD5 checks: a damaged file fails to parse and is reported
+        # below with its path, and small test files in the real format load too.
+        train_list = [[f, None] for f, _ in base.train_list]
+        test_list = [[f, None] for f, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    folder = Path(data_dir) / base.base_folder
+    expected = [f for f, _ in base.train_list + base.test_list] + [base.meta["filename"]]
+    _require_files(name, data_dir, folder, expected, download)
+    try:
+        splits = [_Cifar(data_dir, train=t, download=download) for t in (True, False)]
+    except Exception as e:  # truncated pickles raise EOFError / UnpicklingError / ValueError
+        raise UsageError(f"{name} files in {folder} are truncated or corrupt ({_why(e)}); "
+                         "delete them and fetch them again (or pass --download)")
+    (xtr, ytr), (xte, yte) = [(s.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0,
+                               np.asarray(s.targets, dtype=np.int64)) for s in splits]
+    return _normalised(name, xtr, ytr, xte, yte, list(splits[0].classes))
+
+
+def make_synthetic(shape: tuple[int, int, int], num_classes: int, samples: int,
+                   seed: int = 0) -> Dataset:
+    """Random N(0, 1) images with random labels; the test set is 1/8 the size."""
+    g = torch.Generator().manual_seed(seed)
+    n_test = max(num_classes, samples // 8)
+    x = torch.randn(samples + n_test, *shape, generator=g)
+    y = torch.randint(0, num_classes, (samples + n_test,), generator=g)
+    return Dataset("synthetic", x[:samples], y[:samples], x[samples:], y[samples:],
+                   [str(c) for c in range(num_classes)])
+
+
+def _normalised(name, xtr, ytr, xte, yte, classes) -> Dataset:
+    """Standardise per channel with the training set's mean and std."""
+    if len(xtr) == 0 or len(xte) == 0:
+        raise UsageError(f"{name}: the files hold no samples; fetch them again")
+    mean = xtr.mean(axis=(0, 2, 3), keepdims=True)
+    std = xtr.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return Dataset(name, t((xtr - mean) / std), t(ytr), t((xte - mean) / std), t(yte), classes)
+
+
+def _require_files(name: str, data_dir: str, folder: Path, files, download: bool) -> None:
+    if download:
+        return
+    if not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir {data_dir} does not exist; create it and put the "
+                         f"{name} files in {folder}, or pass --download")
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise UsageError(f"{name} files not found in {folder} (missing: {', '.join(missing)}); "
+                         "put them there or pass --download")
+
+
+def _why(e: Exception) -> str:
+    return (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__).splitlines()[0][:160]
+
+
+# ------------------------------------------------------------------------ transforms
+
+def resize(ds: Dataset, size: int | None) -> Dataset:
+    """Bilinear resize of every image to ``size`` x ``size`` (no-op for None or same size)."""
+    if size is None or ds.input_shape[1:] == (size, size):
+        return ds
+    log.info("resizing %s from %dx%d to %dx%d for this model", ds.name, *ds.input_shape[1:], size, size)
+    r = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
+    return replace(ds, train_x=r(ds.train_x), test_x=r(ds.test_x))
+
+
+# --------------------------------------------------------------------------- batches
+
+class Batches:
+    """One rank's batches of ``(x, y)`` from in-memory tensors.
+
+    ``sampler`` yields sample indices (a ``DistributedSampler`` for training, a strided range
+    for evaluation). With ``workers == 0`` a batch is one fancy-index of the tensors, on
+    whichever device they live; with workers, a ``DataLoader`` slices in background
+    processes and can pin the host batches for an asynchronous copy to ``device``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, sampler,
+                 device: torch.device, workers: int = 0, pin_memory: bool = False,
+                 channels_last: bool = False):
+        self.x, self.y, self.batch_size, self.sampler = x, y, batch_size, sampler
+        self.device, self.workers, self.pin_memory = device, workers, pin_memory
+        self.memory_format = torch.channels_last if channels_last and x.dim() == 4 else None
+
+    def __len__(self) -> int:
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        chunks = index.split(self.batch_size)
+        if self.workers == 0:
+            source = ((self.x[c.to(self.x.device)], self.y[c.to(self.y.device)]) for c in chunks)
+        else:
+            source = torch.utils.data.DataLoader(
+                _Slices(self.x, self.y, chunks), batch_size=None, shuffle=False,
+                num_workers=self.workers, pin_memory=self.pin_memory)
+        non_blocking = self.pin_memory or self.workers == 0
+        for x, y in source:
+            x = x.to(self.device, non_blocking=non_blocking)
+            if self.memory_format is not None:
+                x = x.contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, non_blocking=non_blocking)
+
+
+class _Slices(torch.utils.data.Dataset):
+    """Batch ``i`` is ``(x[chunks[i]], y[chunks[i]])``: one item per batch."""
+
+    def __init__(self, x, y, chunks):
+        self.x, self.y, self.chunks = x, y, chunks
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        return self.x[self.chunks[i]], self.y[self.chunks[i]]
+
+
+def shard(n: int, rank: int, size: int) -> range:
+    """Rank ``rank``'s share of ``n`` evaluation samples: every ``size``-th, no padding."""
+    return range(rank, n, size)
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (honours taskset / cgroups affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

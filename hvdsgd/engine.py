@@ -1,0 +1,84 @@
+"""The training step and evaluation, shared by every strategy.
+
+A strategy owns how a gradient becomes an update; it hands the engine an ``Updater``:
+
+- ``backward(loss)``: backward pass of one micro-batch (scaled for fp16 AMP if needed);
+- ``update()``: turn the accumulated gradients into a parameter update and clear them.
+
+Everything else (autocast, accumulation, metrics, the NaN guard) lives here once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import Tally
+
+
+class Updater(Protocol):
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def update(self) -> None: ...
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``--amp`` (off, bf16 or fp16) on ``device``."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grouped(batches: Iterable, n: int) -> Iterator[list]:
+    """Consecutive groups of ``n`` micro-batches (the last group may be shorter)."""
+    group = []
+    for b in batches:
+        group.append(b)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(model: torch.nn.Module, micro_batches: list, updater: Updater,
+               device: torch.device, amp: str, tally: Tally) -> None:
+    """Forward and backward over ``micro_batches``, then one update."""
+    n = sum(len(y) for _, y in micro_batches)
+    for x, y in micro_batches:
+        with autocast(device, amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        updater.backward(loss * (len(y) / n))  # the mean over the whole step's samples
+        tally.add(loss, logits, y)
+    updater.update()
+
+
+def train_epoch(model, batches, updater: Updater, device, amp: str, accum_steps: int,
+                tally: Tally, progress=None, max_steps: int | None = None) -> int:
+    """One pass over ``batches`` in steps of ``accum_steps`` micro-batches; returns steps."""
+    model.train()
+    steps = 0
+    for group in grouped(batches, accum_steps):
+        train_step(model, group, updater, device, amp, tally)
+        steps += 1
+        if progress is not None:
+            progress.update(len(group))
+        if max_steps is not None and steps >= max_steps:
+            break
+    return steps
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, amp: str,
+             tally: Tally) -> Tally:
+    """Loss and confusion of ``model`` over ``batches`` (this rank's share) into ``tally``."""
+    model.eval()
+    for x, y in batches:
+        with autocast(device, amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        tally.add(loss, logits, y)
+    return tally

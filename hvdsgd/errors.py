@@ -1,0 +1,51 @@
+"""The one path for bad input: a one-line message naming the fix, and a non-zero exit.
+
+Everything the user can get wrong (a flag, a file, a checkpoint, a diverging loss) raises
+:class:`UsageError`. Entry points wrap ``main`` in :func:`exit_on_usage_error`, which prints
+``hvdsgd: error: <message>`` once (rank 0 only under Horovod) and exits with status 2 on every
+rank, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user; the message says what to change."""
+
+
+def _rank() -> int:
+    # Horovod's launcher sets HOROVOD_RANK (gloo) / OMPI_COMM_WORLD_RANK (MPI) before init.
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+
+def exit_on_usage_error(main):
+    """Decorate an entry point: UsageError -> one line on rank 0, exit 2 on every rank."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UsageError as e:
+            if _rank() == 0:
+                print(f"hvdsgd: error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # os._exit: skip Horovod's atexit shutdown, which can block while peers still
+            # wait in a collective; every rank reaches this point for the same error.
+            os._exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            if _rank() == 0:
+                print("hvdsgd: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    return wrapper

@@ -1,0 +1,61 @@
+"""Running sums of loss, accuracy and the confusion matrix, reduced across ranks.
+
+A :class:`Tally` accumulates on the training device without synchronising; ``reduce()``
+sums every rank's tally with one Horovod allreduce and returns plain numbers.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dist
+
+
+class Tally:
+    """Loss sum, sample count and a confusion matrix (rows: true class, cols: predicted)."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.k = num_classes
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch: ``loss`` is the batch-mean loss, ``logits`` (N, K), ``y`` (N,)."""
+        self.loss += loss.detach().double() * y.numel()
+        pred = logits.detach().argmax(1)
+        self.confusion += torch.bincount(y * self.k + pred, minlength=self.k * self.k).double()
+
+    def reduce(self, name: str) -> "Summary":
+        """Sum over all ranks (one allreduce) and summarise."""
+        flat = dist.allreduce_sum(torch.cat([self.loss[None], self.confusion]), name=name).cpu()
+        return Summary(flat[0].item(), flat[1:].view(self.k, self.k).long())
+
+
+class Summary:
+    """Metrics of a reduced tally."""
+
+    def __init__(self, loss_sum: float, confusion: torch.Tensor):
+        self.confusion = confusion
+        self.count = int(confusion.sum())
+        self.loss = loss_sum / max(1, self.count)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.confusion.diag().sum()) / max(1, self.count)
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        support = self.confusion.sum(1).clamp(min=1)
+        return (self.confusion.diag() / support).tolist()
+
+    @property
+    def macro_f1(self) -> float:
+        tp = self.confusion.diag().double()
+        precision = tp / self.confusion.sum(0).clamp(min=1)
+        recall = tp / self.confusion.sum(1).clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        present = self.confusion.sum(1) > 0  # classes absent from the labels do not count
+        return float(f1[present].mean()) if present.any() else 0.0
+
+    def as_dict(self, prefix: str) -> dict:
+        return {f"{prefix}_loss": self.loss, f"{prefix}_accuracy": self.accuracy,
+                f"{prefix}_macro_f1": self.macro_f1, f"{prefix}_samples": self.count}

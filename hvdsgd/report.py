@@ -1,0 +1,92 @@
+"""The run directory: ``metrics.jsonl``, ``summary.json`` and the plots (rank 0 writes).
+
+- ``metrics.jsonl``: one JSON object per epoch
+- ``summary.json``: final figures (test accuracy, macro-F1, samples/s, world size, ...)
+- ``curves.png``: loss and accuracy per epoch; ``confusion.png``: the final confusion matrix
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+class RunDir:
+    """Writes a run's records into ``path``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def prepare(self, resume_epoch: int | None = None) -> None:
+        """Create the folder, prove it writable, and keep only epochs <= ``resume_epoch``."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"cannot write to --out {self.path} ({e.strerror}); "
+                             "choose a writable directory")
+        rows = self.read_metrics() if resume_epoch is not None else []
+        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows
+                                             if r["epoch"] <= (resume_epoch or 0)))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        with self.metrics_file.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        tmp = self.path / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.path / "summary.json")
+
+    def plot(self, confusion, classes: list[str]) -> None:
+        """``curves.png`` from metrics.jsonl and ``confusion.png`` from ``confusion``."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        epochs = [r["epoch"] for r in rows]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for key, label in (("train_loss", "train"), ("test_loss", "test")):
+            ax1.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+        for key, label in (("train_accuracy", "train"), ("test_accuracy", "test")):
+            ax2.plot(epochs, [100 * r[key] for r in rows], marker="o", label=label)
+        ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+        ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path / "curves.png", dpi=110)
+        plt.close(fig)
+
+        k = len(classes)
+        fig, ax = plt.subplots(figsize=(0.45 * k + 3, 0.45 * k + 2.5) if k <= 20 else (12, 11))
+        im = ax.imshow(confusion, cmap="Blues")
+        fig.colorbar(im, ax=ax)
+        if k <= 20:
+            ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
+            ax.set_yticks(range(k), classes)
+            for i in range(k):
+                for j in range(k):
+                    if confusion[i][j]:
+                        ax.text(j, i, int(confusion[i][j]), ha="center", va="center", fontsize=7,
+                                color="white" if confusion[i][j] > confusion.max() / 2 else "black")
+        ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
+        fig.tight_layout()
+        fig.savefig(self.path / "confusion.png", dpi=110)
+        plt.close(fig)

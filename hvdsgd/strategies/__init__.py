@@ -1,0 +1,1 @@
+"""How a gradient becomes an update: each strategy implements the engine's ``Updater``."""

@@ -1,0 +1,195 @@
+"""Synchronous data-parallel SGD on Horovod: ``python -m hvdsgd.train``.
+
+    horovodrun -np 4 python -m hvdsgd.train                        # cnn on digits, 4 ranks
+    horovodrun -np 2 -H localhost:2 --gloo python -m hvdsgd.train --model mlp --epochs 5
+    horovodrun -np 8 -H host1:4,host2:4 python -m hvdsgd.train \\
+        --model resnet18 --dataset cifar10 --data-dir /data --amp
+    python -m hvdsgd.train --model cnn                              # one plain process
+
+Every rank runs this file top to bottom; rank 0 alone prints and writes the run directory
+(``--out``): metrics.jsonl, summary.json, curves.png, confusion.png and checkpoint.pt.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from . import checkpoint, data, dist, models
+from .config import TrainConfig, parse_args
+from .engine import evaluate, train_epoch
+from .errors import UsageError, exit_on_usage_error
+from .metrics import Tally
+from .report import RunDir
+from .strategies.allreduce import Allreduce
+
+log = logging.getLogger("hvdsgd")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def setup_logging(main: bool) -> None:
+    """Rank 0 logs progress at INFO; the other ranks only errors."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("hvdsgd")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if main else logging.ERROR)
+    root.propagate = False
+
+
+def load_data(cfg: TrainConfig) -> data.Dataset:
+    """The data set, resized to what the model needs."""
+    ds = data.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic, cfg.shape,
+                   cfg.num_classes, cfg.synthetic_samples, cfg.seed)
+    return data.resize(ds, models.input_size(cfg.model))
+
+
+def progress_bar(cfg: TrainConfig, total: int, epoch: int):
+    if not (cfg.progress and dist.is_main()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                leave=False, file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+
+def epoch_line(r: dict) -> str:
+    return (f"epoch {r['epoch']:>3}/{r['epochs']}  "
+            f"train loss {r['train_loss']:.4f} acc {100 * r['train_accuracy']:5.2f}%  "
+            f"test loss {r['test_loss']:.4f} acc {100 * r['test_accuracy']:5.2f}% "
+            f"f1 {r['test_macro_f1']:.4f}  lr {r['lr']:.4g}  "
+            f"{r['samples_per_sec']:,.0f} samples/s ({r['samples_per_sec_per_rank']:,.0f}/rank)  "
+            f"{r['epoch_time_s']:.2f} s")
+
+
+# -------------------------------------------------------------------------------- main
+
+def train(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` on every rank; returns the summary (the same dict on every rank)."""
+    t_start = time.perf_counter()
+    device = dist.init(cfg.device, cfg.threads)
+    rank, size, main = dist.rank(), dist.size(), dist.is_main()
+    setup_logging(main)
+    if cfg.dry_run:
+        cfg.epochs = 1
+
+    # Data: every rank loads it; a failure on any rank stops them all with one message.
+    ds = dist.agree(lambda: load_data(cfg), name="load_data")
+    n_train, n_test = len(ds.train_y), len(ds.test_y)
+    if size > min(n_train, n_test):
+        raise UsageError(f"{size} ranks but only {n_train} training / {n_test} test samples; "
+                         "use fewer ranks (-np) or a larger data set")
+    if device.type == "cuda" and cfg.loader_workers == 0:
+        ds = ds.to(device)  # small data sets live on the GPU: a batch is one index op
+    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, ds.input_shape, ds.num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # Horovod: each rank trains on its own shard, reshuffled every epoch.
+    sampler = DistributedSampler(range(n_train), num_replicas=size, rank=rank, shuffle=True,
+                                 seed=cfg.seed)
+    train_batches = data.Batches(ds.train_x, ds.train_y, cfg.batch_size, sampler, device,
+                                 cfg.loader_workers, pin, cfg.channels_last)
+    test_batches = data.Batches(ds.test_x, ds.test_y, max(256, cfg.batch_size),
+                                data.shard(n_test, rank, size), device, 0, pin, cfg.channels_last)
+    steps_per_epoch = math.ceil(len(train_batches) / cfg.accum_steps)
+    strategy = Allreduce(cfg, model, device, steps_per_epoch)
+
+    # Run directory and resume: rank 0 reads and writes, every rank learns the outcome.
+    run = RunDir(cfg.out)
+    ckpt_path = run.path / checkpoint.NAME
+    ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
+    start_epoch = 0
+    if cfg.resume:
+        state = dist.on_main(lambda: checkpoint.load(ckpt_path, ident), name="resume")
+        model.load_state_dict(state["model"])
+        strategy.load_state_dict(state["strategy"])
+        start_epoch = state["epoch"]
+    dist.on_main(lambda: run.prepare(start_epoch if cfg.resume else None), name="prepare_out")
+
+    log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
+             f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
+             f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
+             f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
+             f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
+             f"{torch.get_num_threads()} thread(s)/rank"
+             + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
+
+    row, test = {}, None
+    train_samples, train_time = 0, 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
+        torch.manual_seed(cfg.seed + 1000 * epoch + rank)
+        sampler.set_epoch(epoch)
+        bar = progress_bar(cfg, len(train_batches), epoch)
+        tally = Tally(ds.num_classes, device)
+        t0 = time.perf_counter()
+        train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
+                    bar, max_steps=2 if cfg.dry_run else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
+        tr = tally.reduce(name=f"train_metrics.{epoch}")
+        if not math.isfinite(tr.loss):
+            raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
+                             f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
+                             f"(the last good checkpoint is kept)")
+        test = evaluate(model, test_batches, device, cfg.amp,
+                        Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
+        train_samples += tr.count
+        train_time += epoch_time
+        row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
+               **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
+               "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
+               "samples_per_sec_per_rank": tr.count / epoch_time / size,
+               "epoch_time_s": epoch_time, "world_size": size}
+        if main:
+            log.info(epoch_line(row))
+            run.log_epoch(row)
+            if cfg.checkpoint and not cfg.dry_run:
+                state = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
+                         "strategy": strategy.state_dict(), "config": cfg.to_dict()}
+                checkpoint.save(ckpt_path, state)
+                if cfg.keep_checkpoints:
+                    checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", state)
+
+    if test is None:  # resumed a finished run: evaluate once so the summary is complete
+        test = evaluate(model, test_batches, device, cfg.amp,
+                        Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
+    summary = {
+        "model": cfg.model, "dataset": ds.name, "strategy": strategy.name, "world_size": size,
+        "epochs": cfg.epochs, "parameters": n_params,
+        "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "test_loss": test.loss,
+        "test_per_class_accuracy": test.per_class_accuracy,
+        "train_loss": row.get("train_loss"), "train_accuracy": row.get("train_accuracy"),
+        "samples_per_sec": train_samples / train_time if train_time else None,
+        "samples_per_sec_per_rank": train_samples / train_time / size if train_time else None,
+        "wall_time_s": time.perf_counter() - t_start, "device": device.type,
+        "threads_per_rank": torch.get_num_threads(), "config": cfg.to_dict(),
+    }
+    if main:
+        run.write_summary(summary)
+        run.plot(test.confusion.numpy(), ds.classes)
+        log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
+                 f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
+    return summary
+
+
+@exit_on_usage_error
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Checks that run on every rank under `horovodrun -np N --gloo python tests/dist_checks.py CHECK`.
+
+Each check raises AssertionError on failure (non-zero exit) and prints `CHECK ok` on rank 0.
+"""
+import copy
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from hvdsgd import data, dist, models
+from hvdsgd.config import TrainConfig
+from hvdsgd.engine import train_step
+from hvdsgd.metrics import Tally
+from hvdsgd.strategies.allreduce import Allreduce
+
+
+def setup(**overrides):
+    device = dist.init("cpu", threads=1)
+    cfg = TrainConfig(model="cnn", lr=0.05, epochs=1, **overrides)
+    ds = data.resize(data.load("digits"), 28)
+    torch.manual_seed(dist.rank())  # different on purpose: the broadcast must fix it
+    model = models.build("cnn", ds.input_shape, ds.num_classes)
+    return cfg, device, ds, model, Allreduce(cfg, model, device, steps_per_epoch=10)
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def check_identical_parameters():
+    """After the broadcast and after every step, all ranks hold the same parameters."""
+    cfg, device, ds, model, strategy = setup()
+    h, r, b = dist.hvd(), dist.rank(), 16
+    for step in range(5):
+        gathered = h.allgather(flat_params(model)[None], name=f"params.{step}")
+        assert all(torch.equal(gathered[0], g) for g in gathered[1:]), f"ranks differ at step {step}"
+        lo = (step * h.size() + r) * b  # each rank its own, different samples
+        batch = [(ds.train_x[lo:lo + b], ds.train_y[lo:lo + b])]
+        train_step(model, batch, strategy, device, "off", Tally(10, device))
+    assert not torch.equal(flat_params(model), gathered[0]), "parameters did not change"
+
+
+def check_gradient_average():
+    """The allreduced gradient equals one process's gradient on the concatenated batch."""
+    cfg, device, ds, model, strategy = setup()
+    h, r, b = dist.hvd(), dist.rank(), 24
+    reference = copy.deepcopy(model)  # same (broadcast) weights, no hooks
+    x, y = ds.train_x[: b * h.size()], ds.train_y[: b * h.size()]
+    F.cross_entropy(reference(x), y).backward()
+
+    strategy.backward(F.cross_entropy(model(x[r * b:(r + 1) * b]), y[r * b:(r + 1) * b]))
+    strategy.optimizer.synchronize()  # Horovod: wait for the allreduce, grads now averaged
+    worst = max((p.grad - q.grad).abs().max().item()
+                for p, q in zip(model.parameters(), reference.parameters()))
+    assert worst < 1e-5, f"averaged gradient differs from the full-batch one by {worst:.3g}"
+    with strategy.optimizer.skip_synchronize():
+        strategy.optimizer.step()
+
+
+def check_accumulation():
+    """Two micro-batches with --accum-steps 2 give the gradient of their concatenation."""
+    cfg, device, ds, model, strategy = setup(accum_steps=2)
+    h, r, b = dist.hvd(), dist.rank(), 12
+    reference = copy.deepcopy(model)
+    x, y = ds.train_x[: 2 * b * h.size()], ds.train_y[: 2 * b * h.size()]
+    F.cross_entropy(reference(x), y).backward()
+    mine = slice(2 * r * b, 2 * (r + 1) * b)
+    for xm, ym in zip(x[mine].split(b), y[mine].split(b)):
+        strategy.backward(F.cross_entropy(model(xm), ym) * 0.5)  # as engine.train_step scales
+    strategy.optimizer.synchronize()
+    worst = max((p.grad - q.grad).abs().max().item()
+                for p, q in zip(model.parameters(), reference.parameters()))
+    assert worst < 1e-5, f"accumulated gradient differs from the full-batch one by {worst:.3g}"
+    with strategy.optimizer.skip_synchronize():
+        strategy.optimizer.step()
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    globals()[f"check_{name}"]()
+    if dist.is_main():
+        print(f"{name} ok", flush=True)

@@ -1,0 +1,75 @@
+"""The model zoo: every model builds, runs forward/backward, and rejects bad arguments."""
+import pytest
+import torch
+
+from hvdsgd import models
+from hvdsgd.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def _seed_one_thread():
+    # One intra-op thread: on a small shared CPU box, extra OpenMP threads spin against other
+    # processes and make these tests several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_names_in_order():
+    assert models.NAMES == ("mlp", "cnn", "lenet", "alexnet", "vgg11", "vgg16", "mobilenet_v2",
+                            "resnet18", "resnet50", "efficientnet_b0", "vit")
+
+
+def test_cnn_parameter_count():
+    assert _n_params(models.build("cnn", (1, 28, 28), 10)) == 28938
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", models.NAMES)
+def test_forward_backward(name, channels):
+    size = models.input_size(name) or 8
+    model = models.build(name, (channels, size, size), 10)
+    model.train()
+    out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 10)
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 9])).backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, pname
+            assert torch.isfinite(p.grad).all(), pname
+
+
+def test_mlp_any_size():
+    assert models.input_size("mlp") is None
+    model = models.build("mlp", (2, 5, 7), 3)
+    assert model(torch.randn(4, 2, 5, 7)).shape == (4, 3)
+
+
+def test_unknown_name():
+    with pytest.raises(UsageError) as e:
+        models.build("nope", (1, 28, 28), 10)
+    assert "'nope'" in str(e.value)
+    for name in models.NAMES:
+        assert name in str(e.value)
+    with pytest.raises(UsageError):
+        models.input_size("nope")
+
+
+def test_wrong_input_size():
+    with pytest.raises(UsageError, match="28"):
+        models.build("cnn", (1, 8, 8), 10)
+    with pytest.raises(UsageError, match="32"):
+        models.build("resnet18", (3, 28, 28), 10)
+
+
+@pytest.mark.parametrize("shape, classes", [((1, 28, 28), 1), ((0, 28, 28), 10),
+                                            ((28, 28), 10), ((1, 28, 28), 0)])
+def test_bad_arguments(shape, classes):
+    with pytest.raises(UsageError):
+        models.build("cnn", shape, classes)
