@@ -141,11 +141,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in every help line; the description and examples keep their line breaks."""
+
+
 def build_parser(cls: type = TrainConfig, prog: str = "python -m hvdsgd.train",
-                 description: str | None = None) -> argparse.ArgumentParser:
+                 description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field, defaults shown in help."""
-    p = _Parser(prog=prog, description=description or cls.__doc__,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=description or cls.__doc__, epilog=epilog,
+                formatter_class=_Formatter)
     p.add_argument("--config", metavar="FILE", help="TOML file of field = value defaults")
     for f in dataclasses.fields(cls):
         flag, help_ = "--" + _flag(f.name), f.metadata["help"]

@@ -74,6 +74,8 @@ def train(cfg: TrainConfig) -> dict:
     device = dist.init(cfg.device, cfg.threads)
     rank, size, main = dist.rank(), dist.size(), dist.is_main()
     setup_logging(main)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
     if cfg.dry_run:
         cfg.epochs = 1
 
@@ -89,8 +91,8 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, ds.input_shape, ds.num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # --channels-last converts the batches only: conv layers follow the input's layout, and the
+    # parameters (and so their gradients) stay contiguous, as Horovod's collectives require.
     n_params = sum(p.numel() for p in model.parameters())
 
     # Horovod: each rank trains on its own shard, reshuffled every epoch.
@@ -188,7 +190,8 @@ def train(cfg: TrainConfig) -> dict:
 
 @exit_on_usage_error
 def main(argv=None) -> None:
-    train(parse_args(argv))
+    head, examples, *_ = __doc__.split("\n\n")
+    train(parse_args(argv, description=head, epilog="examples:\n" + examples))
 
 
 if __name__ == "__main__":

@@ -89,5 +89,11 @@ class Allreduce:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # This run's --lr, --epochs and world size set the rate from here on; with the same
+        # flags this recomputes exactly the rate that was saved.
+        peak = self.cfg.lr * self.world_scale
+        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = peak * factor(self.scheduler.last_epoch)
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
