@@ -141,9 +141,10 @@ def worker(args) -> None:
 
 def launch(kind: str, model: str, args, result: Path) -> list[float]:
     bindir = Path(sys.executable).parent
+    per_iter = args.batches_per_iter or (20 if model in SHAPES else 3)
     common = [str(Path(__file__).resolve()), "--worker", kind, "--model", model,
               "--batch-size", str(args.batch_size), "--iters", str(args.iters),
-              "--warmup", str(args.warmup), "--batches-per-iter", str(args.batches_per_iter),
+              "--warmup", str(args.warmup), "--batches-per-iter", str(per_iter),
               "--result", str(result)]
     if kind == "ddp":
         torchrun = shutil.which("torchrun", path=str(bindir)) or "torchrun"
@@ -171,7 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
     p.add_argument("--iters", type=int, default=6, help="timed iterations per run")
-    p.add_argument("--batches-per-iter", type=int, default=5, help="steps per timed iteration")
+    p.add_argument("--batches-per-iter", type=int, default=None,
+                   help="steps per timed iteration (default: 20 for cnn/mlp, 3 otherwise)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=2, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")

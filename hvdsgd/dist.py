@@ -16,7 +16,7 @@ from .errors import UsageError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-CPU_CYCLE_TIME_MS = 5
+CPU_CYCLE_TIME_MS = 50  # idle cycle on CPU; work wakes the loop at once
 
 
 def hvd():
@@ -34,9 +34,11 @@ def init(device: str = "auto", threads: int = 0) -> torch.device:
     h = hvd()
     if device == "cpu" or not torch.cuda.is_available():
         # Horovod's background thread coordinates the ranks once per cycle (1 ms by default),
-        # busy or not; on CPU hosts whose cores all compute, those wake-ups cost more than the
-        # added latency (resnet18, -np 2 on 2 cores: +12% samples/s at 10 ms). horovodrun
-        # --cycle-time-ms or HOROVOD_CYCLE_TIME still decide.
+        # busy or not; on a CPU host whose cores all compute, those wake-ups steal the cores.
+        # hvdsgd's Horovod build can instead wake the loop when a tensor is enqueued, so the
+        # idle cycle can be long at no cost in latency. horovodrun --cycle-time-ms or the
+        # HOROVOD_* variables still decide.
+        os.environ.setdefault("HOROVOD_WAKE_ON_ENQUEUE", "1")
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
     h.init()  # Horovod: initialise the library (rank, size, the Gloo or NCCL context).
     if device == "cuda" and not torch.cuda.is_available():

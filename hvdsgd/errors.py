@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import time
 
 EXIT_USAGE = 2
+_GRACE_S = 3.0  # seconds the other ranks wait before exiting
 
 
 class UsageError(Exception):
@@ -39,6 +42,11 @@ def exit_on_usage_error(main):
         except UsageError as e:
             if _rank() == 0:
                 print(f"hvdsgd: error: {e}", file=sys.stderr, flush=True)
+            else:
+                # horovodrun stops every rank when the first one exits: let rank 0 speak first,
+                # and leave quietly with the same status when horovodrun stops this one.
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_USAGE))
+                time.sleep(_GRACE_S)
             sys.stdout.flush()
             # os._exit: skip Horovod's atexit shutdown, which can block while peers still
             # wait in a collective; every rank reaches this point for the same error.

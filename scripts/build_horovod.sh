@@ -17,7 +17,7 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PATCH_LEVEL=2          # bump when the patches below change: it is part of the cache key
+PATCH_LEVEL=3          # bump when the patches below change: it is part of the cache key
 PYTHON=${1:-.venv/bin/python}
 say() { printf '[build_horovod] %s\n' "$*"; }
 die() { printf '[build_horovod] error: %s\n' "$*" >&2; exit 1; }
@@ -102,6 +102,61 @@ assert old in src, "horovodrun patch: launch.py changed"
 open(path, "w").write(src.replace(old, new))
 PY
   grep -q '^import sys' "$src/horovod/runner/launch.py" || sed -i '1i import sys' "$src/horovod/runner/launch.py"
+
+  # HOROVOD_WAKE_ON_ENQUEUE=1 (opt-in, set by hvdsgd on CPU): the background loop sleeps
+  # until its cycle ends *or* a tensor is enqueued, and does not sleep while tensors of its
+  # own wait for the other ranks. A long cycle then costs no latency, and an idle loop stops
+  # waking every millisecond to coordinate (on a CPU host those wake-ups steal the cores).
+  "$PYTHON" - "$src/horovod/common" <<'PY'
+import sys
+d = sys.argv[1]
+def patch(name, old, new, count=1):
+    path = f"{d}/{name}"
+    src = open(path).read()
+    assert src.count(old) == count, f"wake-on-enqueue patch: {name} changed"
+    open(path, "w").write(src.replace(old, new))
+patch("tensor_queue.h", "namespace horovod {\nnamespace common {\n", """#include <condition_variable>
+
+namespace horovod {
+namespace common {
+
+// hvdsgd: wake the background loop when work is enqueued (HOROVOD_WAKE_ON_ENQUEUE=1).
+inline std::mutex& WakeMutex() { static std::mutex m; return m; }
+inline std::condition_variable& WakeCondition() { static std::condition_variable c; return c; }
+inline bool& WakeFlag() { static bool f = false; return f; }
+inline void WakeBackgroundLoop() {
+  { std::lock_guard<std::mutex> lock(WakeMutex()); WakeFlag() = true; }
+  WakeCondition().notify_all();
+}
+""")
+patch("tensor_queue.h", "  void RemoveJoinTensor();\n",
+      "  void RemoveJoinTensor();\n\n  bool Empty() const;\n")
+patch("tensor_queue.cc", "  message_queue_.push(std::move(message));\n  return Status::OK();\n",
+      "  message_queue_.push(std::move(message));\n  WakeBackgroundLoop();\n  return Status::OK();\n")
+patch("tensor_queue.cc", "    message_queue_.push(std::move(messages[i]));\n  }\n  return Status::OK();\n",
+      "    message_queue_.push(std::move(messages[i]));\n  }\n  WakeBackgroundLoop();\n  return Status::OK();\n")
+patch("tensor_queue.cc", "} // namespace common\n} // namespace horovod",
+      "bool TensorQueue::Empty() const {\n  std::lock_guard<std::mutex> guard(mutex_);\n"
+      "  return tensor_table_.empty();\n}\n\n} // namespace common\n} // namespace horovod")
+patch("operations.cc", """  if (sleep_duration > std::chrono::steady_clock::duration::zero()) {
+    std::this_thread::sleep_for(sleep_duration);
+  }
+""", """  static const bool wake_on_enqueue = [] {
+    const char* v = std::getenv("HOROVOD_WAKE_ON_ENQUEUE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (wake_on_enqueue) {
+    std::unique_lock<std::mutex> lock(WakeMutex());
+    if (sleep_duration > std::chrono::steady_clock::duration::zero() &&
+        state.process_set_table.Get(0).tensor_queue.Empty()) {
+      WakeCondition().wait_for(lock, sleep_duration, [] { return WakeFlag(); });
+    }
+    WakeFlag() = false;
+  } else if (sleep_duration > std::chrono::steady_clock::duration::zero()) {
+    std::this_thread::sleep_for(sleep_duration);
+  }
+""")
+PY
 
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1

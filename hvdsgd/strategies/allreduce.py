@@ -46,7 +46,11 @@ class Allreduce:
             optimizer, named_parameters=model.named_parameters(),
             compression=hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none,
             backward_passes_per_step=cfg.accum_steps,
-            op=hvd.Adasum if cfg.adasum else hvd.Average)
+            op=hvd.Adasum if cfg.adasum else hvd.Average,
+            # CPU: every core computes, so per-tensor allreduces overlapping the backward pass
+            # only contend with it; one grouped allreduce per step, started by the last
+            # gradient, is one negotiation instead of one per tensor. GPU: keep the overlap.
+            groups=1 if device.type == "cpu" and not cfg.adasum else None)
         self.scheduler = schedule.build(
             self.optimizer, cfg.scheduler, total_steps=cfg.epochs * steps_per_epoch,
             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), world_scale=self.world_scale)
