@@ -135,6 +135,9 @@ def worker(args) -> None:
         rates.append(b * args.batches_per_iter / t)
     if rank == 0:
         Path(args.result).write_text(json.dumps({"rates_per_rank": rates, "size": size}))
+    if kind == "ddp":
+        tdist.barrier()
+        tdist.destroy_process_group()  # else Gloo's threads outlive exit: SIGABRT
 
 
 # -------------------------------------------------------------------------- driver

@@ -39,6 +39,9 @@ def init(device: str = "auto", threads: int = 0) -> torch.device:
         # idle cycle can be long at no cost in latency. horovodrun --cycle-time-ms or the
         # HOROVOD_* variables still decide.
         os.environ.setdefault("HOROVOD_WAKE_ON_ENQUEUE", "1")
+        # A waiting rank sleeps between polls instead of spinning, leaving the core to the
+        # background thread that does the allreduce it waits for (patched build as well).
+        os.environ.setdefault("HOROVOD_WAIT_SLEEP_US", "50")
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
     h.init()  # Horovod: initialise the library (rank, size, the Gloo or NCCL context).
     if device == "cuda" and not torch.cuda.is_available():

@@ -17,7 +17,7 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PATCH_LEVEL=3          # bump when the patches below change: it is part of the cache key
+PATCH_LEVEL=4          # bump when the patches below change: it is part of the cache key
 PYTHON=${1:-.venv/bin/python}
 say() { printf '[build_horovod] %s\n' "$*"; }
 die() { printf '[build_horovod] error: %s\n' "$*" >&2; exit 1; }
@@ -156,6 +156,48 @@ patch("operations.cc", """  if (sleep_duration > std::chrono::steady_clock::dura
     std::this_thread::sleep_for(sleep_duration);
   }
 """)
+PY
+  # HOROVOD_WAIT_SLEEP_US=N (opt-in, set by hvdsgd on CPU): a thread waiting for a collective
+  # spins for N microseconds, then sleeps N microseconds between polls. Stock Horovod spins on
+  # sched_yield, which on a host with a rank per core takes the core from the background
+  # thread doing the very allreduce being waited for.
+  "$PYTHON" - "$src/horovod/torch/mpi_ops_v2.cc" <<'PY'
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = """void WaitAndClear(int handle) {
+  while (true) {
+    if (handle_manager.PollHandle(handle)) break;
+    {
+      py::gil_scoped_release release_python_gil;
+      std::this_thread::yield();
+    }
+  }
+"""
+new = """void WaitAndClear(int handle) {
+  static const long sleep_us = [] {
+    const char* v = std::getenv("HOROVOD_WAIT_SLEEP_US");
+    return v != nullptr ? std::atol(v) : 0L;
+  }();
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    if (handle_manager.PollHandle(handle)) break;
+    {
+      py::gil_scoped_release release_python_gil;
+      if (sleep_us > 0 && std::chrono::steady_clock::now() - start >
+                              std::chrono::microseconds(sleep_us)) {
+        std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+"""
+assert src.count(old) == 1, "wait-sleep patch: mpi_ops_v2.cc changed"
+src = src.replace(old, new)
+if "#include <chrono>" not in src:
+    src = "#include <chrono>\n#include <cstdlib>\n" + src
+open(path, "w").write(src)
 PY
 
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1

@@ -55,3 +55,15 @@ def horovodrun(np_, *args, timeout=240, cwd=None, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
                           env=full_env)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_gate(request):
+    """`gpu` tests skip without a CUDA GPU, and fail instead when HVDSGD_TEST_GPU=1."""
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    import torch
+    if not torch.cuda.is_available():
+        if os.environ.get("HVDSGD_TEST_GPU") == "1":
+            pytest.fail("HVDSGD_TEST_GPU=1 but no CUDA GPU is visible")
+        pytest.skip("needs an NVIDIA GPU (HVDSGD_TEST_GPU=1 makes this a failure)")
