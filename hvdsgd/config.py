@@ -51,6 +51,7 @@ class TrainConfig:
     amp: str = _f("off", "mixed precision: bf16 (CPU, GPU) or fp16 with GradScaler (GPU)")
     fp16_allreduce: bool = _f(False, "compress gradients to fp16 for the allreduce")
     adasum: bool = _f(False, "combine gradients with Adasum instead of averaging")
+    bucket_mb: float = _f(25.0, "CPU: allreduce gradients in groups of about this many MB (as DDP)")
     channels_last: bool = _f(False, "NHWC memory format for conv nets")
     pin_memory: bool | None = _f(None, "page-locked host batches (default: on with CUDA)")
     loader_workers: int = _f(0, "background processes preparing batches (0: batches sliced in place)")
@@ -86,6 +87,8 @@ class TrainConfig:
             raise UsageError(f"--lr must be > 0 (got {self.lr}); try 0.01")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if not self.bucket_mb > 0:
+            raise UsageError(f"--bucket-mb must be > 0 (got {self.bucket_mb})")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "loader_workers", "threads"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")

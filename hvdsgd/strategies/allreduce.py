@@ -23,6 +23,21 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch
                            weight_decay=cfg.weight_decay)
 
 
+def gradient_buckets(model: torch.nn.Module, cap_bytes: float) -> list[list[torch.Tensor]]:
+    """Parameters in reverse order (roughly the order backward produces their gradients), cut
+    into groups of at least ``cap_bytes`` (the last may be smaller), as DDP buckets them."""
+    groups, current, size = [], [], 0
+    for p in reversed([p for p in model.parameters() if p.requires_grad]):
+        current.append(p)
+        size += p.numel() * p.element_size()
+        if size >= cap_bytes:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
 class Allreduce:
     """Horovod synchronous SGD; implements the engine's ``Updater``."""
 
@@ -47,10 +62,11 @@ class Allreduce:
             compression=hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none,
             backward_passes_per_step=cfg.accum_steps,
             op=hvd.Adasum if cfg.adasum else hvd.Average,
-            # CPU: every core computes, so per-tensor allreduces overlapping the backward pass
-            # only contend with it; one grouped allreduce per step, started by the last
-            # gradient, is one negotiation instead of one per tensor. GPU: keep the overlap.
-            groups=1 if device.type == "cpu" and not cfg.adasum else None)
+            # CPU: per-tensor allreduces only contend with the backward pass when every core
+            # computes; DDP-style buckets are one negotiation each, and the first one still
+            # overlaps the rest of the backward pass on large models. GPU: Horovod's own.
+            groups=(gradient_buckets(model, cfg.bucket_mb * 2**20)
+                    if device.type == "cpu" and not cfg.adasum else None))
         self.scheduler = schedule.build(
             self.optimizer, cfg.scheduler, total_steps=cfg.epochs * steps_per_epoch,
             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), world_scale=self.world_scale)
