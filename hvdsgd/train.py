@@ -50,11 +50,34 @@ def load_data(cfg: TrainConfig) -> data.Dataset:
 
 
 def progress_bar(cfg: TrainConfig, total: int, epoch: int):
+    """Rank 0's progress: a tqdm bar on a terminal, else a line every 10 s (horovodrun pipes)."""
     if not (cfg.progress and dist.is_main()):
         return None
+    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    if not sys.stderr.isatty():
+        return LineProgress(total, desc)
     from tqdm import tqdm
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                leave=False, file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr,
+                mininterval=0.5, dynamic_ncols=True)
+
+
+class LineProgress:
+    """tqdm's update/close for logs and pipes: one plain line at most every ``every`` s."""
+
+    def __init__(self, total: int, desc: str, every: float = 10.0):
+        self.total, self.desc, self.every, self.n = total, desc, every, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            eta = (now - self.start) / self.n * (self.total - self.n)
+            log.info(f"  {self.desc}: {self.n}/{self.total} batches, {eta:.0f} s left")
+
+    def close(self) -> None:
+        pass
 
 
 def epoch_line(r: dict) -> str:
