@@ -3,7 +3,8 @@
 The Horovod recipe (Sergeev & Del Balso 2018; horovod/examples/pytorch): scale the learning
 rate by the world size with a linear warm-up, broadcast parameters and optimizer state from
 rank 0, and wrap the optimizer in ``hvd.DistributedOptimizer``, whose backward hooks start
-each gradient's allreduce as soon as it is ready.
+the allreduces while the backward pass runs: per tensor on GPUs, per DDP-style bucket of
+``--bucket-mb`` on CPUs.
 """
 from __future__ import annotations
 
