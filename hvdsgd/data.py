@@ -208,7 +208,7 @@ class Batches:
             source = torch.utils.data.DataLoader(
                 _Slices(self.x, self.y, chunks), batch_size=None, shuffle=False,
                 num_workers=self.workers, pin_memory=self.pin_memory)
-        non_blocking = self.pin_memory or self.workers == 0
+        non_blocking = self.pin_memory  # an asynchronous copy is safe from pinned memory only
         for x, y in source:
             x = x.to(self.device, non_blocking=non_blocking)
             if self.memory_format is not None:

@@ -117,6 +117,3 @@ def agree(fn: Callable[[], T], name: str) -> T:
         raise UsageError(error)
     return result  # type: ignore[return-value]
 
-
-def broadcast_object(obj: Any, name: str) -> Any:
-    return obj if size() == 1 else hvd().broadcast_object(obj, root_rank=0, name=name)
