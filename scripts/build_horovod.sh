@@ -82,40 +82,38 @@ if [ -z "$wheel" ]; then
   sed -i 's/from distutils.sysconfig import get_python_inc; print(get_python_inc())/import sysconfig; print(sysconfig.get_paths()[\\"include\\"])/' \
     "$src/horovod/torch/CMakeLists.txt"
 
-  # horovodrun: a rank that exits non-zero ends the job with one line and that rank's exit
-  # code, not a launcher traceback under the rank's own one-line error.
-  "$PYTHON" - "$src/horovod/runner/launch.py" <<'PY'
+  # Source patches, each checked to apply exactly once (an sdist that changed fails loudly):
+  # - horovodrun: a rank that exits non-zero ends the job with one line and that rank's exit
+  #   code, not a launcher traceback under the rank's own one-line error.
+  # - HOROVOD_WAKE_ON_ENQUEUE=1 (opt-in, set by hvdsgd on CPU): the background loop sleeps
+  #   until its cycle ends *or* a tensor is enqueued, and does not sleep while tensors of its
+  #   own wait for the other ranks. A long cycle then costs no latency, and an idle loop stops
+  #   waking every millisecond to coordinate (on a CPU host those wake-ups steal the cores).
+  # - HOROVOD_WAIT_SLEEP_US=N (opt-in, set by hvdsgd on CPU): a thread waiting for a collective
+  #   spins for N microseconds, then sleeps N microseconds between polls. Stock Horovod spins
+  #   on sched_yield, which on a host with a rank per core takes the core from the background
+  #   thread doing the very allreduce being waited for.
+  "$PYTHON" - "$src/horovod" <<'PY'
 import sys
-path = sys.argv[1]
-src = open(path).read()
-old = "        logging.basicConfig(level=logging.getLevelName(args.log_level))\n\n    _run(args)\n"
-new = ("        logging.basicConfig(level=logging.getLevelName(args.log_level))\n\n"
-       "    try:\n        _run(args)\n"
-       "    except RuntimeError as e:\n"
-       "        import re\n"
-       "        m = re.search(r'Process name: (\\S+)\\nExit code: (-?\\d+)', str(e))\n"
-       "        if not m:\n            raise\n"
-       "        print(f'horovodrun: process {m[1]} exited with status {m[2]}; the job was stopped',\n"
-       "              file=sys.stderr)\n"
-       "        sys.exit(int(m[2]) if 0 < int(m[2]) < 256 else 1)\n")
-assert old in src, "horovodrun patch: launch.py changed"
-open(path, "w").write(src.replace(old, new))
-PY
-  grep -q '^import sys' "$src/horovod/runner/launch.py" || sed -i '1i import sys' "$src/horovod/runner/launch.py"
-
-  # HOROVOD_WAKE_ON_ENQUEUE=1 (opt-in, set by hvdsgd on CPU): the background loop sleeps
-  # until its cycle ends *or* a tensor is enqueued, and does not sleep while tensors of its
-  # own wait for the other ranks. A long cycle then costs no latency, and an idle loop stops
-  # waking every millisecond to coordinate (on a CPU host those wake-ups steal the cores).
-  "$PYTHON" - "$src/horovod/common" <<'PY'
-import sys
-d = sys.argv[1]
-def patch(name, old, new, count=1):
-    path = f"{d}/{name}"
+root = sys.argv[1]
+def patch(name, old, new):
+    path = f"{root}/{name}"
     src = open(path).read()
-    assert src.count(old) == count, f"wake-on-enqueue patch: {name} changed"
+    assert src.count(old) == 1, f"hvdsgd patch: {name} changed"
     open(path, "w").write(src.replace(old, new))
-patch("tensor_queue.h", "namespace horovod {\nnamespace common {\n", """#include <condition_variable>
+
+patch("runner/launch.py",
+      "        logging.basicConfig(level=logging.getLevelName(args.log_level))\n\n    _run(args)\n",
+      "        logging.basicConfig(level=logging.getLevelName(args.log_level))\n\n"
+      "    try:\n        _run(args)\n"
+      "    except RuntimeError as e:\n"
+      "        import re\n"
+      "        m = re.search(r'Process name: (\\S+)\\nExit code: (-?\\d+)', str(e))\n"
+      "        if not m:\n            raise\n"
+      "        print(f'horovodrun: process {m[1]} exited with status {m[2]}; the job was stopped',\n"
+      "              file=sys.stderr)\n"
+      "        sys.exit(int(m[2]) if 0 < int(m[2]) < 256 else 1)\n")
+patch("common/tensor_queue.h", "namespace horovod {\nnamespace common {\n", """#include <condition_variable>
 
 namespace horovod {
 namespace common {
@@ -129,16 +127,16 @@ inline void WakeBackgroundLoop() {
   WakeCondition().notify_all();
 }
 """)
-patch("tensor_queue.h", "  void RemoveJoinTensor();\n",
+patch("common/tensor_queue.h", "  void RemoveJoinTensor();\n",
       "  void RemoveJoinTensor();\n\n  bool Empty() const;\n")
-patch("tensor_queue.cc", "  message_queue_.push(std::move(message));\n  return Status::OK();\n",
+patch("common/tensor_queue.cc", "  message_queue_.push(std::move(message));\n  return Status::OK();\n",
       "  message_queue_.push(std::move(message));\n  WakeBackgroundLoop();\n  return Status::OK();\n")
-patch("tensor_queue.cc", "    message_queue_.push(std::move(messages[i]));\n  }\n  return Status::OK();\n",
+patch("common/tensor_queue.cc", "    message_queue_.push(std::move(messages[i]));\n  }\n  return Status::OK();\n",
       "    message_queue_.push(std::move(messages[i]));\n  }\n  WakeBackgroundLoop();\n  return Status::OK();\n")
-patch("tensor_queue.cc", "} // namespace common\n} // namespace horovod",
+patch("common/tensor_queue.cc", "} // namespace common\n} // namespace horovod",
       "bool TensorQueue::Empty() const {\n  std::lock_guard<std::mutex> guard(mutex_);\n"
       "  return tensor_table_.empty();\n}\n\n} // namespace common\n} // namespace horovod")
-patch("operations.cc", """  if (sleep_duration > std::chrono::steady_clock::duration::zero()) {
+patch("common/operations.cc", """  if (sleep_duration > std::chrono::steady_clock::duration::zero()) {
     std::this_thread::sleep_for(sleep_duration);
   }
 """, """  static const bool wake_on_enqueue = [] {
@@ -156,16 +154,7 @@ patch("operations.cc", """  if (sleep_duration > std::chrono::steady_clock::dura
     std::this_thread::sleep_for(sleep_duration);
   }
 """)
-PY
-  # HOROVOD_WAIT_SLEEP_US=N (opt-in, set by hvdsgd on CPU): a thread waiting for a collective
-  # spins for N microseconds, then sleeps N microseconds between polls. Stock Horovod spins on
-  # sched_yield, which on a host with a rank per core takes the core from the background
-  # thread doing the very allreduce being waited for.
-  "$PYTHON" - "$src/horovod/torch/mpi_ops_v2.cc" <<'PY'
-import sys
-path = sys.argv[1]
-src = open(path).read()
-old = """void WaitAndClear(int handle) {
+wait_old = """void WaitAndClear(int handle) {
   while (true) {
     if (handle_manager.PollHandle(handle)) break;
     {
@@ -174,7 +163,7 @@ old = """void WaitAndClear(int handle) {
     }
   }
 """
-new = """void WaitAndClear(int handle) {
+wait_new = """void WaitAndClear(int handle) {
   static const long sleep_us = [] {
     const char* v = std::getenv("HOROVOD_WAIT_SLEEP_US");
     return v != nullptr ? std::atol(v) : 0L;
@@ -193,11 +182,7 @@ new = """void WaitAndClear(int handle) {
     }
   }
 """
-assert src.count(old) == 1, "wait-sleep patch: mpi_ops_v2.cc changed"
-src = src.replace(old, new)
-if "#include <chrono>" not in src:
-    src = "#include <chrono>\n#include <cstdlib>\n" + src
-open(path, "w").write(src)
+patch("torch/mpi_ops_v2.cc", wait_old, wait_new)
 PY
 
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1
