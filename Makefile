@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 NP     ?= 4
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench-throughput clean distclean
+.PHONY: setup demo test bench-throughput bench-hogwild clean distclean
 
 setup: $(VENV)/.stamp-hvdsgd
 
@@ -42,6 +42,9 @@ test: setup
 
 bench-throughput: setup
 	$(PY) bench/throughput.py
+
+bench-hogwild: setup
+	$(PY) bench/hogwild.py
 
 clean:
 	rm -rf build *.egg-info hvdsgd/_C*.so runs .pytest_cache

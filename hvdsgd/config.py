@@ -19,7 +19,10 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("warm", "cosine", "step", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
-STRATEGIES = ("allreduce",)
+STRATEGIES = ("allreduce", "hogwild", "lockfree", "atomic", "locked", "sharded", "sync",
+              "async-apply", "async-deferred")
+SHARED_STRATEGIES = STRATEGIES[1:]  # one shared-memory buffer, CPU worker processes
+FAILURE_MODES = ("abort", "continue")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -60,6 +63,11 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda")
     threads: int = _f(0, "compute threads per rank (0: cores / ranks on this host)")
     strategy: str = _f("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
+    workers: int = _f(2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)")
+    shards: int = _f(2, "locks of --strategy sharded: the buffer is cut into this many shards")
+    eval_interval: float = _f(1.0, "shared-buffer strategies: seconds between test evaluations")
+    on_worker_failure: str = _f("abort", "a shared-buffer worker died: abort (stop the rest) "
+                                "or continue (the rest finish)")
     out: str = _f("runs/train", "run directory: metrics, summary, plots, checkpoint")
     resume: bool = _f(False, "continue from the checkpoint in --out")
     checkpoint: bool = _f(True, "save a checkpoint in --out after every epoch")
@@ -78,7 +86,9 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "accum_steps", "num_classes", "synthetic_samples"):
+        _choice("on_worker_failure", self.on_worker_failure, FAILURE_MODES)
+        for name in ("epochs", "batch_size", "accum_steps", "num_classes", "synthetic_samples",
+                     "workers", "shards"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
         if self.num_classes < 2:
@@ -92,6 +102,10 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "loader_workers", "threads"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if not self.eval_interval > 0:
+            raise UsageError(f"--eval-interval must be > 0 seconds (got {self.eval_interval})")
+        if self.strategy in SHARED_STRATEGIES:
+            _check_shared(self)
         self.shape  # validates input_shape
 
     @property
@@ -111,6 +125,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_shared(cfg: "TrainConfig") -> None:
+    """Flags that the shared-buffer strategies (CPU processes, C++ SGD kernel) cannot honour."""
+    s = f"--strategy {cfg.strategy}"
+    if cfg.device == "cuda":
+        raise UsageError(f"{s} trains on CPU worker processes; drop --device cuda "
+                         "or use --strategy allreduce")
+    if cfg.optimizer != "sgd":
+        raise UsageError(f"{s} updates with the C++ SGD kernel; use --optimizer sgd")
+    if cfg.amp == "fp16":
+        raise UsageError(f"{s} runs on CPU, where fp16 autocast has no loss scaling; use --amp bf16")
+    for flag in ("fp16_allreduce", "adasum", "resume"):
+        if getattr(cfg, flag):
+            raise UsageError(f"--{_flag(flag)} applies to --strategy allreduce only; drop it")
+    if cfg.strategy == "sharded" and cfg.shards < 2:
+        raise UsageError(f"--strategy sharded needs --shards >= 2 (got {cfg.shards})")
+    if cfg.strategy == "sync" and cfg.on_worker_failure == "continue":
+        raise UsageError("--strategy sync waits for every worker at each step, so it cannot "
+                         "continue without one; use --on-worker-failure abort")
 
 
 def _check_types(cfg: Any) -> None:

@@ -29,6 +29,10 @@ class Tally:
         flat = dist.allreduce_sum(torch.cat([self.loss[None], self.confusion]), name=name).cpu()
         return Summary(flat[0].item(), flat[1:].view(self.k, self.k).long())
 
+    def local(self) -> "Summary":
+        """This process's tally alone, summarised (no collective)."""
+        return Summary(self.loss.item(), self.confusion.cpu().view(self.k, self.k).long())
+
 
 class Summary:
     """Metrics of a reduced tally."""

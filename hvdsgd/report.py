@@ -14,6 +14,23 @@ from typing import Any
 from .errors import UsageError
 
 
+def summary(cfg, dataset: str, strategy: str, world_size: int, parameters: int, test,
+            last: dict[str, Any], samples: int, train_time: float, wall_time: float,
+            device: str, threads: int, **extra: Any) -> dict[str, Any]:
+    """The ``summary.json`` record; every strategy writes these keys (plus its own ``extra``)."""
+    rate = samples / train_time if train_time else None
+    return {
+        "model": cfg.model, "dataset": dataset, "strategy": strategy, "world_size": world_size,
+        "epochs": cfg.epochs, "parameters": parameters,
+        "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "test_loss": test.loss,
+        "test_per_class_accuracy": test.per_class_accuracy,
+        "train_loss": last.get("train_loss"), "train_accuracy": last.get("train_accuracy"),
+        "samples_per_sec": rate, "samples_per_sec_per_rank": rate / world_size if rate else None,
+        "wall_time_s": wall_time, "device": device, "threads_per_rank": threads,
+        **extra, "config": cfg.to_dict(),
+    }
+
+
 class RunDir:
     """Writes a run's records into ``path``."""
 
@@ -59,15 +76,23 @@ class RunDir:
         import matplotlib.pyplot as plt
 
         rows = self.read_metrics()
-        epochs = [r["epoch"] for r in rows]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("train_loss", "train"), ("test_loss", "test")):
-            ax1.plot(epochs, [r[key] for r in rows], marker="o", label=label)
-        for key, label in (("train_accuracy", "train"), ("test_accuracy", "test")):
-            ax2.plot(epochs, [100 * r[key] for r in rows], marker="o", label=label)
+        timed = any("time_s" in r for r in rows)  # shared-buffer runs: evaluated by the clock
+        fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(15 if timed else 10, 4))
+        ax1, ax2 = axes[:2]
+        for ax, what, scale in ((ax1, "loss", 1), (ax2, "accuracy", 100)):
+            for split in ("train", "test"):
+                pts = [(r["epoch"], scale * r[f"{split}_{what}"]) for r in rows
+                       if f"{split}_{what}" in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else None, label=split)
         ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
         ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
-        for ax in (ax1, ax2):
+        if timed:
+            axes[2].plot([r["time_s"] for r in rows], [100 * r["test_accuracy"] for r in rows],
+                         label="test")
+            axes[2].set(xlabel="wall time (s)", ylabel="top-1 accuracy (%)",
+                        title="test accuracy against wall time")
+        for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()

@@ -5,6 +5,7 @@
     horovodrun -np 8 -H host1:4,host2:4 python -m hvdsgd.train \\
         --model resnet18 --dataset cifar10 --data-dir /data --amp
     python -m hvdsgd.train --model cnn                              # one plain process
+    python -m hvdsgd.train --strategy hogwild --workers 4 --model mlp  # HOGWILD on CPU
 
 Every rank runs this file top to bottom; rank 0 alone prints and writes the run directory
 (``--out``): metrics.jsonl, summary.json, curves.png, confusion.png and checkpoint.pt.
@@ -13,18 +14,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from . import checkpoint, data, dist, models
-from .config import TrainConfig, parse_args
+from . import checkpoint, data, dist, models, report
+from .config import SHARED_STRATEGIES, TrainConfig, parse_args
 from .engine import evaluate, train_epoch
 from .errors import UsageError, exit_on_usage_error
 from .metrics import Tally
-from .report import RunDir
 from .strategies.allreduce import Allreduce
 
 log = logging.getLogger("hvdsgd")
@@ -93,6 +94,8 @@ def epoch_line(r: dict) -> str:
 
 def train(cfg: TrainConfig) -> dict:
     """Train ``cfg`` on every rank; returns the summary (the same dict on every rank)."""
+    if cfg.strategy in SHARED_STRATEGIES:
+        return train_shared(cfg)
     t_start = time.perf_counter()
     device = dist.init(cfg.device, cfg.threads)
     rank, size, main = dist.rank(), dist.size(), dist.is_main()
@@ -129,7 +132,7 @@ def train(cfg: TrainConfig) -> dict:
     strategy = Allreduce(cfg, model, device, steps_per_epoch)
 
     # Run directory and resume: rank 0 reads and writes, every rank learns the outcome.
-    run = RunDir(cfg.out)
+    run = report.RunDir(cfg.out)
     ckpt_path = run.path / checkpoint.NAME
     ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
     start_epoch = 0
@@ -192,23 +195,28 @@ def train(cfg: TrainConfig) -> dict:
     if test is None:  # resumed a finished run: evaluate once so the summary is complete
         test = evaluate(model, test_batches, device, cfg.amp,
                         Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
-    summary = {
-        "model": cfg.model, "dataset": ds.name, "strategy": strategy.name, "world_size": size,
-        "epochs": cfg.epochs, "parameters": n_params,
-        "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "test_loss": test.loss,
-        "test_per_class_accuracy": test.per_class_accuracy,
-        "train_loss": row.get("train_loss"), "train_accuracy": row.get("train_accuracy"),
-        "samples_per_sec": train_samples / train_time if train_time else None,
-        "samples_per_sec_per_rank": train_samples / train_time / size if train_time else None,
-        "wall_time_s": time.perf_counter() - t_start, "device": device.type,
-        "threads_per_rank": torch.get_num_threads(), "config": cfg.to_dict(),
-    }
+    summary = report.summary(cfg, ds.name, strategy.name, size, n_params, test, row, train_samples,
+                             train_time, time.perf_counter() - t_start, device.type,
+                             torch.get_num_threads())
     if main:
         run.write_summary(summary)
         run.plot(test.confusion.numpy(), ds.classes)
         log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
                  f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
     return summary
+
+
+def train_shared(cfg: TrainConfig) -> dict:
+    """HOGWILD and the parameter-server policies: one process that spawns the workers."""
+    if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
+        raise UsageError(f"--strategy {cfg.strategy} starts its own --workers processes; run it "
+                         f"as one plain process: python -m hvdsgd.train --strategy {cfg.strategy} "
+                         f"--workers N")
+    from .strategies import shared
+    setup_logging(True)
+    if cfg.dry_run:
+        cfg.epochs = 1
+    return shared.run(cfg, load_data(cfg))
 
 
 @exit_on_usage_error

@@ -1,4 +1,4 @@
-"""bench/throughput.py in its smallest form, so the script cannot rot unnoticed."""
+"""The bench/ scripts in their smallest form, so that no script rots unnoticed."""
 import json
 import subprocess
 import sys
@@ -21,3 +21,18 @@ def test_throughput_bench_runs_all_three_variants(tmp_path):
         assert row[f"{kind}_total"] > 0
     assert row["hvdsgd_over_ddp"] == pytest.approx(row["hvdsgd_total"] / row["ddp_total"])
     assert "| mlp |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_hogwild_bench_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/hogwild.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "hogwild-quick.json").read_text())
+    [kernel] = result["kernel"]
+    assert all(v and min(v) > 0 for v in kernel["gbps"].values())
+    assert [r["workers"] for r in result["e2e"]] == [1, 2]
+    assert all(r["hvdsgd"]["samples_per_sec"] > 0 and r["reference"]["samples_per_sec"] > 0
+               for r in result["e2e"])
+    assert {r["policy"] for r in result["policies"]} == {
+        "hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred"}
+    assert "hvdsgd / reference" in (tmp_path / "hogwild-quick.md").read_text()

@@ -1,0 +1,497 @@
+"""HOGWILD! and the parameter-server policies: CPU worker processes, one shared buffer.
+
+    python -m hvdsgd.train --strategy hogwild --workers 4 --model mlp
+    python -m hvdsgd.train --strategy sharded --shards 4 --workers 2 --eval-interval 0.5
+
+N worker processes (spawn, one compute thread each) train one model whose parameters live
+in one shared-memory buffer (:mod:`hvdsgd.shm`). Every worker runs the engine's training
+step on its own shard of the training set, in its own shuffled order, with a private
+momentum buffer and a preallocated flat gradient; its ``Updater`` turns the gradient into
+an update of the shared buffer by the policy of ``--strategy``:
+
+==================  ====================  ===============================================
+strategy            the worker reads      the update
+==================  ====================  ===============================================
+hogwild, lockfree   the live buffer       plain racy stores, no lock (HOGWILD!, fastText)
+atomic              the live buffer       per-element atomic adds
+locked              the live buffer       the whole update under one lock
+sharded             the live buffer       shard by shard, each under its own lock
+async-apply         a private copy        under the lock: apply, then copy the fresh weights
+                                          back (a parameter server's apply-and-reply)
+async-deferred      the live buffer       deposit the gradient in a slot and go on; one
+                                          applier (a thread of the parent) applies the
+                                          deposits in arrival order
+sync                the live buffer       deposit; barrier; worker 0 applies the mean of
+                                          all deposits; barrier
+==================  ====================  ===============================================
+
+The parent evaluates the shared weights on the test set every ``--eval-interval`` seconds
+without stopping the workers, logs accuracy against wall time, and writes the same run
+directory as synchronous training. A worker that dies is reported by index and exit code;
+``--on-worker-failure`` decides whether the others stop or finish. The segments are
+unlinked once every worker has attached, and again on every way out.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_any
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import checkpoint, data, models, report, schedule, shm
+from ..config import TrainConfig
+from ..engine import evaluate, train_epoch
+from ..errors import UsageError
+from ..metrics import Summary, Tally
+
+log = logging.getLogger("hvdsgd")
+
+KERNEL_POLICY = {"hogwild": "hogwild", "lockfree": "hogwild", "atomic": "atomic",
+                 "locked": "locked", "sharded": "sharded", "async-apply": "locked",
+                 "async-deferred": "hogwild", "sync": "hogwild"}
+ACCURACY_TARGETS = (0.9, 0.95, 0.97)
+EXIT_STOPPED = 3  # a worker that stopped because another one failed
+
+
+class WorkerFailed(UsageError):
+    """A worker process died or raised; the message names it and its exit code."""
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class ShardSampler:
+    """Worker ``w``'s fixed shard of ``n`` samples, reshuffled by its own generator each epoch.
+
+    Shards are equal-length (the first samples repeat to pad), so every worker takes the same
+    number of steps: ``sync`` needs that at its barrier.
+    """
+
+    def __init__(self, n: int, w: int, workers: int, seed: int):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        per = math.ceil(n / workers)
+        order = torch.cat([order, order[:per * workers - n]])
+        self.indices, self.w, self.seed, self.epoch = order[w::workers], w, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 7919 * self.w + 1_000_003 * self.epoch)
+        return iter(self.indices[torch.randperm(len(self.indices), generator=g)].tolist())
+
+
+# ------------------------------------------------------------------------------ updaters
+
+@dataclass
+class Control:
+    """The parent's channels to the workers (all inherited at spawn)."""
+    start: Any                      # Event: every worker attached; go
+    reports: Any                    # SimpleQueue: worker -> parent messages
+    barrier: Any = None             # sync
+    free: Any = None                # async-deferred: free slot ids
+    filled: Any = None              # async-deferred: (slot, worker, read_version, lr)
+
+
+class SharedUpdater:
+    """The engine's ``Updater`` for one worker: flat gradient -> the shared buffer."""
+
+    def __init__(self, cfg: TrainConfig, w: int, shared: shm.SharedModel,
+                 model: torch.nn.Module, steps_per_epoch: int, ctl: Control):
+        self.cfg, self.w, self.buf, self.ctl = cfg, w, shared.params, ctl
+        self.model = model
+        self.policy = KERNEL_POLICY[cfg.strategy]
+        self.world_scale = float(cfg.workers) if cfg.strategy == "sync" else 1.0
+        self.peak = cfg.lr * self.world_scale
+        self.factor = schedule.multiplier(
+            cfg.scheduler, cfg.epochs * steps_per_epoch,
+            round(cfg.warmup_epochs * steps_per_epoch), 1.0 / self.world_scale)
+        self.private = None
+        if cfg.strategy == "async-apply":   # a private copy of the weights, refreshed per update
+            self.private = torch.from_numpy(shared.snapshot())
+            shm.bind(shm._params(model), self.private)
+        self.grad = shm.grad_buffer(model)  # every p.grad is a view into it
+        self.g = self.grad.numpy()
+        n = self.buf.size
+        self.momentum_buf = np.zeros(n, np.float32) if cfg.momentum else None
+        self.mean = np.empty(n, np.float32) if cfg.strategy == "sync" else None
+        self.first, self.step = True, 0
+        self.version = self.buf.updates
+        self.lr = self.peak * self.factor(0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # accumulates into the flat gradient buffer
+
+    def update(self) -> None:
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.lr = self.peak * self.factor(self.step)
+        getattr(self, "_" + self.cfg.strategy.replace("-", "_"), self._direct)()
+        self.grad.zero_()
+        self.step += 1
+
+    def _apply(self, grad: np.ndarray, read_version: int, read_into=None) -> int:
+        staleness = self.buf.apply(self.w, grad, self.lr, self.policy, read_version,
+                                   self.momentum_buf, self.cfg.momentum, self.cfg.weight_decay,
+                                   False, self.first, read_into)
+        self.first = False
+        return staleness
+
+    def _direct(self) -> None:   # hogwild, lockfree, atomic, locked, sharded
+        self._apply(self.g, self.version)
+        self.version = self.buf.updates  # the next forward pass reads from here on
+
+    def _async_apply(self) -> None:
+        staleness = self._apply(self.g, self.version, read_into=self.private.numpy())
+        # Under the lock the fresh copy is exactly the buffer just after this update.
+        self.version += staleness + 1
+
+    def _async_deferred(self) -> None:
+        slot = self.ctl.free.get()
+        np.copyto(self.buf.slot(slot), self.g)
+        self.ctl.filled.put((slot, self.w, self.version, self.lr))
+        self.version = self.buf.updates  # go on with whatever has been applied so far
+
+    def _sync(self) -> None:
+        np.copyto(self.buf.slot(self.w), self.g)
+        self.ctl.barrier.wait()          # every gradient deposited
+        if self.w == 0:
+            np.copyto(self.mean, self.buf.slot(0))
+            for k in range(1, self.cfg.workers):
+                self.mean += self.buf.slot(k)
+            self.mean *= 1.0 / self.cfg.workers
+            self._apply(self.mean, self.buf.updates)
+        self.ctl.barrier.wait()          # the update is in: everyone reads the new weights
+
+
+def applier(buf, ctl: Control, cfg: TrainConfig, errors: list) -> None:
+    """async-deferred: apply deposited gradients in arrival order (a thread of the parent)."""
+    momentum_buf = np.zeros(buf.size, np.float32) if cfg.momentum else None
+    first = True
+    try:
+        while (item := ctl.filled.get()) is not None:
+            slot, w, version, lr = item
+            buf.apply(w, buf.slot(slot), lr, "hogwild", version, momentum_buf, cfg.momentum,
+                      cfg.weight_decay, False, first, None)
+            first = False
+            ctl.free.put(slot)
+    except Exception as e:  # pragma: no cover - reported by the parent
+        errors.append(e)
+
+
+# ------------------------------------------------------------------------------- workers
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the parent dies, however it dies."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
+    """One worker process: attach, train ``epochs`` passes over its shard, report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
+    _die_with_parent()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(**cfg_dict)
+        model = models.build(cfg.model, spec["input_shape"], spec["num_classes"])
+        shared = shm.SharedModel.attach(spec["names"], model)
+        x, y = spec["train_x"], spec["train_y"]
+        sampler = ShardSampler(len(y), w, cfg.workers, cfg.seed)
+        batches = data.Batches(x, y, cfg.batch_size, sampler, torch.device("cpu"),
+                               channels_last=cfg.channels_last)
+        steps_per_epoch = math.ceil(len(batches) / cfg.accum_steps)
+        updater = SharedUpdater(cfg, w, shared, model, steps_per_epoch, ctl)
+        ctl.reports.put(("ready", w))
+        ctl.start.wait()
+        for epoch in range(cfg.epochs):
+            torch.manual_seed(cfg.seed + 1000 * epoch + w)  # dropout etc.: (seed, epoch, worker)
+            sampler.set_epoch(epoch)
+            tally = Tally(spec["num_classes"], torch.device("cpu"))
+            train_epoch(model, batches, updater, torch.device("cpu"), cfg.amp, cfg.accum_steps,
+                        tally, max_steps=2 if cfg.dry_run else None)
+            ctl.reports.put(("epoch", w, epoch + 1, tally.loss.item(),
+                             tally.confusion.tolist(), updater.lr))
+        ctl.reports.put(("done", w))
+    except threading.BrokenBarrierError:
+        os._exit(EXIT_STOPPED)  # another worker failed; the parent reports it
+    except BaseException as e:
+        usage = isinstance(e, UsageError)
+        with contextlib.suppress(Exception):
+            ctl.reports.put(("usage" if usage else "error", w,
+                             str(e) if usage else f"{type(e).__name__}: {e}"))
+        sys.stdout.flush()
+        os._exit(1)
+
+
+# -------------------------------------------------------------------------------- parent
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"exit code {code}, killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+@dataclass
+class Progress:
+    """What the parent knows of the workers' training, from their reports."""
+    workers: int
+    num_classes: int
+    epochs_done: list = field(default_factory=list)
+    loss: float = 0.0
+    confusion: Any = None
+    lr: float = 0.0
+    ready: set = field(default_factory=set)
+    done: set = field(default_factory=set)
+    errors: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.epochs_done = [0] * self.workers
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+    def take(self, msg: tuple) -> None:
+        kind, w = msg[0], msg[1]
+        if kind == "ready":
+            self.ready.add(w)
+        elif kind == "done":
+            self.done.add(w)
+        elif kind == "error":
+            self.errors[w] = msg[2]
+        elif kind == "usage":
+            self.usage[w] = self.errors[w] = msg[2]
+        elif kind == "epoch":
+            _, _, epoch, loss_sum, confusion, lr = msg
+            self.epochs_done[w] = epoch
+            self.loss += loss_sum
+            self.confusion += torch.tensor(confusion, dtype=torch.long).view_as(self.confusion)
+            self.lr = lr
+
+    def train_summary(self) -> Summary | None:
+        """Training loss and accuracy over the epochs reported since the last call."""
+        if not self.confusion.sum():
+            return None
+        s = Summary(self.loss, self.confusion.clone())
+        self.loss, self.confusion = 0.0, torch.zeros_like(self.confusion)
+        return s
+
+
+class _Stop(KeyboardInterrupt):
+    """SIGTERM to the parent: unwind through the clean-up like Ctrl-C."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
+    """Train ``cfg`` with a shared-buffer strategy; returns the summary (written to --out)."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)  # the parent only evaluates: leave the cores to the workers
+    cpu = torch.device("cpu")
+    n_train = len(ds.train_y)
+    if cfg.workers > n_train:
+        raise UsageError(f"--workers {cfg.workers} but only {n_train} training samples; "
+                         "use fewer workers")
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, ds.input_shape, ds.num_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    run_dir = report.RunDir(cfg.out)
+    run_dir.prepare()
+
+    ctx = mp.get_context("spawn")
+    slots = {"sync": cfg.workers, "async-deferred": 2 * cfg.workers}.get(cfg.strategy, 0)
+    shards = cfg.shards if cfg.strategy == "sharded" else 1
+    if shards > n_params:
+        raise UsageError(f"--shards {shards} is more than the model's {n_params} parameters")
+    shared = shm.SharedModel.create(model, cfg.workers, shards=shards, slots=slots)
+    ctl = Control(start=ctx.Event(), reports=ctx.SimpleQueue())
+    if cfg.strategy == "sync":
+        ctl.barrier = ctx.Barrier(cfg.workers)
+    if cfg.strategy == "async-deferred":
+        ctl.free, ctl.filled = ctx.SimpleQueue(), ctx.SimpleQueue()
+        for s in range(slots):
+            ctl.free.put(s)
+    spec = {"names": shared.names, "input_shape": ds.input_shape,
+            "num_classes": ds.num_classes,
+            "train_x": ds.train_x.share_memory_(), "train_y": ds.train_y.share_memory_()}
+    test_batches = data.Batches(ds.test_x, ds.test_y, 512, range(len(ds.test_y)), cpu,
+                                channels_last=cfg.channels_last)
+    progress = Progress(cfg.workers, ds.num_classes)
+    procs: list = []
+    old_term = signal.signal(signal.SIGTERM, _raise_stop)
+    applier_thread, applier_errors = None, []
+    try:
+        import torch.multiprocessing  # noqa: F401  (tensor sharing across spawn)
+        for w in range(cfg.workers):
+            p = ctx.Process(target=worker, args=(w, cfg.to_dict(), spec, ctl),
+                            name=f"hvdsgd-worker-{w}", daemon=True)
+            p.start()
+            procs.append(p)
+        if cfg.strategy == "async-deferred":
+            applier_thread = threading.Thread(
+                target=applier, args=(shared.params, ctl, cfg, applier_errors), daemon=True)
+            applier_thread.start()
+
+        log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
+                 f"({n_train} train / {len(ds.test_y)} test), --strategy {cfg.strategy}"
+                 + (f" ({shards} shards)" if shards > 1 else "")
+                 + f", {cfg.workers} worker process{'es' * (cfg.workers > 1)} x 1 thread, "
+                 f"batch {cfg.batch_size}, lr {cfg.lr:g} ({cfg.scheduler}); shared buffer "
+                 f"{shared.params.name}")
+        _wait_ready(procs, progress, ctl, cfg)
+        shared.unlink()  # every worker has mapped it: /dev/shm keeps nothing from here on
+        ctl.start.set()
+        t0 = time.perf_counter()
+        rows, failed = _supervise(cfg, procs, progress, ctl, shared, model, test_batches, ds,
+                                  run_dir, t0, n_train, applier_errors)
+        train_time = time.perf_counter() - t0
+    except (KeyboardInterrupt, _Stop):
+        log.info("hvdsgd: interrupted; stopping the workers")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        _stop(procs)
+        if applier_thread is not None:
+            with contextlib.suppress(Exception):
+                ctl.filled.put(None)
+            applier_thread.join(timeout=2)
+        shared.unlink()
+
+    test = evaluate(model, test_batches, cpu, cfg.amp, Tally(ds.num_classes, cpu)).local()
+    samples = sum(progress.epochs_done) * len(ShardSampler(n_train, 0, cfg.workers, cfg.seed))
+    if cfg.dry_run:
+        samples = min(samples, 2 * cfg.batch_size * cfg.accum_steps * cfg.workers)
+    stats = shared.params.stats(-1)
+    reached = {f"{t:g}": next((r["time_s"] for r in rows if r["test_accuracy"] >= t), None)
+               for t in ACCURACY_TARGETS}
+    summary = report.summary(
+        cfg, ds.name, cfg.strategy, cfg.workers, n_params, test, rows[-1] if rows else {},
+        samples, train_time, time.perf_counter() - t_start, "cpu", 1,
+        workers=cfg.workers, shards=shards, updates=shared.params.updates,
+        staleness_mean=stats["staleness_mean"], staleness_p95=stats["staleness_p95"],
+        staleness_max=stats["staleness_max"], time_to_accuracy_s=reached,
+        failed_workers=failed)
+    run_dir.write_summary(summary)
+    run_dir.plot(test.confusion.numpy(), ds.classes)
+    if cfg.checkpoint and not cfg.dry_run:
+        ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
+        checkpoint.save(run_dir.path / checkpoint.NAME,
+                        {"model": model.state_dict(), "epoch": cfg.epochs, "identity": ident,
+                         "strategy": {}, "config": cfg.to_dict()})
+    log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
+             f"{summary['samples_per_sec']:,.0f} samples/s, staleness mean "
+             f"{stats['staleness_mean']:.2f} p95 {stats['staleness_p95']:.0f} max "
+             f"{stats['staleness_max']:.0f}, {summary['wall_time_s']:.1f} s; "
+             f"results in {run_dir.path}/")
+    return summary
+
+
+def _drain(ctl: Control, progress: Progress) -> None:
+    while not ctl.reports.empty():
+        progress.take(ctl.reports.get())
+
+
+def _check_workers(procs, progress: Progress, cfg: TrainConfig, failed: list, ctl: Control) -> None:
+    """Report workers that died; stop (abort) or note it (continue)."""
+    for w, p in enumerate(procs):
+        if p.exitcode is None or w in failed or (p.exitcode == 0 and w in progress.done):
+            continue
+        _drain(ctl, progress)
+        if p.exitcode == EXIT_STOPPED and failed:
+            failed.append(w)
+            continue
+        why = progress.errors.get(w)
+        msg = f"worker {w} died ({_exit_text(p.exitcode)})" + (f": {why}" if why else "")
+        failed.append(w)
+        if cfg.on_worker_failure == "abort":
+            raise WorkerFailed(msg + "; the other workers were stopped (--on-worker-failure "
+                               "continue lets them finish)")
+        log.warning(f"hvdsgd: warning: {msg}; the other workers go on (--on-worker-failure continue)")
+
+
+def _wait_ready(procs, progress: Progress, ctl: Control, cfg: TrainConfig) -> None:
+    """Wait until every worker has attached and built its model."""
+    while len(progress.ready) < cfg.workers:
+        wait_any([p.sentinel for p in procs], timeout=0.05)
+        _drain(ctl, progress)
+        for w, p in enumerate(procs):
+            if p.exitcode is not None and w not in progress.ready:
+                _drain(ctl, progress)
+                if w in progress.usage:
+                    raise UsageError(progress.usage[w])  # the user's fix, as the worker said it
+                why = progress.errors.get(w)
+                raise WorkerFailed(f"worker {w} failed while starting ({_exit_text(p.exitcode)})"
+                                   + (f": {why}" if why else ""))
+
+
+def _supervise(cfg, procs, progress, ctl, shared, model, test_batches, ds, run_dir, t0,
+               n_train, applier_errors) -> tuple[list, list]:
+    """Evaluate every ``eval_interval`` s until the workers finish; watch for failures."""
+    cpu = torch.device("cpu")
+    rows, failed = [], []
+    next_eval = t0 + cfg.eval_interval
+    last_train: dict = {}
+    per_epoch = len(ShardSampler(n_train, 0, cfg.workers, cfg.seed)) * cfg.workers
+    while True:
+        alive = [p for p in procs if p.exitcode is None]
+        if alive:
+            wait_any([p.sentinel for p in alive], timeout=max(0.0, next_eval - time.perf_counter()))
+        _drain(ctl, progress)
+        _check_workers(procs, progress, cfg, failed, ctl)
+        if applier_errors:
+            raise WorkerFailed(f"the async-deferred applier failed: {applier_errors[0]}")
+        finished = all(p.exitcode is not None for p in procs)
+        now = time.perf_counter()
+        if now < next_eval and not finished:
+            continue
+        next_eval = now + cfg.eval_interval
+        test = evaluate(model, test_batches, cpu, cfg.amp, Tally(ds.num_classes, cpu)).local()
+        tr = progress.train_summary()
+        if tr is not None:
+            last_train = {"train_loss": tr.loss, "train_accuracy": tr.accuracy,
+                          "train_macro_f1": tr.macro_f1}
+        done = sum(progress.epochs_done) * per_epoch / cfg.workers
+        stats = shared.params.stats(-1)
+        row = {"time_s": now - t0, "epoch": done / per_epoch, "epochs": cfg.epochs,
+               "updates": shared.params.updates, **last_train, **test.as_dict("test"),
+               "lr": progress.lr, "staleness_mean": stats["staleness_mean"],
+               "staleness_max": stats["staleness_max"], "workers_alive": len(alive)}
+        rows.append(row)
+        run_dir.log_epoch(row)
+        log.info(f"{row['time_s']:7.2f} s  epoch {row['epoch']:5.2f}/{cfg.epochs}  "
+                 f"updates {row['updates']:>7}  test loss {test.loss:.4f} acc "
+                 f"{100 * test.accuracy:5.2f}%  staleness {stats['staleness_mean']:.2f}")
+        if finished:
+            return rows, failed
+
+
+def _stop(procs) -> None:
+    """Terminate workers still running (SIGTERM, then SIGKILL after 2 s) and reap them all."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.time() + 2.0
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.time()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()

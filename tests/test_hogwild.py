@@ -1,0 +1,231 @@
+"""HOGWILD and the parameter-server strategies end to end: accuracy, run directory, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvdsgd import models, shm
+from hvdsgd.strategies.shared import ShardSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+SHM = Path("/dev/shm")
+
+
+def ours(pid: int) -> list[str]:
+    """Segments of the run whose parent is ``pid`` still named in /dev/shm."""
+    return sorted(p.name for p in SHM.glob(f"hvdsgd-{pid}-*"))
+
+
+def train_cmd(out, *args):
+    return [sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--out", str(out),
+            "--no-progress", "--eval-interval", "0.5", *args]
+
+
+def run_train(out, *args, timeout=240):
+    proc = subprocess.run(train_cmd(out, *args), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    return proc
+
+
+def summary_of(out) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+# ------------------------------------------------------------------------------ units
+
+def test_shard_sampler_equal_disjoint_and_reshuffled():
+    n, workers = 103, 4
+    shards = [ShardSampler(n, w, workers, seed=1) for w in range(workers)]
+    assert len({len(s) for s in shards}) == 1  # equal steps for every worker (sync barrier)
+    every = [i for s in shards for i in s.indices.tolist()]
+    assert len(every) == len(shards[0]) * workers < n + workers
+    assert set(every) == set(range(n))  # covered; repeats only fill the padding
+    assert set(iter(shards[0])) == set(shards[0].indices.tolist())
+    s = shards[0]
+    s.set_epoch(0)
+    a = list(s)
+    s.set_epoch(1)
+    b = list(s)
+    assert sorted(a) == sorted(b) and a != b  # same shard, a new order each epoch
+    s.set_epoch(0)
+    assert list(s) == a  # and reproducible
+    assert list(iter(shards[1])) != list(iter(ShardSampler(n, 1, workers, seed=2)))
+
+
+def test_grad_buffer_receives_backward_in_place():
+    model = models.build("mlp", (1, 8, 8), 10)
+    flat = shm.grad_buffer(model)
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert flat.abs().sum() > 0 and torch.equal(flat, ref)
+    ptr = flat.data_ptr()
+    flat.zero_()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert flat.data_ptr() == ptr and torch.equal(torch.cat(
+        [p.grad.reshape(-1) for p in model.parameters()]), flat)
+
+
+def test_shared_model_views_are_live_and_unlinked():
+    torch.manual_seed(0)
+    model = models.build("mlp", (1, 8, 8), 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    shared = shm.SharedModel.create(model, workers=1)
+    try:
+        other = models.build("mlp", (1, 8, 8), 10)
+        shm.SharedModel.attach(shared.names, other)
+        for a, b in zip(before, other.parameters()):
+            assert torch.equal(a, b)  # the attached model reads the creator's weights
+        shared.flat.add_(1.0)  # a write to the buffer is seen by both models at once
+        for a, p, q in zip(before, model.parameters(), other.parameters()):
+            assert torch.equal(p, a + 1) and torch.equal(q, a + 1)
+    finally:
+        shared.unlink()
+    assert not (SHM / shared.names["params"].lstrip("/")).exists()
+
+
+# ----------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
+    proc = run_train(tmp_path, "--strategy", "hogwild", "--workers", str(workers))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    assert s["test_accuracy"] >= 0.97, s["test_accuracy"]
+    assert s["strategy"] == "hogwild" and s["workers"] == workers == s["world_size"]
+    for key in ("staleness_mean", "staleness_p95", "staleness_max", "samples_per_sec",
+                "test_macro_f1", "time_to_accuracy_s", "updates"):
+        assert s[key] is not None, key
+    assert s["updates"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and all("time_s" in r and "test_accuracy" in r for r in rows)
+    assert rows[-1]["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=0.02)
+    for f in ("curves.png", "confusion.png", "checkpoint.pt"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "staleness" in proc.stdout
+
+
+@pytest.mark.parametrize("strategy", ["sync", "async-apply", "async-deferred", "lockfree",
+                                      "sharded", "atomic", "locked"])
+def test_every_policy_reaches_95_percent(tmp_path, strategy):
+    proc = run_train(tmp_path, "--strategy", strategy, "--workers", "2", "--epochs", "12")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    assert s["test_accuracy"] >= 0.95, (strategy, s["test_accuracy"])
+    assert s["strategy"] == strategy
+    if strategy == "sync":
+        assert s["staleness_max"] == 0  # one update per step, behind a barrier
+    expected_shards = 2 if strategy == "sharded" else 1
+    assert s["shards"] == expected_shards
+
+
+# ---------------------------------------------------------------------------- faults
+
+def _start(tmp_path, *args):
+    return subprocess.Popen(train_cmd(tmp_path, "--epochs", "400", *args), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _workers_of(pid: int, n: int, timeout=60.0) -> list:
+    import psutil
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = [c for c in psutil.Process(pid).children()
+                if any("spawn_main" in part for part in c.cmdline())]
+        if len(kids) == n:
+            return kids
+        time.sleep(0.2)
+    raise AssertionError("workers did not start")
+
+
+def _wait_training(tmp_path, timeout=60.0):
+    deadline = time.time() + timeout
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError("training did not start")
+
+
+@pytest.mark.parametrize("mode", ["abort", "continue"])
+def test_killed_worker_is_reported(tmp_path, mode):
+    epochs = "400" if mode == "abort" else "30"
+    proc = subprocess.Popen(train_cmd(tmp_path, "--strategy", "hogwild", "--workers", "2",
+                                      "--epochs", epochs, "--on-worker-failure", mode),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = _workers_of(proc.pid, 2)[1]
+    _wait_training(tmp_path)
+    victim.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    if mode == "abort":
+        assert proc.returncode != 0
+        line = [ln for ln in err.splitlines() if ln.startswith("hvdsgd: error:")]
+        assert len(line) == 1 and "worker" in line[0] and "SIGKILL" in line[0], err
+        assert "Traceback" not in err
+    else:
+        assert proc.returncode == 0, out + err
+        assert "SIGKILL" in out + err
+        s = summary_of(tmp_path)
+        assert len(s["failed_workers"]) == 1
+    assert ours(proc.pid) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_parent_stops_workers_and_unlinks(tmp_path, sig):
+    import psutil
+    proc = subprocess.Popen(train_cmd(tmp_path, "--strategy", "locked", "--workers", "2",
+                                      "--epochs", "400"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids = _workers_of(proc.pid, 2)
+    assert ours(proc.pid), "the segment exists while the workers start"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert ours(proc.pid) == []
+    time.sleep(0.5)
+    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+
+
+def test_signal_while_training_unlinks(tmp_path):
+    proc = _start(tmp_path, "--strategy", "hogwild", "--workers", "2")
+    _wait_training(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert ours(proc.pid) == []
+
+
+def test_exception_in_parent_stops_workers_and_unlinks(tmp_path, monkeypatch):
+    from hvdsgd import data
+    from hvdsgd.config import TrainConfig
+    from hvdsgd.strategies import shared
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(shared, "_supervise", broken)
+    cfg = TrainConfig(model="mlp", strategy="hogwild", workers=2, out=str(tmp_path))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        shared.run(cfg, data.load_digits())
+    assert ours(os.getpid()) == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--strategy", "sharded", "--shards", "1"], "--shards >= 2"),
+    (["--strategy", "hogwild", "--optimizer", "adamw"], "--optimizer sgd"),
+    (["--strategy", "hogwild", "--workers", "0"], "--workers must be >= 1"),
+    (["--strategy", "sync", "--on-worker-failure", "continue"], "abort"),
+    (["--strategy", "hogwild", "--resume"], "allreduce only"),
+    (["--strategy", "nope"], "unknown strategy"),
+])
+def test_bad_input(tmp_path, args, needle):
+    proc = run_train(tmp_path, *args, timeout=60)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

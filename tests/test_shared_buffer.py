@@ -1,0 +1,562 @@
+"""hvdsgd._C.SharedBuffer (the parameter buffer in POSIX shared memory) and the atomic and
+sparse kernels: each update policy against a NumPy reference, staleness accounting, no
+lost updates across processes for atomic/locked/sharded (hogwild's losses are measured),
+robust locks, and the header checks on attach."""
+import multiprocessing as mp
+import os
+import re
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hvdsgd import _C
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ["hogwild", "atomic", "locked", "sharded"]
+
+
+@pytest.fixture
+def make():
+    """SharedBuffer.create, unlinking every buffer made when the test ends."""
+    made = []
+
+    def _make(n, **kwargs):
+        buf = _C.SharedBuffer.create(n, **kwargs)
+        made.append(buf)
+        return buf
+
+    yield _make
+    for buf in made:
+        buf.unlink()
+
+
+def shm_path(name: str) -> Path:
+    return Path("/dev/shm") / name.lstrip("/")
+
+
+def reference(p, g, buf, lr, momentum, wd, nesterov, first):
+    g = g + wd * p
+    if momentum:
+        buf[:] = g if first else momentum * buf + g
+        d = g + momentum * buf if nesterov else buf
+    else:
+        d = g
+    p -= lr * d
+
+
+def sparse_reference(p2d, idx, values, lr, wd):
+    for j, row in enumerate(idx):  # in order: a duplicate row is updated twice
+        p2d[row] -= lr * (values[j] + wd * p2d[row])
+
+
+# --- each policy against NumPy ---------------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])  # odd lengths and unaligned tails
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_dense_apply_matches_numpy(make, policy, n, momentum, nesterov, wd):
+    rng = np.random.default_rng([n, int(momentum * 10), nesterov, int(wd * 100)])
+    buf = make(n, workers=2, shards=min(3, n))  # 3 shards do not divide 7, 1000 or 4099
+    p = buf.params()
+    p[:] = rng.standard_normal(n, dtype=np.float32)
+    mbuf = np.zeros(n, np.float32) if momentum else None
+    p_ref = p.astype(np.float64)
+    mbuf_ref = np.zeros(n) if momentum else None
+    fresh = np.full(n, np.nan, np.float32)
+    for step in range(3):
+        g = rng.standard_normal(n, dtype=np.float32)
+        staleness = buf.apply(1, g, 0.1, policy, momentum_buf=mbuf, momentum=momentum,
+                              weight_decay=wd, nesterov=nesterov, first_step=step == 0,
+                              read_into=fresh)
+        reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, wd, nesterov, step == 0)
+        assert staleness == 0
+        np.testing.assert_array_equal(fresh, p)  # read_into got the params after the update
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+    if momentum:
+        np.testing.assert_allclose(mbuf, mbuf_ref, rtol=1e-5, atol=1e-6)
+    assert buf.updates == 3
+
+
+@pytest.mark.parametrize("n,shards", [(4099, 5), (1000, 7), (17, 17), (64, 4), (33, 2)])
+def test_sharded_covers_every_element_once(make, n, shards):
+    """Shards are multiples of 16 floats; trailing ones can be empty; every worker's start
+    shard gives the same result."""
+    rng = np.random.default_rng(n)
+    buf = make(n, workers=shards + 1, shards=shards)
+    p = buf.params()
+    p[:] = rng.standard_normal(n, dtype=np.float32)
+    p_ref = p.astype(np.float64)
+    for worker in range(shards + 1):
+        g = rng.standard_normal(n, dtype=np.float32)
+        out = np.zeros(n, np.float32)
+        buf.apply(worker, g, 0.05, "sharded", weight_decay=1e-3, read_into=out)
+        reference(p_ref, g.astype(np.float64), None, 0.05, 0.0, 1e-3, False, False)
+        np.testing.assert_array_equal(out, p)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_sparse_apply_matches_numpy(make, policy, wd):
+    rng = np.random.default_rng(7)
+    rows, dim, offset, n = 50, 13, 21, 21 + 50 * 13 + 9  # unaligned matrix, params around it
+    buf = make(n, shards=6)
+    p = buf.params()
+    p[:] = rng.standard_normal(n, dtype=np.float32)
+    p_ref = p.astype(np.float64)
+    for _ in range(3):
+        idx = rng.integers(0, rows, 40)
+        idx[:3] = [5, 5, rows - 1]  # duplicates and the last row
+        values = rng.standard_normal((40, dim), dtype=np.float32)
+        assert buf.apply_sparse(0, offset, rows, dim, idx, values, 0.1, policy,
+                                weight_decay=wd) == 0
+        sparse_reference(p_ref[offset:offset + rows * dim].reshape(rows, dim), idx,
+                         values.astype(np.float64), 0.1, wd)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+    assert buf.updates == 3
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_standalone_sparse_kernel(atomic):
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal((30, 7), dtype=np.float32)
+    p_ref = p.astype(np.float64)
+    idx = np.array([3, 3, 0, 29, 3], np.int64)
+    values = rng.standard_normal((5, 7), dtype=np.float32)
+    _C.sgd_sparse(p, idx, values, 0.5, weight_decay=0.1, atomic=atomic)
+    sparse_reference(p_ref, idx, values.astype(np.float64), 0.5, 0.1)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+    _C.sgd_sparse(p, np.array([], np.int64), np.zeros((0, 7), np.float32), 0.5)  # k = 0
+
+
+@pytest.mark.parametrize("n", [1, 7, 4099])
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)])
+def test_standalone_atomic_step_matches_numpy(n, momentum, nesterov):
+    rng = np.random.default_rng(n)
+    p = rng.standard_normal(n, dtype=np.float32)
+    mbuf = np.zeros(n, np.float32) if momentum else None
+    p_ref, mbuf_ref = p.astype(np.float64), (np.zeros(n) if momentum else None)
+    for step in range(3):
+        g = rng.standard_normal(n, dtype=np.float32)
+        _C.sgd_step_atomic(p, g, 0.1, mbuf, momentum=momentum, weight_decay=1e-2,
+                           nesterov=nesterov, first_step=step == 0)
+        reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, 1e-2, nesterov, step == 0)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_standalone_atomic_step_loses_nothing_across_threads():
+    """The GIL is released around the loop, so two threads' loops really overlap."""
+    p = np.zeros(1 << 15, np.float32)
+    g = np.full(p.size, -1.0, np.float32)
+
+    def hammer():
+        for _ in range(100):
+            _C.sgd_step_atomic(p, g, 1.0)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (p == 200).all()
+
+
+def test_read_returns_the_version(make):
+    buf = make(100)
+    g = np.ones(100, np.float32)
+    out = np.zeros(100, np.float32)
+    assert buf.read(out) == 0
+    for _ in range(3):
+        buf.apply(0, g, 0.5, "locked")
+    assert buf.read(out, locked=True) == 3 == buf.updates
+    np.testing.assert_array_equal(out, np.full(100, -1.5, np.float32))
+    np.testing.assert_array_equal(out, buf.params())
+
+
+def test_slots_are_separate_aligned_views(make):
+    buf = make(10, slots=3)
+    assert buf.n_slots == 3
+    views = [buf.params()] + [buf.slot(i) for i in range(3)]
+    for v in views:
+        assert v.shape == (10,) and v.dtype == np.float32 and v.flags.writeable
+        assert v.ctypes.data % 64 == 0
+    for i, v in enumerate(views):
+        v[:] = i
+    for i, v in enumerate(views):
+        assert (v == i).all()
+    # a slot is a gradient mailbox: apply from it (it does not overlap the params)
+    buf.apply(0, buf.slot(2), 1.0)
+    assert (buf.params() == -3).all()  # params were 0, slot 2 holds 3
+    with pytest.raises(IndexError, match="slot 3"):
+        buf.slot(3)
+    with pytest.raises(IndexError):
+        buf.slot(-1)
+
+
+# --- staleness ---------------------------------------------------------------------------
+
+def test_staleness_counts_updates_between_read_and_apply(make):
+    buf = make(8, workers=2)
+    g = np.zeros(8, np.float32)
+    out = np.empty(8, np.float32)
+    for _ in range(5):  # one worker alone: never stale
+        v = buf.read(out)
+        assert buf.apply(0, g, 0.1, read_version=v) == 0
+    v0 = buf.read(out)
+    for _ in range(3):
+        buf.apply(1, g, 0.1)
+    assert buf.apply(0, g, 0.1, read_version=v0) == 3
+    assert buf.apply(0, g, 0.1, read_version=buf.updates + 10) == 0  # clamped at 0
+    assert buf.apply(0, g, 0.1) == 0  # no read_version
+    s0 = buf.stats(0)
+    assert s0 == {"updates": 8, "staleness_mean": 3 / 8, "staleness_p95": 3.0,
+                  "staleness_max": 3}
+    assert buf.stats(1) == {"updates": 3, "staleness_mean": 0.0, "staleness_p95": 0.0,
+                            "staleness_max": 0}
+    total = buf.stats()
+    assert total["updates"] == 11 == buf.updates
+    assert total["staleness_mean"] == pytest.approx(3 / 11)
+    assert total["staleness_max"] == 3
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_staleness_stats_mean_p95_max(make, policy):
+    rng = np.random.default_rng(1)
+    buf = make(4, workers=3, shards=2)
+    g = np.zeros(4, np.float32)
+    wanted = np.concatenate([rng.integers(0, 40, 97), [300, 254, 255]])
+    rng.shuffle(wanted)
+    for _ in range(300):  # other workers' updates, so that a read 300 updates ago exists
+        buf.apply(0, g, 0.0, policy)
+    for s in wanted:  # staleness = counter at the apply - read_version
+        assert buf.apply(2, g, 0.0, policy, read_version=buf.updates - int(s)) == s
+    st = buf.stats(2)
+    assert st["updates"] == len(wanted)
+    assert st["staleness_mean"] == pytest.approx(wanted.mean())
+    assert st["staleness_max"] == 300
+    assert st["staleness_p95"] == min(255, np.percentile(wanted, 95, method="inverted_cdf"))
+    assert buf.stats(0)["updates"] == 300 and buf.stats(0)["staleness_max"] == 0
+
+
+def test_p95_of_the_overflow_bucket(make):
+    buf = make(4, workers=2)
+    g = np.zeros(4, np.float32)
+    for _ in range(1000):
+        buf.apply(1, g, 0.0)
+    for s in [1000] * 10:
+        buf.apply(0, g, 0.0, read_version=buf.updates - s)
+    assert buf.stats(0)["staleness_p95"] == 255.0  # the last bucket is ">= 255"
+    assert buf.stats(0)["staleness_max"] == 1000  # exact, not the bucket
+    assert buf.stats()["staleness_p95"] == 0.0  # 1000 fresh updates out of 1010
+
+
+# --- across processes -----------------------------------------------------------------
+
+N_PROCS, K_STEPS = 4, 20000
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with mp.get_context("spawn").Pool(N_PROCS) as p:
+        yield p
+
+
+def _hammer(name, n, policy, worker, k, n_procs):
+    """A worker process: attach, wait for the others (so the updates contend), apply
+    grad = -1 with lr = 1 k times."""
+    buf = _C.SharedBuffer.attach(name, n)
+    g = np.full(n, -1.0, np.float32)
+    deadline = time.monotonic() + 60
+    while buf.attached < n_procs:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {buf.attached} of {n_procs} workers attached")
+        time.sleep(0.001)
+    for _ in range(k):
+        buf.apply(worker, g, 1.0, policy)
+    return buf.stats(worker)["updates"]
+
+
+def run_workers(pool, buf, policy):
+    args = [(buf.name, buf.size, policy, w, K_STEPS, N_PROCS) for w in range(N_PROCS)]
+    counts = pool.starmap_async(_hammer, args, chunksize=1).get(timeout=120)
+    assert counts == [K_STEPS] * N_PROCS
+    assert buf.attached == N_PROCS
+    assert buf.updates == N_PROCS * K_STEPS  # the counter itself is atomic in every policy
+    return buf.params()
+
+
+@pytest.mark.parametrize("policy,n,shards", [("atomic", 16, 1), ("locked", 16, 1),
+                                             ("sharded", 64, 4)])
+def test_no_lost_updates_across_processes(make, pool, policy, n, shards):
+    buf = make(n, workers=N_PROCS, shards=shards)
+    p = run_workers(pool, buf, policy)
+    np.testing.assert_array_equal(p, np.full(n, N_PROCS * K_STEPS, np.float32))
+
+
+def test_hogwild_lost_updates_are_measured(make, pool, record_property):
+    buf = make(16, workers=N_PROCS)
+    p = run_workers(pool, buf, "hogwild")
+    expected = N_PROCS * K_STEPS
+    lost = 1.0 - float(p.astype(np.float64).mean()) / expected
+    record_property("hogwild_lost_update_fraction", lost)
+    print(f"\nhogwild: {N_PROCS} processes x {K_STEPS} updates of 16 floats on "
+          f"{os.cpu_count()} cores: lost-update fraction {lost:.6f}")
+    assert 0.0 <= lost < 1.0
+    assert (p <= expected).all()
+
+
+_HOLD_LOCK = """
+import sys, time
+from hvdsgd import _C
+buf = _C.SharedBuffer.attach(sys.argv[1])
+buf._lock_for_test(int(sys.argv[2]))
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("policy,lock", [("locked", 0), ("sharded", 2)])
+def test_a_killed_lock_holder_does_not_deadlock_the_others(make, policy, lock):
+    buf = make(64, workers=2, shards=4)
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, buf.name, str(lock)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        done = threading.Event()
+
+        def update():
+            buf.apply(0, np.full(64, -1.0, np.float32), 1.0, policy)
+            done.set()
+
+        threading.Thread(target=update, daemon=True).start()
+        assert not done.wait(0.3)  # blocked: the child holds the lock
+    finally:
+        child.kill()  # SIGKILL while holding it
+        child.wait()
+        child.stdout.close()
+    assert done.wait(10), "the update deadlocked on a dead process's lock"
+    assert buf.lock_recoveries == 1
+    buf.apply(1, np.full(64, -1.0, np.float32), 1.0, policy)  # the lock works as before
+    assert (buf.params() == 2).all()
+    assert buf.lock_recoveries == 1
+
+
+def test_relocking_from_the_holding_thread_is_an_error_not_a_hang(make):
+    buf = make(8)
+    buf._lock_for_test(0)
+    with pytest.raises(OSError, match="already holds"):
+        buf.apply(0, np.zeros(8, np.float32), 1.0, "locked")
+    with pytest.raises(IndexError):
+        buf._lock_for_test(2)
+
+
+# --- names, modes, unlink, attach checks ------------------------------------------------
+
+def test_name_is_unguessable_and_mode_0600(make):
+    a, b = make(4), make(4)
+    for buf in (a, b):
+        m = re.fullmatch(r"/hvdsgd-(\d+)-([0-9a-f]{16})", buf.name)
+        assert m and int(m[1]) == os.getpid()
+        assert stat.S_IMODE(shm_path(buf.name).stat().st_mode) == 0o600
+    assert a.name != b.name
+    assert a.name.rsplit("-", 1)[1] != b.name.rsplit("-", 1)[1]
+
+
+def test_given_name_and_existing_name(make):
+    name = f"hvdsgd-test-{uuid.uuid4().hex}"
+    buf = make(4, name=name)
+    assert buf.name == "/" + name
+    with pytest.raises(FileExistsError, match="already exists"):
+        _C.SharedBuffer.create(4, name=name)
+    assert shm_path(name).exists()  # the failed create left ours alone
+    with pytest.raises(ValueError, match="invalid shared-memory name"):
+        _C.SharedBuffer.create(4, name="a/b")
+
+
+def test_attach_shares_memory_and_counts(make):
+    buf = make(32, workers=3, shards=2, slots=1)
+    a = _C.SharedBuffer.attach(buf.name, 32)
+    b = _C.SharedBuffer.attach(buf.name.lstrip("/"))  # the leading slash is optional
+    assert buf.attached == 2 == a.attached
+    assert (a.size, a.workers, a.shards, a.n_slots) == (32, 3, 2, 1)
+    a.params()[:] = 3
+    b.slot(0)[:] = 4
+    assert (buf.params() == 3).all() and (buf.slot(0) == 4).all()
+    a.apply(0, np.ones(32, np.float32), 1.0, "sharded")
+    assert buf.updates == 1 and (b.params() == 2).all()
+
+
+def test_unlink_is_idempotent_and_views_outlive_it():
+    buf = _C.SharedBuffer.create(16)
+    name, path = buf.name, shm_path(buf.name)
+    p = buf.params()
+    assert path.exists()
+    buf.unlink()
+    assert not path.exists()
+    buf.unlink()  # idempotent
+    with pytest.raises(FileNotFoundError):
+        _C.SharedBuffer.attach(name)
+    buf.apply(0, np.ones(16, np.float32), 1.0)  # the mapping is still there
+    assert (p == -1).all()
+    assert isinstance(p.base, _C.SharedBuffer)  # the view keeps the buffer (and mapping) alive
+    del buf
+    p[:] += 1
+    assert (p == 0).all()
+
+
+def test_attach_missing_is_file_not_found():
+    name = f"/hvdsgd-test-missing-{uuid.uuid4().hex}"
+    with pytest.raises(FileNotFoundError, match=f"no hvdsgd shared buffer named {name}: "
+                                                "the run that created it has ended"):
+        _C.SharedBuffer.attach(name)
+
+
+@pytest.mark.parametrize("size,match", [(4096, "bad magic"), (16, "smaller than the")])
+def test_attach_foreign_segment_is_value_error(size, match):
+    shm = shared_memory.SharedMemory(create=True, size=size)  # Python's names have no "/"
+    try:
+        shm.buf[:size] = np.random.default_rng(0).integers(1, 256, size, np.uint8).tobytes()
+        for name in (shm.name, "/" + shm.name):
+            with pytest.raises(ValueError, match=match):
+                _C.SharedBuffer.attach(name)
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_attach_n_mismatch(make):
+    buf = make(10)
+    with pytest.raises(ValueError, match="holds 10 params, expected 11"):
+        _C.SharedBuffer.attach(buf.name, 11)
+
+
+def _patch(name, offset, data):
+    with open(shm_path(name), "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def test_attach_corrupted_header(make):
+    buf = make(10, workers=2)
+    name, path = buf.name, shm_path(buf.name)
+    good = path.read_bytes()[:64]
+    _patch(name, 0, b"\0" * 8)  # magic
+    with pytest.raises(ValueError, match="bad magic 0x0000000000000000"):
+        _C.SharedBuffer.attach(name)
+    _patch(name, 0, good)
+    _patch(name, 8, struct.pack("<I", 2))  # layout version
+    with pytest.raises(ValueError, match="layout version 2"):
+        _C.SharedBuffer.attach(name)
+    _patch(name, 0, good)
+    _patch(name, 16, struct.pack("<Q", 1 << 20))  # n no longer matches the segment's size
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        _C.SharedBuffer.attach(name)
+    _patch(name, 0, good)
+    _patch(name, 32, struct.pack("<I", 0))  # workers = 0
+    with pytest.raises(ValueError, match="corrupted header: workers = 0"):
+        _C.SharedBuffer.attach(name)
+    _patch(name, 0, good)
+    os.truncate(path, path.stat().st_size + 4096)  # size no longer matches the header
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        _C.SharedBuffer.attach(name)
+    os.truncate(path, path.stat().st_size - 4096)
+    _C.SharedBuffer.attach(name, 10)  # restored: attaches again
+
+
+# --- argument checks -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n=0), "n must be > 0"),
+    (dict(n=-3), "n must be > 0"),
+    (dict(n=8, workers=0), "workers must be >= 1"),
+    (dict(n=8, shards=0), "shards must be in"),
+    (dict(n=8, shards=9), "shards must be in"),
+    (dict(n=8, slots=-1), "slots must be >= 0"),
+])
+def test_create_checks_its_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _C.SharedBuffer.create(**kwargs)
+
+
+def test_apply_checks_its_arguments(make):
+    buf = make(16, workers=2)
+    g = np.ones(16, np.float32)
+    with pytest.raises(TypeError):
+        buf.apply(0, g.astype(np.float64), 0.1)  # noconvert: no silent copy
+    with pytest.raises(TypeError):
+        buf.apply(0, np.ones(32, np.float32)[::2], 0.1)  # non-contiguous
+    with pytest.raises(ValueError, match="grad has 15 elements"):
+        buf.apply(0, g[:15], 0.1)
+    with pytest.raises(IndexError, match="worker 2 out of range"):
+        buf.apply(2, g, 0.1)
+    with pytest.raises(IndexError, match="worker -1 out of range"):
+        buf.apply(-1, g, 0.1)
+    with pytest.raises(ValueError, match="'hogwild', 'atomic', 'locked', 'sharded'"):
+        buf.apply(0, g, 0.1, "lockfree")
+    with pytest.raises(ValueError, match="momentum_buf"):
+        buf.apply(0, g, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        buf.apply(0, g, 0.1, nesterov=True)
+    with pytest.raises(TypeError, match="float32"):
+        buf.apply(0, g, 0.1, momentum_buf=np.zeros(16), momentum=0.9)
+    ro = np.zeros(16, np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read_into is read-only"):
+        buf.apply(0, g, 0.1, read_into=ro)
+    with pytest.raises(ValueError, match="momentum_buf is read-only"):
+        buf.apply(0, g, 0.1, momentum_buf=ro, momentum=0.9)
+    with pytest.raises(ValueError, match="read_into overlaps the shared params"):
+        buf.apply(0, g, 0.1, read_into=buf.params())
+    with pytest.raises(ValueError, match="read_version"):
+        buf.apply(0, g, 0.1, read_version=-2)
+    assert buf.updates == 0 and (buf.params() == 0).all()  # nothing was applied
+    with pytest.raises(ValueError, match="out has 8 elements"):
+        buf.read(np.zeros(8, np.float32))
+    with pytest.raises(TypeError):
+        buf.read(np.zeros(16))
+    with pytest.raises(ValueError, match="out is read-only"):
+        buf.read(ro)
+    with pytest.raises(IndexError, match="worker 2"):
+        buf.stats(2)
+
+
+def test_sparse_checks_its_arguments(make):
+    buf = make(100)
+    values = np.ones((3, 10), np.float32)
+    with pytest.raises(IndexError, match=r"idx\[2\] = 10 is out of range for 10 rows"):
+        buf.apply_sparse(0, 0, 10, 10, np.array([0, 9, 10]), values, 0.1)
+    with pytest.raises(IndexError, match=r"idx\[0\] = -1"):
+        buf.apply_sparse(0, 0, 10, 10, np.array([-1, 0, 1]), values, 0.1)
+    with pytest.raises(ValueError, match="does not fit"):
+        buf.apply_sparse(0, 1, 10, 10, np.array([0, 1, 2]), values, 0.1)
+    with pytest.raises(ValueError, match=r"values must have shape \(k, dim\) = \(2, 10\)"):
+        buf.apply_sparse(0, 0, 10, 10, np.array([0, 1]), values, 0.1)
+    with pytest.raises(TypeError):
+        buf.apply_sparse(0, 0, 10, 10, np.array([0.0, 1.0, 2.0]), values, 0.1)  # float idx
+    with pytest.raises(TypeError):
+        buf.apply_sparse(0, 0, 10, 10, np.array([0, 1, 2]), values.astype(np.float64), 0.1)
+    with pytest.raises(ValueError, match="unknown policy"):
+        buf.apply_sparse(0, 0, 10, 10, np.array([0, 1, 2]), values, 0.1, "fast")
+    assert buf.updates == 0 and (buf.params() == 0).all()
+    # int32 indices are a safe cast
+    buf.apply_sparse(0, 0, 10, 10, np.array([0, 1, 1], np.int32), values, 1.0)
+    assert buf.params()[:30].tolist() == [-1.0] * 10 + [-2.0] * 10 + [0.0] * 10
+
+    p = np.zeros((10, 4), np.float32)
+    with pytest.raises(ValueError, match="params must be 2-D"):
+        _C.sgd_sparse(p.ravel(), np.array([0]), np.ones((1, 4), np.float32), 0.1)
+    with pytest.raises(IndexError, match="out of range"):
+        _C.sgd_sparse(p, np.array([10]), np.ones((1, 4), np.float32), 0.1)
+    p.setflags(write=False)
+    with pytest.raises(ValueError, match="params is read-only"):
+        _C.sgd_sparse(p, np.array([0]), np.ones((1, 4), np.float32), 0.1)
