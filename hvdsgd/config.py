@@ -65,7 +65,7 @@ class TrainConfig:
     strategy: str = _f("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
     workers: int = _f(2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)")
     shards: int = _f(2, "locks of --strategy sharded: the buffer is cut into this many shards")
-    eval_interval: float = _f(1.0, "shared-buffer strategies: seconds between test evaluations")
+    eval_interval: float = _f(0.5, "shared-buffer strategies: seconds between test evaluations")
     on_worker_failure: str = _f("abort", "a shared-buffer worker died: abort (stop the rest) "
                                 "or continue (the rest finish)")
     out: str = _f("runs/train", "run directory: metrics, summary, plots, checkpoint")

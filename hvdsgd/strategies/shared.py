@@ -36,9 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import threading
@@ -49,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.multiprocessing
 
 from .. import checkpoint, data, models, report, schedule, shm
 from ..config import TrainConfig
@@ -227,7 +226,7 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
                         tally, max_steps=2 if cfg.dry_run else None)
             ctl.reports.put(("epoch", w, epoch + 1, tally.loss.item(),
                              tally.confusion.tolist(), updater.lr))
-        ctl.reports.put(("done", w))
+        ctl.reports.put(("done", w, time.monotonic()))
     except threading.BrokenBarrierError:
         os._exit(EXIT_STOPPED)  # another worker failed; the parent reports it
     except BaseException as e:
@@ -263,6 +262,7 @@ class Progress:
     done: set = field(default_factory=set)
     errors: dict = field(default_factory=dict)
     usage: dict = field(default_factory=dict)
+    finished: dict = field(default_factory=dict)  # worker -> monotonic time of its last step
 
     def __post_init__(self):
         self.epochs_done = [0] * self.workers
@@ -274,6 +274,7 @@ class Progress:
             self.ready.add(w)
         elif kind == "done":
             self.done.add(w)
+            self.finished[w] = msg[2]
         elif kind == "error":
             self.errors[w] = msg[2]
         elif kind == "usage":
@@ -317,7 +318,7 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
     run_dir = report.RunDir(cfg.out)
     run_dir.prepare()
 
-    ctx = mp.get_context("spawn")
+    ctx = torch.multiprocessing.get_context("spawn")  # shares the data tensors, no copy
     slots = {"sync": cfg.workers, "async-deferred": 2 * cfg.workers}.get(cfg.strategy, 0)
     shards = cfg.shards if cfg.strategy == "sharded" else 1
     if shards > n_params:
@@ -340,7 +341,6 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
     old_term = signal.signal(signal.SIGTERM, _raise_stop)
     applier_thread, applier_errors = None, []
     try:
-        import torch.multiprocessing  # noqa: F401  (tensor sharing across spawn)
         for w in range(cfg.workers):
             p = ctx.Process(target=worker, args=(w, cfg.to_dict(), spec, ctl),
                             name=f"hvdsgd-worker-{w}", daemon=True)
@@ -360,10 +360,12 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         _wait_ready(procs, progress, ctl, cfg)
         shared.unlink()  # every worker has mapped it: /dev/shm keeps nothing from here on
         ctl.start.set()
-        t0 = time.perf_counter()
-        rows, failed = _supervise(cfg, procs, progress, ctl, shared, model, test_batches, ds,
-                                  run_dir, t0, n_train, applier_errors)
-        train_time = time.perf_counter() - t0
+        t0 = time.monotonic()  # system-wide on Linux: comparable with the workers' clocks
+        evaluator = Evaluator(cfg, shared, ds, test_batches, run_dir, t0, n_train)
+        failed = _supervise(cfg, procs, progress, ctl, evaluator, applier_errors)
+        rows = evaluator.rows
+        # Training time: from the start signal to the last worker's last step.
+        train_time = max(progress.finished.values(), default=time.monotonic()) - t0
     except (KeyboardInterrupt, _Stop):
         log.info("hvdsgd: interrupted; stopping the workers")
         raise
@@ -443,45 +445,94 @@ def _wait_ready(procs, progress: Progress, ctl: Control, cfg: TrainConfig) -> No
                                    + (f": {why}" if why else ""))
 
 
-def _supervise(cfg, procs, progress, ctl, shared, model, test_batches, ds, run_dir, t0,
-               n_train, applier_errors) -> tuple[list, list]:
-    """Evaluate every ``eval_interval`` s until the workers finish; watch for failures."""
-    cpu = torch.device("cpu")
-    rows, failed = [], []
-    next_eval = t0 + cfg.eval_interval
-    last_train: dict = {}
-    per_epoch = len(ShardSampler(n_train, 0, cfg.workers, cfg.seed)) * cfg.workers
+class Evaluator:
+    """Snapshots of the shared weights every ``eval_interval`` s, evaluated on the test set.
+
+    A snapshot is one copy of the buffer (microseconds for small models), so the workers are
+    never stopped and hardly disturbed; the copies are evaluated in batches, at least every
+    ``flush_s`` seconds and whenever they hold more than ``max_bytes``, and each becomes a
+    row of metrics.jsonl stamped with the time it was taken.
+    """
+
+    flush_s, max_bytes = 2.0, 64 * 2**20
+
+    def __init__(self, cfg, shared: shm.SharedModel, ds, test_batches, run_dir, t0, n_train):
+        self.cfg, self.shared, self.ds, self.test, self.run_dir = cfg, shared, ds, test_batches, run_dir
+        self.t0, self.n_train = t0, n_train
+        self.model = models.build(cfg.model, ds.input_shape, ds.num_classes)
+        self.flat = torch.zeros(shared.params.size)
+        shm.bind(shm._params(self.model), self.flat)
+        self.state = None
+        if shared.state is not None:
+            self.state = torch.zeros(shared.state.size)
+            shm.bind(shm._float_buffers(self.model), self.state)
+        self.pending: list = []
+        self.rows: list = []
+        self.last_flush = time.monotonic()
+        self.last_train: dict = {}
+        self.samples_per_update = cfg.batch_size * cfg.accum_steps * (
+            cfg.workers if cfg.strategy == "sync" else 1)
+
+    def snapshot(self, progress: "Progress", alive: int) -> None:
+        now = time.monotonic()
+        state = (torch.from_numpy(self.shared.state.params()).clone()
+                 if self.shared.state is not None else None)
+        self.pending.append({"t": now - self.t0, "updates": self.shared.params.updates,
+                             "params": self.shared.flat.clone(), "state": state,
+                             "train": progress.train_summary(), "lr": progress.lr,
+                             "alive": alive})
+        size = sum(p["params"].numel() * 4 for p in self.pending)
+        if size > self.max_bytes or now - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        cpu = torch.device("cpu")
+        for snap in self.pending:
+            self.flat.copy_(snap["params"])
+            if self.state is not None:
+                self.state.copy_(snap["state"])
+            test = evaluate(self.model, self.test, cpu, self.cfg.amp,
+                            Tally(self.ds.num_classes, cpu)).local()
+            if snap["train"] is not None:
+                tr = snap["train"]
+                self.last_train = {"train_loss": tr.loss, "train_accuracy": tr.accuracy,
+                                   "train_macro_f1": tr.macro_f1}
+            stats = self.shared.params.stats(-1)
+            row = {"time_s": snap["t"],
+                   "epoch": snap["updates"] * self.samples_per_update / self.n_train,
+                   "epochs": self.cfg.epochs, "updates": snap["updates"], **self.last_train,
+                   **test.as_dict("test"), "lr": snap["lr"],
+                   "staleness_mean": stats["staleness_mean"], "workers_alive": snap["alive"]}
+            self.rows.append(row)
+            self.run_dir.log_epoch(row)
+            log.info(f"{row['time_s']:7.2f} s  epoch {min(row['epoch'], self.cfg.epochs):5.2f}/"
+                     f"{self.cfg.epochs}  updates {row['updates']:>7}  test loss {test.loss:.4f} "
+                     f"acc {100 * test.accuracy:5.2f}%")
+        self.pending.clear()
+        self.last_flush = time.monotonic()
+
+
+def _supervise(cfg, procs, progress: "Progress", ctl: Control, evaluator: Evaluator,
+               applier_errors: list) -> list:
+    """Snapshot every ``eval_interval`` s until the workers finish; watch for failures."""
+    failed: list = []
+    next_eval = evaluator.t0 + cfg.eval_interval
     while True:
         alive = [p for p in procs if p.exitcode is None]
         if alive:
-            wait_any([p.sentinel for p in alive], timeout=max(0.0, next_eval - time.perf_counter()))
+            wait_any([p.sentinel for p in alive], timeout=max(0.0, next_eval - time.monotonic()))
         _drain(ctl, progress)
         _check_workers(procs, progress, cfg, failed, ctl)
         if applier_errors:
             raise WorkerFailed(f"the async-deferred applier failed: {applier_errors[0]}")
         finished = all(p.exitcode is not None for p in procs)
-        now = time.perf_counter()
-        if now < next_eval and not finished:
-            continue
-        next_eval = now + cfg.eval_interval
-        test = evaluate(model, test_batches, cpu, cfg.amp, Tally(ds.num_classes, cpu)).local()
-        tr = progress.train_summary()
-        if tr is not None:
-            last_train = {"train_loss": tr.loss, "train_accuracy": tr.accuracy,
-                          "train_macro_f1": tr.macro_f1}
-        done = sum(progress.epochs_done) * per_epoch / cfg.workers
-        stats = shared.params.stats(-1)
-        row = {"time_s": now - t0, "epoch": done / per_epoch, "epochs": cfg.epochs,
-               "updates": shared.params.updates, **last_train, **test.as_dict("test"),
-               "lr": progress.lr, "staleness_mean": stats["staleness_mean"],
-               "staleness_max": stats["staleness_max"], "workers_alive": len(alive)}
-        rows.append(row)
-        run_dir.log_epoch(row)
-        log.info(f"{row['time_s']:7.2f} s  epoch {row['epoch']:5.2f}/{cfg.epochs}  "
-                 f"updates {row['updates']:>7}  test loss {test.loss:.4f} acc "
-                 f"{100 * test.accuracy:5.2f}%  staleness {stats['staleness_mean']:.2f}")
+        if time.monotonic() >= next_eval or finished:
+            next_eval += cfg.eval_interval * max(1, math.ceil(
+                (time.monotonic() - next_eval) / cfg.eval_interval))
+            evaluator.snapshot(progress, len(alive))
         if finished:
-            return rows, failed
+            evaluator.flush()
+            return failed
 
 
 def _stop(procs) -> None:
