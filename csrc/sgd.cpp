@@ -1,5 +1,14 @@
 #include "sgd.h"
 
+// One build runs at full vector width on any x86-64 CPU: GCC and Clang emit an AVX-512, an
+// AVX2 and a baseline copy of each plain kernel and pick one when the module loads (ifunc),
+// so the wheel needs no -march=native to match NumPy's runtime-dispatched loops.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define HVDSGD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HVDSGD_CLONES
+#endif
+
 namespace hvdsgd {
 
 namespace {
@@ -25,11 +34,15 @@ inline float atomic_read(const float* p) {
 
 }  // namespace
 
-void sgd_dense(float* __restrict param, const float* __restrict grad,
+HVDSGD_CLONES void sgd_dense(float* __restrict param, const float* __restrict grad,
                float* __restrict momentum_buf, std::size_t n, float lr, float momentum,
                float weight_decay, bool nesterov, bool first_step) {
     if (momentum == 0.0f || momentum_buf == nullptr) {
         // 12 bytes per parameter: read param and grad, write param.
+        if (weight_decay == 0.0f) {
+            for (std::size_t i = 0; i < n; ++i) param[i] -= lr * grad[i];
+            return;
+        }
         for (std::size_t i = 0; i < n; ++i) {
             param[i] -= lr * (grad[i] + weight_decay * param[i]);
         }
@@ -69,7 +82,7 @@ void sgd_dense_atomic(float* param, const float* __restrict grad,
     }
 }
 
-void sgd_sparse(float* param, std::size_t rows, std::size_t dim, const std::int64_t* idx,
+HVDSGD_CLONES void sgd_sparse(float* param, std::size_t rows, std::size_t dim, const std::int64_t* idx,
                 const float* __restrict values, std::size_t k, float lr, float weight_decay) {
     (void)rows;  // the caller checked every idx[j] < rows
     for (std::size_t j = 0; j < k; ++j) {

@@ -51,7 +51,8 @@ def train_step(model: torch.nn.Module, micro_batches: list, updater: Updater,
         with autocast(device, amp):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-        updater.backward(loss * (len(y) / n))  # the mean over the whole step's samples
+        # The mean over the whole step's samples (one micro-batch: the loss as it is).
+        updater.backward(loss if len(y) == n else loss * (len(y) / n))
         tally.add(loss, logits, y)
     updater.update()
 

@@ -131,6 +131,7 @@ class SharedUpdater:
         self.first, self.step = True, 0
         self.version = self.buf.updates
         self.lr = self.peak * self.factor(0)
+        self._policy_update = getattr(self, "_" + cfg.strategy.replace("-", "_"), self._direct)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()  # accumulates into the flat gradient buffer
@@ -139,7 +140,7 @@ class SharedUpdater:
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.lr = self.peak * self.factor(self.step)
-        getattr(self, "_" + self.cfg.strategy.replace("-", "_"), self._direct)()
+        self._policy_update()
         self.grad.zero_()
         self.step += 1
 
@@ -224,6 +225,7 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
             tally = Tally(spec["num_classes"], torch.device("cpu"))
             train_epoch(model, batches, updater, torch.device("cpu"), cfg.amp, cfg.accum_steps,
                         tally, max_steps=2 if cfg.dry_run else None)
+            tally.flush()
             ctl.reports.put(("epoch", w, epoch + 1, tally.loss.item(),
                              tally.confusion.tolist(), updater.lr))
         ctl.reports.put(("done", w, time.monotonic()))
