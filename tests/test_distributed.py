@@ -145,7 +145,9 @@ def test_nan_loss_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path):
     good = (out / "checkpoint.pt").read_bytes()
     proc, _ = run_train(tmp_path, "--model", "mlp", "--epochs", "3", "--resume", "--lr", "1e6")
     assert proc.returncode != 0
-    [line] = error_lines(proc)
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stdout[-1500:] + proc.stderr[-1500:]
+    [line] = lines
     assert "loss became nan" in line.lower() and "lower --lr" in line
     assert (out / "checkpoint.pt").read_bytes() == good
     assert not list(out.glob(".checkpoint*.tmp"))
