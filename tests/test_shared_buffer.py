@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_sgd_kernel import reference  # the NumPy SGD reference, shared with the plain kernel
+
 from hvdsgd import _C
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,16 +43,6 @@ def make():
 
 def shm_path(name: str) -> Path:
     return Path("/dev/shm") / name.lstrip("/")
-
-
-def reference(p, g, buf, lr, momentum, wd, nesterov, first):
-    g = g + wd * p
-    if momentum:
-        buf[:] = g if first else momentum * buf + g
-        d = g + momentum * buf if nesterov else buf
-    else:
-        d = g
-    p -= lr * d
 
 
 def sparse_reference(p2d, idx, values, lr, wd):
