@@ -184,7 +184,8 @@ class Batches:
     """One rank's batches of ``(x, y)`` from in-memory tensors.
 
     ``sampler`` yields sample indices (a ``DistributedSampler`` for training, a strided range
-    for evaluation). With ``workers == 0`` a batch is one fancy-index of the tensors, on
+    for evaluation; a sampler with an ``order()`` method hands over the epoch's order as a
+    tensor). With ``workers == 0`` a batch is one fancy-index of the tensors, on
     whichever device they live; with workers, a ``DataLoader`` slices in background
     processes and can pin the host batches for an asynchronous copy to ``device``.
     """
@@ -200,7 +201,8 @@ class Batches:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        order = getattr(self.sampler, "order", None)  # a sampler may hand over a tensor
+        index = order() if order else torch.as_tensor(list(self.sampler), dtype=torch.long)
         chunks = index.split(self.batch_size)
         if self.workers == 0:
             source = ((self.x[c.to(self.x.device)], self.y[c.to(self.y.device)]) for c in chunks)

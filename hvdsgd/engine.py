@@ -31,6 +31,16 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def seed(value: int, device: torch.device) -> None:
+    """Seed the CPU generator, and ``device``'s when it is a GPU: ``torch.manual_seed`` for
+    the per-epoch reseed. On a CUDA build ``torch.manual_seed`` also queues a lazy seeding of
+    every GPU with a captured stack trace (~0.3 ms), a tenth of a small model's HOGWILD epoch.
+    """
+    torch.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(value)
+
+
 def grouped(batches: Iterable, n: int) -> Iterator[list]:
     """Consecutive groups of ``n`` micro-batches (the last group may be shorter)."""
     group = []

@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint, data, dist, models, report
 from .config import SHARED_STRATEGIES, TrainConfig, parse_args
-from .engine import evaluate, train_epoch
+from .engine import evaluate, seed, train_epoch
 from .errors import UsageError, exit_on_usage_error
 from .metrics import Tally
 from .strategies.allreduce import Allreduce
@@ -155,7 +155,7 @@ def train(cfg: TrainConfig) -> dict:
     train_samples, train_time = 0, 0.0
     for epoch in range(start_epoch, cfg.epochs):
         # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
-        torch.manual_seed(cfg.seed + 1000 * epoch + rank)
+        seed(cfg.seed + 1000 * epoch + rank, device)
         sampler.set_epoch(epoch)
         bar = progress_bar(cfg, len(train_batches), epoch)
         tally = Tally(ds.num_classes, device)

@@ -51,7 +51,7 @@ import torch.multiprocessing
 
 from .. import checkpoint, data, models, report, schedule, shm
 from ..config import TrainConfig
-from ..engine import evaluate, train_epoch
+from ..engine import evaluate, seed, train_epoch
 from ..errors import UsageError
 from ..metrics import Summary, Tally
 
@@ -62,6 +62,7 @@ KERNEL_POLICY = {"hogwild": "hogwild", "lockfree": "hogwild", "atomic": "atomic"
                  "async-deferred": "hogwild", "sync": "hogwild"}
 ACCURACY_TARGETS = (0.9, 0.95, 0.97)
 EXIT_STOPPED = 3  # a worker that stopped because another one failed
+REPORT_S = 0.1    # a worker reports its training loss and epoch count at most this often
 
 
 class WorkerFailed(UsageError):
@@ -89,9 +90,13 @@ class ShardSampler:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __iter__(self):
+    def order(self) -> torch.Tensor:
+        """This epoch's order as a tensor (what ``data.Batches`` takes)."""
         g = torch.Generator().manual_seed(self.seed + 7919 * self.w + 1_000_003 * self.epoch)
-        return iter(self.indices[torch.randperm(len(self.indices), generator=g)].tolist())
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def __iter__(self):
+        return iter(self.order().tolist())
 
 
 # ------------------------------------------------------------------------------ updaters
@@ -207,28 +212,39 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
     _die_with_parent()
     torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    cores = sorted(os.sched_getaffinity(0))
+    if os.environ.get("HVDSGD_PIN") and cfg_dict["workers"] <= len(cores):
+        os.sched_setaffinity(0, {cores[w]})
     try:
         cfg = TrainConfig(**cfg_dict)
         model = models.build(cfg.model, spec["input_shape"], spec["num_classes"])
         shared = shm.SharedModel.attach(spec["names"], model)
         x, y = spec["train_x"], spec["train_y"]
         sampler = ShardSampler(len(y), w, cfg.workers, cfg.seed)
-        batches = data.Batches(x, y, cfg.batch_size, sampler, torch.device("cpu"),
+        batches = data.Batches(x, y, cfg.batch_size, sampler, cpu,
                                channels_last=cfg.channels_last)
         steps_per_epoch = math.ceil(len(batches) / cfg.accum_steps)
         updater = SharedUpdater(cfg, w, shared, model, steps_per_epoch, ctl)
         ctl.reports.put(("ready", w))
         ctl.start.wait()
+        t_first = time.monotonic()
+        tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
         for epoch in range(cfg.epochs):
-            torch.manual_seed(cfg.seed + 1000 * epoch + w)  # dropout etc.: (seed, epoch, worker)
+            seed(cfg.seed + 1000 * epoch + w, cpu)  # dropout etc.: (seed, epoch, worker)
             sampler.set_epoch(epoch)
-            tally = Tally(spec["num_classes"], torch.device("cpu"))
-            train_epoch(model, batches, updater, torch.device("cpu"), cfg.amp, cfg.accum_steps,
+            train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps,
                         tally, max_steps=2 if cfg.dry_run else None)
-            tally.flush()
-            ctl.reports.put(("epoch", w, epoch + 1, tally.loss.item(),
-                             tally.confusion.tolist(), updater.lr))
-        ctl.reports.put(("done", w, time.monotonic()))
+            # Report at most every REPORT_S: small epochs last milliseconds.
+            if time.monotonic() - last_report >= REPORT_S or epoch + 1 == cfg.epochs:
+                tally.flush()
+                ctl.reports.put(("epoch", w, epoch + 1, tally.loss.item(),
+                                 tally.confusion.tolist(), updater.lr))
+                tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
+        ctl.reports.put(("done", w, t_first, time.monotonic()))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # nothing left to clean up; torch's interpreter teardown takes ~0.6 s
     except threading.BrokenBarrierError:
         os._exit(EXIT_STOPPED)  # another worker failed; the parent reports it
     except BaseException as e:
@@ -264,7 +280,7 @@ class Progress:
     done: set = field(default_factory=set)
     errors: dict = field(default_factory=dict)
     usage: dict = field(default_factory=dict)
-    finished: dict = field(default_factory=dict)  # worker -> monotonic time of its last step
+    busy: dict = field(default_factory=dict)      # worker -> (first step, last step), monotonic
 
     def __post_init__(self):
         self.epochs_done = [0] * self.workers
@@ -276,7 +292,7 @@ class Progress:
             self.ready.add(w)
         elif kind == "done":
             self.done.add(w)
-            self.finished[w] = msg[2]
+            self.busy[w] = (msg[2], msg[3])
         elif kind == "error":
             self.errors[w] = msg[2]
         elif kind == "usage":
@@ -367,7 +383,7 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         failed = _supervise(cfg, procs, progress, ctl, evaluator, applier_errors)
         rows = evaluator.rows
         # Training time: from the start signal to the last worker's last step.
-        train_time = max(progress.finished.values(), default=time.monotonic()) - t0
+        train_time = max((b[1] for b in progress.busy.values()), default=time.monotonic()) - t0
     except (KeyboardInterrupt, _Stop):
         log.info("hvdsgd: interrupted; stopping the workers")
         raise
@@ -381,9 +397,14 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         shared.unlink()
 
     test = evaluate(model, test_batches, cpu, cfg.amp, Tally(ds.num_classes, cpu)).local()
-    samples = sum(progress.epochs_done) * len(ShardSampler(n_train, 0, cfg.workers, cfg.seed))
+    shard = len(ShardSampler(n_train, 0, cfg.workers, cfg.seed))
     if cfg.dry_run:
-        samples = min(samples, 2 * cfg.batch_size * cfg.accum_steps * cfg.workers)
+        shard = min(shard, 2 * cfg.batch_size * cfg.accum_steps)
+    samples = sum(progress.epochs_done) * shard
+    # Each worker's own rate over its own first-to-last step, summed: the throughput with
+    # every worker running, without the tail in which the last one finishes alone.
+    aggregate = sum(progress.epochs_done[w] * shard / max(end - begin, 1e-9)
+                    for w, (begin, end) in progress.busy.items())
     stats = shared.params.stats(-1)
     reached = {f"{t:g}": next((r["time_s"] for r in rows if r["test_accuracy"] >= t), None)
                for t in ACCURACY_TARGETS}
@@ -391,6 +412,7 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         cfg, ds.name, cfg.strategy, cfg.workers, n_params, test, rows[-1] if rows else {},
         samples, train_time, time.perf_counter() - t_start, "cpu", 1,
         workers=cfg.workers, shards=shards, updates=shared.params.updates,
+        aggregate_samples_per_sec=aggregate,
         staleness_mean=stats["staleness_mean"], staleness_p95=stats["staleness_p95"],
         staleness_max=stats["staleness_max"], time_to_accuracy_s=reached,
         failed_workers=failed)
