@@ -12,6 +12,7 @@ there is one) and batches are slices of those tensors, not items decoded one at 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -179,6 +180,35 @@ def resize(ds: Dataset, size: int | None) -> Dataset:
 
 
 # --------------------------------------------------------------------------- batches
+
+class ShardSampler:
+    """Worker ``w``'s fixed shard of ``n`` samples, reshuffled by its own generator each epoch.
+
+    Shards are equal-length (the first samples repeat to pad), so every worker takes the same
+    number of steps: ``sync`` needs that at its barrier.
+    """
+
+    def __init__(self, n: int, w: int, workers: int, seed: int):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        per = math.ceil(n / workers)
+        order = torch.cat([order, order[:per * workers - n]])
+        self.indices, self.w, self.seed, self.epoch = order[w::workers], w, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def order(self) -> torch.Tensor:
+        """This epoch's order as a tensor (what ``data.Batches`` takes)."""
+        g = torch.Generator().manual_seed(self.seed + 7919 * self.w + 1_000_003 * self.epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def __iter__(self):
+        return iter(self.order().tolist())
+
+
 
 class Batches:
     """One rank's batches of ``(x, y)`` from in-memory tensors.

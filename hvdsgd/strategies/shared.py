@@ -50,6 +50,7 @@ import torch
 import torch.multiprocessing
 
 from .. import checkpoint, data, models, report, schedule, shm
+from ..data import ShardSampler
 from ..config import TrainConfig
 from ..engine import evaluate, seed, train_epoch
 from ..errors import UsageError
@@ -67,36 +68,6 @@ REPORT_S = 0.1    # a worker reports its training loss and epoch count at most t
 
 class WorkerFailed(UsageError):
     """A worker process died or raised; the message names it and its exit code."""
-
-
-# ----------------------------------------------------------------------------- sampling
-
-class ShardSampler:
-    """Worker ``w``'s fixed shard of ``n`` samples, reshuffled by its own generator each epoch.
-
-    Shards are equal-length (the first samples repeat to pad), so every worker takes the same
-    number of steps: ``sync`` needs that at its barrier.
-    """
-
-    def __init__(self, n: int, w: int, workers: int, seed: int):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        per = math.ceil(n / workers)
-        order = torch.cat([order, order[:per * workers - n]])
-        self.indices, self.w, self.seed, self.epoch = order[w::workers], w, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def order(self) -> torch.Tensor:
-        """This epoch's order as a tensor (what ``data.Batches`` takes)."""
-        g = torch.Generator().manual_seed(self.seed + 7919 * self.w + 1_000_003 * self.epoch)
-        return self.indices[torch.randperm(len(self.indices), generator=g)]
-
-    def __iter__(self):
-        return iter(self.order().tolist())
 
 
 # ------------------------------------------------------------------------------ updaters

@@ -1,0 +1,82 @@
+"""One process, one model, no Horovod: the unit of work of K-fold folds and lottery tickets.
+
+``fit`` trains a model on in-memory tensors with the engine's training step and the local
+optimizer, then evaluates it. Everything random in it derives from ``seed`` (initial
+weights are the caller's; the shuffle order and dropout come from here), and it runs on as
+many threads as the caller set, so a task computes the same numbers whichever process or
+rank runs it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from .. import data, schedule
+from ..config import TrainConfig
+from ..engine import evaluate, seed as reseed, train_epoch
+from ..metrics import Summary, Tally
+from .allreduce import make_optimizer
+
+
+class Local:
+    """The engine's ``Updater`` for one process: optimizer step, schedule, optional hook."""
+
+    name = "local"
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int,
+                 after_update: Callable[["Local"], None] | None = None):
+        self.cfg, self.model, self.after_update = cfg, model, after_update
+        self.optimizer = make_optimizer(cfg, model, cfg.lr)
+        self.scheduler = schedule.build(
+            self.optimizer, cfg.scheduler, total_steps=cfg.epochs * steps_per_epoch,
+            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), world_scale=1.0)
+        self.step = 0  # updates so far
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def update(self) -> None:
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+        self.step += 1
+        if self.after_update is not None:
+            self.after_update(self)
+
+
+def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor], num_classes: int, seed: int,
+        after_update: Callable[[Local], None] | None = None) -> dict:
+    """Train ``model`` for ``cfg.epochs`` on ``train`` and evaluate it on ``test`` (CPU).
+
+    Returns the test figures (``test_accuracy``, ``test_macro_f1``, ``test_loss``), the last
+    epoch's training loss, the number of updates and the training time in seconds.
+    """
+    cpu = torch.device("cpu")
+    sampler = data.ShardSampler(len(train[1]), 0, 1, seed)
+    batches = data.Batches(train[0], train[1], cfg.batch_size, sampler, cpu,
+                           channels_last=cfg.channels_last)
+    updater = Local(cfg, model, math.ceil(len(batches) / cfg.accum_steps), after_update)
+    t0 = time.perf_counter()
+    tally = Tally(num_classes, cpu)
+    for epoch in range(cfg.epochs):
+        reseed(seed + 1000 * epoch, cpu)  # dropout etc.: a function of (seed, epoch)
+        sampler.set_epoch(epoch)
+        tally = Tally(num_classes, cpu)
+        train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps, tally,
+                    max_steps=2 if cfg.dry_run else None)
+    train_time = time.perf_counter() - t0
+    test_batches = data.Batches(test[0], test[1], 512, range(len(test[1])), cpu,
+                                channels_last=cfg.channels_last)
+    result: Summary = evaluate(model, test_batches, cpu, cfg.amp, Tally(num_classes, cpu)).local()
+    return {**result.as_dict("test"), "train_loss": tally.local().loss,
+            "updates": updater.step, "train_time_s": train_time}
