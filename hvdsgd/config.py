@@ -74,6 +74,9 @@ class TrainConfig:
     keep_checkpoints: bool = _f(False, "also keep each epoch's checkpoint as checkpoint-epochN.pt")
     dry_run: bool = _f(False, "one epoch of two batches, to check the set-up quickly")
     progress: bool = _f(True, "show a progress bar on rank 0")
+    profile: bool = _f(False, "record GPU (NVML/GPM) and CPU utilisation into --out: "
+                       "profile[-rankN].csv/json/png, one sampler per rank")
+    profile_interval: float = _f(0.1, "seconds between --profile samples")
 
     def __post_init__(self) -> None:
         from .models import NAMES  # late: models imports torch
@@ -102,6 +105,8 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "loader_workers", "threads"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if not self.profile_interval > 0:
+            raise UsageError(f"--profile-interval must be > 0 seconds (got {self.profile_interval})")
         if not self.eval_interval > 0:
             raise UsageError(f"--eval-interval must be > 0 seconds (got {self.eval_interval})")
         if self.strategy in SHARED_STRATEGIES:

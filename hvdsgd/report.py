@@ -6,12 +6,37 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+
+
+def profiled(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
+             rank: int | None = None):
+    """``--profile``: this process's sampler (its own GPU, matched by UUID; its process tree's
+    CPU use) writing into ``out``, or a context that does nothing."""
+    if not cfg.profile:
+        return contextlib.nullcontext()
+    from .profiler import Profiler  # imports nothing of training
+    return Profiler(out, cfg.profile_interval, cuda_ordinal=cuda_ordinal, rank=rank,
+                    gpu=device == "cuda")
+
+
+def profile_figures(prof) -> dict[str, Any]:
+    """The ``summary.json`` lines of a profile: its files and the means that matter most."""
+    if prof is None or not getattr(prof, "summary", None):
+        return {}
+    s = prof.summary
+    keep = ("util", "sm_util", "sm_occupancy", "tensor_util", "mem_used_mib", "power_w")
+    means = {column: stats.get("mean") for column, stats in s.get("metrics", {}).items()
+             if column in ("cpu_util", "cpu_busy_cores", "rss_mib")
+             or (column.startswith("gpu") and column.split("_", 1)[1] in keep)}
+    return {"profile": {"files": s.get("files"), "mean": means,
+                        "gpu_idle_share": s.get("gpu_idle_share"), "warnings": s.get("warnings")}}
 
 
 def summary(cfg, dataset: str, strategy: str, world_size: int, parameters: int, test,

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,20 @@ def test_hogwild_bench_quick(tmp_path):
     assert {r["policy"] for r in result["policies"]} == {
         "hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred"}
     assert "hvdsgd / reference" in (tmp_path / "hogwild-quick.md").read_text()
+
+
+def test_occupancy_bench_quick_cpu_form(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/occupancy.py", "--quick", "--cpu",
+                           "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith("occupancy: CPU form")
+    result = json.loads((tmp_path / "occupancy-quick.json").read_text())
+    one, two = result["sweep"]
+    assert one["samples_per_sec"] > 0 and two["samples_per_sec"] > 0
+    assert two["busy_cores"] > one["busy_cores"] * 0.9  # more workers keep more cores busy
+    assert Path(one["profile_dir"], "profile.csv").exists()
+    o = result["overhead"]
+    assert o["step_ms_off"] > 0 and o["step_ms_on"] > 0 and o["pairs"] == 2
+    assert 0 < o["sampler_cpu_pct_of_core"] < 50
+    assert (tmp_path / "occupancy-quick.png").read_bytes()[:4] == b"\x89PNG"

@@ -336,3 +336,33 @@ def test_bf16_matmul_shows_on_a_real_gpu(tmp_path):
         assert s["dcgm"]["gpu0"]["sm_occupancy"]["max"] > 0
         assert not any(k.startswith("gpu0_") and k[5:] in ("sm_util", "tensor_util", "sm_occupancy")
                        for k in s["unsupported"])
+
+
+# ------------------------------------------------------------ --profile in training
+
+@pytest.mark.parametrize("strategy", ["allreduce", "hogwild"])
+def test_train_profile_records_the_run(tmp_path, strategy):
+    extra = ["--strategy", "hogwild", "--workers", "2", "--lr", "0.05"] if strategy == "hogwild" else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--epochs", "40", "--profile",
+         "--profile-interval", "0.02", "--no-progress", "--no-checkpoint", "--out", str(tmp_path),
+         *extra], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cols = read_csv(tmp_path / "profile.csv")
+    assert len(cols["elapsed_s"]) >= 2
+    prof = json.loads((tmp_path / "summary.json").read_text())["profile"]
+    assert prof["files"]["csv"] == str(tmp_path / "profile.csv")
+    assert prof["mean"]["cpu_util"] > 10          # training kept a core busy
+    assert prof["mean"]["rss_mib"] > 50           # torch's process tree was measured
+    if strategy == "hogwild":                     # the workers are the parent's children
+        assert max(v for v in cols["cpu_busy_cores"] if v is not None) >= 1
+    assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_profile_interval_must_be_positive(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvdsgd.train", "--profile", "--profile-interval", "0",
+         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hvdsgd: error: --profile-interval must be > 0 seconds (got 0.0)"]

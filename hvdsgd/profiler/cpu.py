@@ -6,11 +6,13 @@ module-level state with any other caller of ``cpu_percent`` in the host process.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psutil
 
 BUSY_PCT = 50.0  # a core above this is counted in cpu_busy_cores
+TREE_REFRESH_S = 2.0  # finding children scans every process on the host: only this often
 
 
 def _busy_total(t: Any) -> tuple[float, float]:
@@ -25,6 +27,8 @@ class CpuSampler:
     def __init__(self, pids: list[int]):
         self.roots = list(pids)
         self.cores = psutil.cpu_count() or 1
+        self._procs: dict[int, psutil.Process] = {}
+        self._scanned = -float("inf")
         self._last = [_busy_total(t) for t in psutil.cpu_times(percpu=True)]
 
     def columns(self) -> list[str]:
@@ -33,6 +37,7 @@ class CpuSampler:
     def watch(self, pid: int) -> None:
         """Add a root whose tree is profiled (e.g. the command the CLI started)."""
         self.roots.append(pid)
+        self._scanned = -float("inf")
 
     def read(self) -> tuple[dict[str, float], set[int]]:
         """One row of CPU columns, and the pids of the profiled trees (for NVML's per-process)."""
@@ -48,19 +53,25 @@ class CpuSampler:
         return row, pids
 
     def _tree(self) -> tuple[set[int], int]:
-        """The roots and their children, recursively, and their summed RSS in bytes."""
-        pids, rss = set(), 0
-        for root in list(self.roots):
-            try:
-                proc = psutil.Process(root)
-                procs = [proc, *proc.children(recursive=True)]
-            except psutil.Error:  # gone, or not ours to see
-                continue
-            for p in procs:
+        """The roots and their children, recursively, and their summed RSS in bytes.
+
+        The tree is re-scanned every ``TREE_REFRESH_S`` (a scan reads every process of the
+        host, ~1 ms); in between, only the known processes' RSS is read (microseconds).
+        """
+        now = time.monotonic()
+        if now - self._scanned >= TREE_REFRESH_S:
+            self._scanned, procs = now, {}
+            for root in list(self.roots):
                 try:
-                    if p.pid not in pids:
-                        rss += p.memory_info().rss
-                        pids.add(p.pid)
-                except psutil.Error:
-                    pass
-        return pids, rss
+                    proc = psutil.Process(root)
+                    procs.update({p.pid: p for p in (proc, *proc.children(recursive=True))})
+                except psutil.Error:  # gone, or not ours to see
+                    continue
+            self._procs = procs
+        rss = 0
+        for pid, p in list(self._procs.items()):
+            try:
+                rss += p.memory_info().rss
+            except psutil.Error:  # ended since the scan
+                del self._procs[pid]
+        return set(self._procs), rss

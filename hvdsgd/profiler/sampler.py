@@ -66,6 +66,7 @@ class Profiler:
         self._nvml = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._cpu_s: float | None = None
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> Profiler:
@@ -165,13 +166,14 @@ class Profiler:
     # ------------------------------------------------------------ sampling
     def _run(self) -> None:
         """Tick on a fixed schedule until stopped; a late tick resets the schedule."""
-        due = self._t0
+        due, cpu0 = self._t0, time.thread_time()
         while True:
             due += self.interval
             delay = due - time.monotonic()
             if delay < 0:
                 due, delay = due - delay, 0.0
             if self._stop.wait(delay):
+                self._cpu_s = time.thread_time() - cpu0  # the sampler's own cost
                 return
             self._safe_tick()
 
@@ -207,6 +209,7 @@ class Profiler:
                 "devices": [g.info for g in self._gpus],
                 **summarize(self.csv_path, raw, self.idle_below),
                 "unsupported": unsupported,
+                "sampler_cpu_s": self._cpu_s,
                 "warnings": self.warnings + [w for g in self._gpus for w in g.warnings],
                 "files": {k: str(p) for k, p in (("csv", self.csv_path), ("json", self.json_path),
                                                   ("png", self.png_path))

@@ -351,7 +351,9 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         ctl.start.set()
         t0 = time.monotonic()  # system-wide on Linux: comparable with the workers' clocks
         evaluator = Evaluator(cfg, shared, ds, test_batches, run_dir, t0, n_train)
-        failed = _supervise(cfg, procs, progress, ctl, evaluator, applier_errors)
+        # --profile: the CPU use of this process and its workers, beside training.
+        with report.profiled(cfg, run_dir.path) as prof:
+            failed = _supervise(cfg, procs, progress, ctl, evaluator, applier_errors)
         rows = evaluator.rows
         # Training time: from the start signal to the last worker's last step.
         train_time = max((b[1] for b in progress.busy.values()), default=time.monotonic()) - t0
@@ -386,7 +388,7 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         aggregate_samples_per_sec=aggregate,
         staleness_mean=stats["staleness_mean"], staleness_p95=stats["staleness_p95"],
         staleness_max=stats["staleness_max"], time_to_accuracy_s=reached,
-        failed_workers=failed)
+        failed_workers=failed, **report.profile_figures(prof))
     run_dir.write_summary(summary)
     run_dir.plot(test.confusion.numpy(), ds.classes)
     if cfg.checkpoint and not cfg.dry_run:
