@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from hvdsgd.errors import UsageError
 
@@ -100,6 +99,17 @@ def _stem(old: nn.Conv2d, in_channels: int, kernel_size: int, padding: int) -> n
     return conv
 
 
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    """``torchvision.models.<name>``, imported on first use: importing torchvision takes about
+    a second, which every process (Horovod rank, HOGWILD worker, task worker) would pay."""
+
+    def ctor(**kw) -> nn.Module:
+        from torchvision import models as tvm
+        return getattr(tvm, name)(**kw)
+
+    return ctor
+
+
 def _resnet(ctor: Callable[..., nn.Module]) -> Callable[[Shape, int], nn.Module]:
     """torchvision ResNet, CIFAR variant: 3x3 stride-1 conv1 taking C channels, no max-pool."""
 
@@ -126,7 +136,8 @@ def _first_conv_stride1(ctor: Callable[..., nn.Module]) -> Callable[[Shape, int]
 
 def _vit(shape: Shape, k: int) -> nn.Module:
     """Small Vision Transformer for 32x32: 4x4 patches, 6 layers, 8 heads, width 256, MLP 512."""
-    model = tvm.VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=8,
+    from torchvision.models import VisionTransformer
+    model = VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=8,
                                   hidden_dim=256, mlp_dim=512, num_classes=k)
     conv = nn.Conv2d(shape[0], 256, kernel_size=4, stride=4)
     nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (shape[0] * 4 * 4)))
@@ -143,10 +154,10 @@ _REGISTRY: dict[str, tuple[Callable[[Shape, int], nn.Module], int | None]] = {
     "alexnet": (_alexnet, 32),
     "vgg11": (_vgg("vgg11"), 32),
     "vgg16": (_vgg("vgg16"), 32),
-    "mobilenet_v2": (_first_conv_stride1(tvm.mobilenet_v2), 32),
-    "resnet18": (_resnet(tvm.resnet18), 32),
-    "resnet50": (_resnet(tvm.resnet50), 32),
-    "efficientnet_b0": (_first_conv_stride1(tvm.efficientnet_b0), 32),
+    "mobilenet_v2": (_first_conv_stride1(_torchvision("mobilenet_v2")), 32),
+    "resnet18": (_resnet(_torchvision("resnet18")), 32),
+    "resnet50": (_resnet(_torchvision("resnet50")), 32),
+    "efficientnet_b0": (_first_conv_stride1(_torchvision("efficientnet_b0")), 32),
     "vit": (_vit, 32),
 }
 

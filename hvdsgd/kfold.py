@@ -1,0 +1,329 @@
+"""Stratified K-fold cross-validation, the folds trained in parallel: ``python -m hvdsgd.kfold``.
+
+    python -m hvdsgd.kfold --folds 5 --workers 2                  # cnn on digits, 2 processes
+    python -m hvdsgd.kfold --folds 5 --compare-serial             # + serial run, speed-up, CPU plot
+    horovodrun -np 2 -H localhost:2 --gloo python -m hvdsgd.kfold # folds spread over ranks
+
+The training and test sets of ``--dataset`` are pooled and cut into ``--folds`` stratified
+folds (scikit-learn's ``StratifiedKFold``, shuffled with ``--seed``); each fold is a task
+(:mod:`hvdsgd.tasks`) that trains a fresh model on the other folds with the flags of
+``hvdsgd.train`` and reports test accuracy, macro-F1 and loss on its own fold. A fold's seed is
+``--seed + fold``, and it runs on ``--task-threads`` threads wherever it runs, so its figures
+are identical serially, over processes and over Horovod ranks. ``--out`` receives
+``tasks.jsonl``, ``summary.json`` and, with ``--compare-serial``, ``cpu.png``: CPU utilisation
+over time of the serial and the parallel run (from :mod:`hvdsgd.profiler`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import tasks
+from .config import TrainConfig, _f, parse_args
+from .errors import UsageError, exit_on_usage_error
+
+log = logging.getLogger("hvdsgd")
+
+
+@dataclass
+class KFoldConfig(TrainConfig):
+    """K-fold cross-validation; every flag of ``hvdsgd.train`` applies to each fold."""
+
+    folds: int = _f(5, "number of stratified folds (each is one task)")
+    workers: int = _f(2, "task worker processes; a free one takes the next fold")
+    task_threads: int = _f(1, "compute threads per task (the same in every mode, so results match)")
+    start_method: str = _f("auto", "how task workers start: auto (fork where safe, else "
+                           "spawn), fork, spawn, forkserver")
+    serial: bool = _f(False, "run the folds one after another in this process")
+    compare_serial: bool = _f(False, "run serially and in parallel; report speed-up, efficiency, "
+                              "both accuracy tables and CPU utilisation over time")
+    out: str = _f("runs/kfold", "run directory: tasks.jsonl, summary.json, cpu.png")
+    epochs: int = _f(10, "passes over each fold's training set")
+    lr: float = _f(0.05, "learning rate")
+    batch_size: int = _f(64, "samples per step")
+    warmup_epochs: float = _f(0.0, "epochs of linear warm-up")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.folds < 2:
+            raise UsageError(f"--folds must be >= 2 (got {self.folds})")
+        if self.task_threads < 1:
+            raise UsageError(f"--task-threads must be >= 1 (got {self.task_threads})")
+        if self.serial and self.compare_serial:
+            raise UsageError("--serial and --compare-serial exclude each other; pick one")
+        if self.start_method not in tasks.START_METHODS:
+            raise UsageError(f"--start-method must be one of {', '.join(tasks.START_METHODS)} "
+                             f"(got {self.start_method!r})")
+        if self.device == "cuda":
+            raise UsageError("hvdsgd.kfold trains each fold on CPU; drop --device cuda")
+
+
+# ------------------------------------------------------------------------------ data
+
+_POOLED: dict[tuple, tuple] = {}  # this process's pooled data, by _data_key
+
+
+def _data_key(cfg: TrainConfig) -> tuple:
+    return (cfg.dataset, cfg.data_dir, cfg.model, cfg.seed, cfg.synthetic, cfg.input_shape,
+            cfg.num_classes, cfg.synthetic_samples)
+
+
+def _pooled(cfg: TrainConfig):
+    """The data set's train and test parts pooled: (x, y, classes), resized for the model."""
+    key = _data_key(cfg)
+    if key not in _POOLED:
+        import torch
+
+        from . import data, models
+        ds = data.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic, cfg.shape,
+                       cfg.num_classes, cfg.synthetic_samples, cfg.seed)
+        ds = data.resize(ds, models.input_size(cfg.model))
+        _POOLED[key] = (torch.cat([ds.train_x, ds.test_x]), torch.cat([ds.train_y, ds.test_y]),
+                        ds.classes)
+    return _POOLED[key]
+
+
+def split(y: np.ndarray, folds: int, seed: int, classes: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds: (train indices, test indices) per fold; a clear error when impossible."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(y, minlength=len(classes))
+    present = counts[counts > 0]
+    if folds > present.min():
+        k = int(np.flatnonzero(counts == present.min())[0])
+        raise UsageError(f"--folds {folds} but class {classes[k]!r} has only {present.min()} "
+                         f"samples; use --folds {present.min()} or fewer")
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in skf.split(np.zeros(len(y)), y)]
+
+
+# ------------------------------------------------------------------------------ tasks
+
+def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray, seed: int) -> dict:
+    """One fold: a fresh model (initialised from ``seed``) trained on ``train_idx``."""
+    import torch
+
+    from . import models
+    from .strategies.local import fit
+    c = KFoldConfig(**cfg)
+    x, y, classes = _pooled(c)
+    tr, te = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    torch.manual_seed(seed)
+    model = models.build(c.model, tuple(x.shape[1:]), len(classes))
+    return {"fold": fold, "train_samples": len(tr), "test_samples": len(te),
+            **fit(c, model, (x[tr], y[tr]), (x[te], y[te]), len(classes), seed)}
+
+
+def warm_worker(cfg: dict, pooled: tuple) -> None:
+    """A task worker's start: take the parent's pooled data (no reload), build the model and
+    an optimizer once, so that first-call costs are not charged to the first fold."""
+    from . import models
+    from .strategies.allreduce import make_optimizer
+    c = KFoldConfig(**cfg)
+    _POOLED[_data_key(c)] = pooled
+    model = models.build(c.model, tuple(pooled[0].shape[1:]), len(pooled[2]))
+    make_optimizer(c, model, c.lr)  # the first optimizer of a process costs ~1 s of imports
+
+
+def make_tasks(cfg: KFoldConfig) -> list[tasks.Task]:
+    _, y, classes = _pooled(cfg)
+    cfg_dict = cfg.to_dict()
+    return [tasks.Task(f"fold {k + 1}", train_fold,
+                       {"cfg": cfg_dict, "fold": k + 1, "train_idx": tr, "test_idx": te,
+                        "seed": cfg.seed + k},
+                       seed=cfg.seed + k,
+                       inputs={"fold": k + 1, "model": cfg.model, "dataset": cfg.dataset,
+                               "seed": cfg.seed + k, "train_samples": len(tr),
+                               "test_samples": len(te)})
+            for k, (tr, te) in enumerate(split(y.numpy(), cfg.folds, cfg.seed, classes))]
+
+
+# ---------------------------------------------------------------------------- report
+
+METRICS = ("test_accuracy", "test_macro_f1", "test_loss", "train_time_s")
+
+
+def aggregate(results: list[tasks.Result]) -> dict:
+    """Mean and standard deviation of each metric over the folds that finished."""
+    ok = [r.result for r in results if r.ok]
+    out = {}
+    for m in METRICS:
+        vals = [r[m] for r in ok]
+        out[m] = {"mean": statistics.mean(vals) if vals else None,
+                  "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def table(runs: dict[str, list[tasks.Result]]) -> str:
+    """The per-fold table (one column block per mode), then mean ± std."""
+    modes = list(runs)
+    head = "| fold | " + " | ".join(f"{m} accuracy | {m} macro-F1 | {m} loss | {m} time (s)"
+                                    for m in modes) + " |"
+    lines = [head, "|---|" + "---|" * 4 * len(modes)]
+    for i, name in enumerate(r.name for r in runs[modes[0]]):
+        cells = []
+        for m in modes:
+            r = runs[m][i]
+            cells += ([f"{100 * r.result['test_accuracy']:.2f}%", f"{r.result['test_macro_f1']:.4f}",
+                       f"{r.result['test_loss']:.4f}", f"{r.seconds:.2f}"] if r.ok
+                      else ["FAILED", "", "", f"{r.seconds:.2f}"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cells = []
+    for m in modes:
+        a = aggregate(runs[m])
+        fmt = lambda k, s, d: "n/a" if a[k]["mean"] is None else \
+            f"{s * a[k]['mean']:.{d}f} ± {s * a[k]['std']:.{d}f}"  # noqa: E731
+        cells += [fmt("test_accuracy", 100, 2) + "%", fmt("test_macro_f1", 1, 4),
+                  fmt("test_loss", 1, 4), fmt("train_time_s", 1, 2)]
+    lines.append("| mean ± std | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_cpu(profiles: dict[str, Path], path: Path) -> None:
+    """CPU utilisation over time, one panel per run (serial above, parallel below)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .profiler import read_csv
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True,
+                             squeeze=False)
+    for ax, (name, csv) in zip(axes[:, 0], profiles.items()):
+        cols = read_csv(csv)
+        t = cols["elapsed_s"]
+        for key in sorted(k for k in cols if k.startswith("cpu") and k.endswith("_util")
+                          and k != "cpu_util"):
+            ax.plot(t, cols[key], lw=0.8, alpha=0.6, label=key.replace("_util", ""))
+        ax.plot(t, cols["cpu_util"], lw=2, color="black", label="all cores")
+        mean = statistics.mean(v for v in cols["cpu_util"] if v is not None)
+        ax.set_title(f"{name}: mean CPU utilisation {mean:.0f}%", fontsize=10)
+        ax.set_ylabel("CPU %")
+        ax.set_ylim(0, 105)
+        ax.legend(loc="lower right", fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("seconds since start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ main
+
+def timed_run(cfg: KFoldConfig, mode: str, out: Path, label: str):
+    """One pass over the folds in ``mode`` under the profiler (CPU): results, seconds, profile."""
+    from .profiler import Profiler
+
+    task_list = make_tasks(cfg)
+    main = mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
+    prof = Profiler(out, 0.1, prefix=f"profile-{label}", gpu=False) if main else None
+    if prof:
+        prof.start()
+    t0 = time.perf_counter()
+    try:
+        results = tasks.run(task_list, mode, cfg.workers, cfg.task_threads, cfg.progress,
+                            warm=(warm_worker, (cfg.to_dict(), _pooled(cfg))),
+                            method=cfg.start_method)
+    finally:
+        wall = time.perf_counter() - t0
+        if prof:
+            prof.stop()
+    return results, wall, prof
+
+
+def kfold(cfg: KFoldConfig) -> dict:
+    from .train import setup_logging
+    mode = tasks.mode_for(cfg.workers, cfg.serial)
+    main = mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
+    setup_logging(main)
+    out = Path(cfg.out)
+    if main:
+        from .report import RunDir
+        RunDir(out).prepare()
+    parallel_mode = "serial" if cfg.serial else mode
+    x, y, classes = _pooled(cfg)
+    world = int(os.environ.get("HOROVOD_SIZE", "1"))
+    log.info(f"hvdsgd.kfold: {cfg.folds} stratified folds of {cfg.dataset} ({len(y)} samples, "
+             f"{len(classes)} classes), {cfg.model}, {cfg.epochs} epochs; "
+             + {"serial": "serially in this process",
+                "processes": f"{min(cfg.workers, cfg.folds)} worker processes",
+                "horovod": f"{world} Horovod ranks"}[parallel_mode]
+             + f", {cfg.task_threads} thread(s) per fold")
+    # The same start as a task worker's, here too: first-call costs stay out of every timing.
+    warm_worker(cfg.to_dict(), (x, y, classes))
+    runs, walls, profiles = {}, {}, {}
+    if cfg.compare_serial:
+        runs["serial"], walls["serial"], prof = timed_run(cfg, "serial", out, "serial")
+        profiles["serial"] = prof
+    label = "parallel" if parallel_mode != "serial" else "serial"
+    runs[label], walls[label], profiles[label] = timed_run(cfg, parallel_mode, out, label)
+    parallel = runs[label]
+    summary = {"folds": cfg.folds, "mode": parallel_mode, "model": cfg.model,
+               "dataset": cfg.dataset, "samples": len(y),
+               "workers": world if parallel_mode == "horovod" else
+               (1 if parallel_mode == "serial" else min(cfg.workers, cfg.folds)),
+               "task_threads": cfg.task_threads, "wall_time_s": walls[label],
+               **aggregate(parallel), "failed": [r.name for r in parallel if not r.ok],
+               "per_fold": [{"fold": r.name, **(r.result or {}), "seconds": r.seconds,
+                             "worker": r.worker, "error": r.error} for r in parallel],
+               "cpu_util_mean": _cpu_mean(profiles[label]),
+               "config": cfg.to_dict()}
+    if cfg.compare_serial:
+        speedup = walls["serial"] / walls["parallel"]
+        summary["serial"] = {"wall_time_s": walls["serial"], **aggregate(runs["serial"]),
+                             "cpu_util_mean": _cpu_mean(profiles["serial"])}
+        summary["speedup"] = speedup
+        summary["efficiency"] = speedup / summary["workers"]
+        summary["identical_per_fold"] = all(
+            a.ok and b.ok and a.result["test_accuracy"] == b.result["test_accuracy"]
+            and a.result["test_loss"] == b.result["test_loss"]
+            for a, b in zip(runs["serial"], parallel))
+    if main:
+        tasks.write_records(out, parallel, summary)
+        if cfg.compare_serial:
+            plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
+        log.info("\n" + table(runs))
+        line = (f"{cfg.folds} folds in {walls[label]:.1f} s ({parallel_mode}); mean accuracy "
+                f"{_pct(summary['test_accuracy'])} ± {100 * summary['test_accuracy']['std']:.2f}")
+        if cfg.compare_serial:
+            line += (f"; serial {walls['serial']:.1f} s: speed-up {summary['speedup']:.2f}x, "
+                     f"efficiency {100 * summary['efficiency']:.0f}% on {summary['workers']} "
+                     f"workers; per-fold results identical: {summary['identical_per_fold']}; "
+                     f"CPU {summary['serial']['cpu_util_mean']:.0f}% serial, "
+                     f"{summary['cpu_util_mean']:.0f}% parallel")
+        log.info(line + f"; results in {out}/")
+    failed = [r for run in runs.values() for r in run if not r.ok]
+    if failed:
+        if main:
+            print(tasks.failures_text(failed), file=sys.stderr, flush=True)
+            print(f"hvdsgd.kfold: {len(failed)} task(s) failed", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    return summary
+
+
+def _cpu_mean(prof) -> float | None:
+    if prof is None or not prof.summary:
+        return None
+    return (prof.summary["metrics"].get("cpu_util") or {}).get("mean")
+
+
+def _pct(stat: dict) -> str:
+    return "n/a" if stat["mean"] is None else f"{100 * stat['mean']:.2f}%"
+
+
+@exit_on_usage_error
+def main(argv=None) -> None:
+    head, examples, *_ = __doc__.split("\n\n")
+    cfg = parse_args(argv, cls=KFoldConfig, prog="python -m hvdsgd.kfold", description=head,
+                     epilog="examples:\n" + examples)
+    kfold(cfg)
+
+
+if __name__ == "__main__":
+    main()

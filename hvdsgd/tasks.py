@@ -1,0 +1,317 @@
+"""Independent training tasks over local processes or Horovod ranks.
+
+    python -m hvdsgd.kfold --workers 2                     # uses this module
+    horovodrun -np 4 python -m hvdsgd.kfold                # one task at a time per rank
+
+A :class:`Task` is a top-level function, its keyword arguments and its own seed. ``run``
+executes a list of them three ways, with the same results:
+
+- ``serial``: one after another in this process;
+- ``processes``: a pool of ``workers`` processes (forked where that is safe, else spawned);
+  a free worker takes the next task, so a slow task does not leave the others idle;
+- ``horovod`` (under ``horovodrun``): rank 0 hands out task indices over a socket as ranks
+  ask for them (every rank, rank 0 included, runs tasks); the results are gathered on rank 0
+  and broadcast back, so every rank ends with the same status.
+
+Every task runs on ``threads`` compute threads (1 by default) with the global generator
+seeded from its seed, so its figures do not depend on where or in what order it ran. A
+task that raises is reported with its error and its inputs; the others complete.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UsageError
+
+log = logging.getLogger("hvdsgd")
+
+MODES = ("serial", "processes", "horovod")
+START_METHODS = ("auto", "fork", "spawn", "forkserver")
+
+
+@dataclass
+class Task:
+    """One independent job: ``fn(**kwargs)`` with the global RNG seeded from ``seed``."""
+    name: str                       # unique; the row of the results table
+    fn: Callable[..., dict]         # a module-level function (spawned workers import it)
+    kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    inputs: dict = field(default_factory=dict)  # what to print if it fails (small, JSON-able)
+
+
+@dataclass
+class Result:
+    """What became of one task."""
+    name: str
+    ok: bool
+    result: dict | None
+    error: str | None
+    inputs: dict
+    worker: str                     # "pid 1234" or "rank 1"
+    start: float                    # seconds since the run started
+    seconds: float
+
+
+# ------------------------------------------------------------------------ execution
+
+def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str = "") -> Result:
+    """Run one task here: ``threads`` compute threads, RNG seeded; exceptions are caught."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.default_generator.manual_seed(task.seed)
+    start = time.perf_counter()
+    base = t0 if t0 is not None else start
+    try:
+        out, err = task.fn(**task.kwargs), None
+    except Exception as e:  # a failing task is a result, not the end of the run
+        out = None
+        err = f"{type(e).__name__}: {e}" if isinstance(e, UsageError) else \
+            f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+    return Result(task.name, err is None, out, err, task.inputs, worker or f"pid {os.getpid()}",
+                  start - base, time.perf_counter() - start)
+
+
+def _pool_init(warm: Callable[..., Any] | None, warm_args: tuple, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
+    import torch  # every task needs it: import it before the first one is handed out
+
+    torch.set_num_threads(threads)
+    if warm is not None:
+        warm(*warm_args)  # e.g. load and cache the data set once per worker
+
+
+def _pool_execute(task: Task, threads: int, t0: float) -> Result:
+    # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
+    return execute(task, threads, t0)
+
+
+class _Bar:
+    """Tasks done: tqdm on a terminal, else one log line per task."""
+
+    def __init__(self, total: int, show: bool):
+        self.bar, self.total, self.n, self.show = None, total, 0, show
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc="tasks", unit="task", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def done(self, r: Result) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{r.name} {'ok' if r.ok else 'FAILED'}")
+        elif self.show:
+            log.info(f"  task {self.n}/{self.total} {r.name}: "
+                     f"{'ok' if r.ok else 'FAILED'} in {r.seconds:.1f} s ({r.worker})")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_serial(tasks: list[Task], threads: int, bar: _Bar) -> list[Result]:
+    t0, out = time.perf_counter(), []
+    for task in tasks:
+        out.append(execute(task, threads, t0))
+        bar.done(out[-1])
+    return out
+
+
+def start_method(requested: str = "auto") -> str:
+    """``auto``: fork where it is safe (Linux, no CUDA context in this process), else spawn.
+
+    A forked worker starts in milliseconds with torch imported and the data in memory; a
+    spawned one re-imports torch (~2-4 s on a small machine). Forked workers set one compute
+    thread before any work, as PyTorch's DataLoader workers do.
+    """
+    if requested != "auto":
+        return requested
+    import torch
+    if "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux" \
+            and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
+def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
+                  warm: tuple | None = None, method: str = "auto") -> list[Result]:
+    """A process pool; each free worker takes the next task. ``warm``: (fn, args) run once
+    in each worker as it starts."""
+    t0, results = time.perf_counter(), {}
+    ctx = multiprocessing.get_context(start_method(method))
+    fn, args = warm or (None, ())
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
+                                initargs=(fn, args, threads)) as pool:
+        futures = {pool.submit(_pool_execute, t, threads, t0): i for i, t in enumerate(tasks)}
+        try:
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                try:
+                    r = fut.result()
+                except Exception as e:  # the worker process died (killed, out of memory)
+                    r = Result(tasks[i].name, False, None,
+                               f"the worker process running it died ({type(e).__name__}: {e})",
+                               tasks[i].inputs, "?", 0.0, 0.0)
+                results[i] = r
+                bar.done(r)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.terminate()  # Ctrl-C: do not wait for the running tasks
+            raise
+    return [results[i] for i in range(len(tasks))]
+
+
+# --------------------------------------------------------------------------- horovod
+
+def run_horovod(tasks: list[Task], threads: int, bar: _Bar) -> list[Result]:
+    """Dynamic scheduling over Horovod ranks; every rank returns all the results.
+
+    Rank 0 serves ``next task`` requests from every rank (itself included) over an
+    authenticated socket whose address it broadcasts; a rank asks again when it finishes.
+    """
+    import horovod.torch as hvd
+
+    hvd.init()  # Horovod: idempotent; the rank and world come from horovodrun
+    rank, size = hvd.rank(), hvd.size()
+    server = None
+    if rank == 0:
+        host = "127.0.0.1" if hvd.local_size() == size else socket.getfqdn()
+        server = _Server(tasks, size, bar, host)
+        address = (server.address, server.authkey)
+    else:
+        address = None
+    # Horovod: every rank learns where rank 0 serves the task indices.
+    address, authkey = hvd.broadcast_object(address, root_rank=0, name="tasks.address")
+    t0 = time.perf_counter()
+    with Client(address, authkey=authkey) as conn:
+        conn.send(None)
+        while (i := conn.recv()) is not None:
+            conn.send(execute(tasks[i], threads, t0, f"rank {rank}"))
+    results = server.wait() if server is not None else None
+    # Horovod: every rank returns the same results, so every rank exits with the same status.
+    return hvd.broadcast_object(results, root_rank=0, name="tasks.results")
+
+
+class _Server:
+    """Rank 0's task dispenser: one thread per rank's connection, one shared index."""
+
+    def __init__(self, tasks: list[Task], ranks: int, bar: _Bar, host: str):
+        self.tasks, self.ranks, self.bar = tasks, ranks, bar
+        self.authkey = os.urandom(32)
+        self.listener = Listener((host, 0), authkey=self.authkey)
+        self.address = self.listener.address
+        self.next, self.results, self.lock = 0, {}, threading.Lock()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        handlers = []
+        for _ in range(self.ranks):
+            conn = self.listener.accept()
+            h = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            h.start()
+            handlers.append(h)
+        for h in handlers:
+            h.join()
+        self.listener.close()
+
+    def _serve(self, conn) -> None:
+        with conn:
+            while True:
+                r = conn.recv()  # None first, then each finished task's Result
+                with self.lock:
+                    if r is not None:
+                        self.results[self.tasks.index_of[r.name]] = r
+                        self.bar.done(r)
+                    i = self.next if self.next < len(self.tasks) else None
+                    self.next += i is not None
+                conn.send(i)
+                if i is None:
+                    return
+
+    def wait(self) -> list[Result]:
+        self.thread.join()
+        return [self.results[i] for i in range(len(self.tasks))]
+
+
+class _Tasks(list):
+    """The task list with a name -> index map."""
+
+    def __init__(self, tasks):
+        super().__init__(tasks)
+        self.index_of = {t.name: i for i, t in enumerate(self)}
+        if len(self.index_of) != len(self):
+            raise UsageError("task names must be unique")
+
+
+# ------------------------------------------------------------------------------ run
+
+def mode_for(workers: int, serial: bool) -> str:
+    """serial, processes, or horovod when started by horovodrun with more than one rank."""
+    if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
+        return "horovod"
+    return "serial" if serial else "processes"
+
+
+def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: int = 1,
+        progress: bool = True, warm: tuple | None = None,
+        method: str = "auto") -> list[Result]:
+    """Execute ``tasks``; returns their results in task order (on every Horovod rank).
+
+    ``warm``: ``(fn, args)`` that a worker process runs once as it starts (module-level
+    ``fn``), such as loading the data set its tasks share. ``method``: the processes' start
+    method (``auto``, ``fork``, ``spawn``, ``forkserver``; see :func:`start_method`).
+    """
+    if method not in START_METHODS:
+        raise UsageError(f"unknown start method {method!r}; use one of {', '.join(START_METHODS)}")
+    if mode not in MODES:
+        raise UsageError(f"unknown task mode {mode!r}; use one of {', '.join(MODES)}")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1 (got {workers})")
+    if threads < 1:
+        raise UsageError(f"--task-threads must be >= 1 (got {threads})")
+    tasks = _Tasks(tasks)
+    main = mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
+    bar = _Bar(len(tasks), progress and main)
+    try:
+        if mode == "serial":
+            return run_serial(tasks, threads, bar)
+        if mode == "processes":
+            return run_processes(tasks, min(workers, len(tasks)) or 1, threads, bar, warm, method)
+        return run_horovod(tasks, threads, bar)
+    finally:
+        bar.close()
+
+
+def failures_text(results: list[Result]) -> str:
+    """One paragraph per failed task: its name, inputs and error."""
+    return "\n".join(f"task {r.name} failed ({r.worker}), inputs {json.dumps(r.inputs)}:\n  "
+                     + r.error.replace("\n", "\n  ") for r in results if not r.ok)
+
+
+def write_records(out: Path, results: list[Result], summary: dict) -> None:
+    """``tasks.jsonl`` (one row per task) and ``summary.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "tasks.jsonl").open("w") as fh:
+        for r in results:
+            fh.write(json.dumps(asdict(r)) + "\n")
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
