@@ -302,8 +302,7 @@ def kfold(cfg: KFoldConfig) -> dict:
         if main:
             print(tasks.failures_text(failed), file=sys.stderr, flush=True)
             print(f"hvdsgd.kfold: {len(failed)} task(s) failed", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        raise SystemExit(1)
     return summary
 
 

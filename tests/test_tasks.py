@@ -1,0 +1,186 @@
+"""hvdsgd.tasks and hvdsgd.kfold: independent tasks over processes and Horovod ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, horovodrun
+from hvdsgd import kfold, tasks
+
+
+# -------------------------------------------------------- task functions (importable)
+
+def square(x: int) -> dict:
+    import torch
+    return {"x": x, "value": x * x, "draw": torch.rand(1).item(),
+            "threads": torch.get_num_threads()}
+
+
+def fail_on(x: int, bad: int) -> dict:
+    if x == bad:
+        raise ValueError(f"task {x} is broken on purpose")
+    return square(x)
+
+
+def die_on(x: int, bad: int) -> dict:
+    if x == bad:
+        os._exit(9)  # the worker process vanishes mid-task
+    return square(x)
+
+
+def sleep_then(x: int, seconds: float) -> dict:
+    import time
+    time.sleep(seconds)
+    return {"x": x, "pid": os.getpid()}
+
+
+def _tasks(fn=square, n=5, **kw):
+    return [tasks.Task(f"t{i}", fn, {"x": i, **kw}, seed=100 + i, inputs={"x": i}) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- tasks
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_results_do_not_depend_on_where_a_task_ran(method):
+    serial = tasks.run(_tasks(), "serial", progress=False)
+    pooled = tasks.run(_tasks(), "processes", workers=2, progress=False, method=method)
+    assert [r.result for r in serial] == [r.result for r in pooled]  # seeded draws match
+    assert all(r.ok and r.result["threads"] == 1 for r in pooled)
+    assert [r.name for r in pooled] == [f"t{i}" for i in range(5)]    # task order kept
+
+
+def test_a_free_worker_takes_the_next_task():
+    # one long task and four short ones on 2 workers: the short ones all go to the other worker
+    ts = [tasks.Task("long", sleep_then, {"x": 0, "seconds": 1.5})] + \
+         [tasks.Task(f"short{i}", sleep_then, {"x": i, "seconds": 0.1}) for i in range(1, 5)]
+    results = tasks.run(ts, "processes", workers=2, progress=False)
+    long_pid = results[0].result["pid"]
+    assert all(r.result["pid"] != long_pid for r in results[1:])
+    assert max(r.start + r.seconds for r in results[1:]) < results[0].start + results[0].seconds
+
+
+def test_a_failing_task_is_reported_and_the_others_complete():
+    results = tasks.run(_tasks(fail_on, bad=2), "processes", workers=2, progress=False)
+    assert [r.ok for r in results] == [True, True, False, True, True]
+    bad = results[2]
+    assert "ValueError: task 2 is broken on purpose" in bad.error and bad.inputs == {"x": 2}
+    text = tasks.failures_text(results)
+    assert text.startswith('task t2 failed') and '{"x": 2}' in text
+
+
+def test_a_worker_that_dies_fails_its_task_not_the_run():
+    results = tasks.run(_tasks(die_on, n=3, bad=1), "processes", workers=2, progress=False)
+    assert not results[1].ok and "worker process" in results[1].error
+    assert results[0].ok or "worker process" in results[0].error  # a broken pool fails the rest
+
+
+def test_bad_task_arguments():
+    with pytest.raises(tasks.UsageError, match="--workers must be >= 1"):
+        tasks.run(_tasks(), "processes", workers=0)
+    with pytest.raises(tasks.UsageError, match="unique"):
+        tasks.run(_tasks() + _tasks(), "serial")
+
+
+def test_task_records(tmp_path):
+    results = tasks.run(_tasks(fail_on, n=3, bad=1), "serial", progress=False)
+    tasks.write_records(tmp_path, results, {"failed": 1})
+    rows = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+    assert [r["ok"] for r in rows] == [True, False, True] and rows[1]["inputs"] == {"x": 1}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"failed": 1}
+
+
+# ----------------------------------------------------------------------------- kfold
+
+def test_folds_are_stratified_disjoint_and_cover_the_data():
+    y = np.repeat(np.arange(4), [30, 20, 10, 7])
+    folds = kfold.split(y, 5, seed=0, classes=list("abcd"))
+    tests = [te for _, te in folds]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(len(y)))  # cover, disjoint
+    for tr, te in folds:
+        assert not set(tr) & set(te) and len(tr) + len(te) == len(y)
+        for c, n in enumerate([30, 20, 10, 7]):
+            assert abs((y[te] == c).sum() - n / 5) <= 1  # each class spread evenly
+
+
+def test_more_folds_than_a_class_has_samples():
+    y = np.repeat(np.arange(3), [30, 20, 4])
+    with pytest.raises(kfold.UsageError, match="class 'c' has only 4 samples; use --folds 4"):
+        kfold.split(y, 5, seed=0, classes=list("abc"))
+
+
+def run_kfold(out, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "hvdsgd.kfold", "--model", "mlp", "--folds", "3",
+                           "--epochs", "2", "--no-progress", "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def per_fold(out) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / "tasks.jsonl").read_text().splitlines()]
+    return [(r["name"], r["result"]["test_accuracy"], r["result"]["test_loss"],
+             r["result"]["test_macro_f1"]) for r in rows]
+
+
+def test_kfold_compare_serial_reports_speedup_and_identical_folds(tmp_path):
+    proc = run_kfold(tmp_path, "--compare-serial", "--workers", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["identical_per_fold"] is True and s["folds"] == 3 and s["workers"] == 2
+    assert s["speedup"] == pytest.approx(s["serial"]["wall_time_s"] / s["wall_time_s"])
+    assert s["efficiency"] == pytest.approx(s["speedup"] / 2)
+    assert 0.8 < s["test_accuracy"]["mean"] <= 1 and s["test_accuracy"]["std"] >= 0
+    assert len(s["per_fold"]) == 3 and sum(r["test_samples"] for r in s["per_fold"]) == 1797
+    assert s["serial"]["cpu_util_mean"] > 0 and s["cpu_util_mean"] > 0
+    assert (tmp_path / "cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mean ± std" in proc.stdout
+
+
+@pytest.mark.dist
+def test_kfold_per_fold_results_identical_serial_workers_and_horovod(tmp_path):
+    serial, pool, ranks = tmp_path / "serial", tmp_path / "pool", tmp_path / "hvd"
+    for out, args in ((serial, ["--serial"]), (pool, ["--workers", "2"])):
+        proc = run_kfold(out, *args)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = horovodrun(2, "-m", "hvdsgd.kfold", "--model", "mlp", "--folds", "3", "--epochs", "2",
+                      "--no-progress", "--out", str(ranks))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert per_fold(serial) == per_fold(pool) == per_fold(ranks)
+    workers = {json.loads(line)["worker"] for line in (ranks / "tasks.jsonl").read_text().splitlines()}
+    assert workers == {"rank 0", "rank 1"}  # both ranks took folds
+    assert json.loads((ranks / "summary.json").read_text())["mode"] == "horovod"
+
+
+def test_kfold_a_failing_fold_is_reported_and_exits_nonzero(monkeypatch, capsys, tmp_path):
+    real = kfold.train_fold
+
+    def flaky(cfg, fold, train_idx, test_idx, seed):
+        if fold == 2:
+            raise RuntimeError("fold 2 ran out of luck")
+        return real(cfg, fold, train_idx, test_idx, seed)
+
+    monkeypatch.setattr(kfold, "train_fold", flaky)
+    cfg = kfold.KFoldConfig(model="mlp", folds=3, epochs=1, serial=True, progress=False,
+                            out=str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        kfold.kfold(cfg)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "task fold 2 failed" in err and "fold 2 ran out of luck" in err
+    assert '"fold": 2' in err and "1 task(s) failed" in err
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["failed"] == ["fold 2"] and len([r for r in s["per_fold"] if r["error"] is None]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--folds", "200"], "--folds 200 but class '8' has only 174 samples; use --folds 174 or fewer"),
+    (["--workers", "0"], "--workers must be >= 1 (got 0)"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--folds", "1"], "--folds must be >= 2 (got 1)"),
+])
+def test_kfold_bad_input_is_one_line(tmp_path, args, message):
+    proc = run_kfold(tmp_path, *args, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvdsgd: error: ") and message in lines[0]
