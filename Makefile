@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 NP     ?= 4
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench-throughput bench-hogwild clean distclean
+.PHONY: setup demo test bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
 
 setup: $(VENV)/.stamp-hvdsgd
 
@@ -45,6 +45,12 @@ bench-throughput: setup
 
 bench-hogwild: setup
 	$(PY) bench/hogwild.py
+
+bench-occupancy: setup
+	$(PY) bench/occupancy.py
+
+bench-kfold: setup
+	$(PY) bench/kfold.py
 
 clean:
 	rm -rf build *.egg-info hvdsgd/_C*.so runs .pytest_cache

@@ -21,6 +21,20 @@ class UsageError(Exception):
     """Bad input from the user; the message says what to change."""
 
 
+def require_writable_dir(path, flag: str = "--out") -> None:
+    """Create ``path`` and prove it writable, or raise a UsageError naming ``flag``."""
+    from pathlib import Path
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to {flag} {path} ({e.strerror}); "
+                         "choose a writable directory") from None
+
+
 def _rank() -> int:
     # Horovod's launcher sets HOROVOD_RANK (gloo) / OMPI_COMM_WORLD_RANK (MPI) before init.
     for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK"):

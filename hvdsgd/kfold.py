@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,17 +31,10 @@ log = logging.getLogger("hvdsgd")
 
 
 @dataclass
-class KFoldConfig(TrainConfig):
+class KFoldConfig(tasks.TaskConfig):
     """K-fold cross-validation; every flag of ``hvdsgd.train`` applies to each fold."""
 
     folds: int = _f(5, "number of stratified folds (each is one task)")
-    workers: int = _f(2, "task worker processes; a free one takes the next fold")
-    task_threads: int = _f(1, "compute threads per task (the same in every mode, so results match)")
-    start_method: str = _f("auto", "how task workers start: auto (fork where safe, else "
-                           "spawn), fork, spawn, forkserver")
-    serial: bool = _f(False, "run the folds one after another in this process")
-    compare_serial: bool = _f(False, "run serially and in parallel; report speed-up, efficiency, "
-                              "both accuracy tables and CPU utilisation over time")
     out: str = _f("runs/kfold", "run directory: tasks.jsonl, summary.json, cpu.png")
     epochs: int = _f(10, "passes over each fold's training set")
     lr: float = _f(0.05, "learning rate")
@@ -54,30 +45,21 @@ class KFoldConfig(TrainConfig):
         super().__post_init__()
         if self.folds < 2:
             raise UsageError(f"--folds must be >= 2 (got {self.folds})")
-        if self.task_threads < 1:
-            raise UsageError(f"--task-threads must be >= 1 (got {self.task_threads})")
-        if self.serial and self.compare_serial:
-            raise UsageError("--serial and --compare-serial exclude each other; pick one")
-        if self.start_method not in tasks.START_METHODS:
-            raise UsageError(f"--start-method must be one of {', '.join(tasks.START_METHODS)} "
-                             f"(got {self.start_method!r})")
-        if self.device == "cuda":
-            raise UsageError("hvdsgd.kfold trains each fold on CPU; drop --device cuda")
 
 
 # ------------------------------------------------------------------------------ data
 
-_POOLED: dict[tuple, tuple] = {}  # this process's pooled data, by _data_key
+_POOLED: dict[tuple, tuple] = {}  # this process's pooled data, by data_key
 
 
-def _data_key(cfg: TrainConfig) -> tuple:
+def data_key(cfg: TrainConfig) -> tuple:
     return (cfg.dataset, cfg.data_dir, cfg.model, cfg.seed, cfg.synthetic, cfg.input_shape,
             cfg.num_classes, cfg.synthetic_samples)
 
 
 def _pooled(cfg: TrainConfig):
     """The data set's train and test parts pooled: (x, y, classes), resized for the model."""
-    key = _data_key(cfg)
+    key = data_key(cfg)
     if key not in _POOLED:
         import torch
 
@@ -127,7 +109,7 @@ def warm_worker(cfg: dict, pooled: tuple) -> None:
     from . import models
     from .strategies.allreduce import make_optimizer
     c = KFoldConfig(**cfg)
-    _POOLED[_data_key(c)] = pooled
+    _POOLED[data_key(c)] = pooled
     model = models.build(c.model, tuple(pooled[0].shape[1:]), len(pooled[2]))
     make_optimizer(c, model, c.lr)  # the first optimizer of a process costs ~1 s of imports
 
@@ -186,130 +168,72 @@ def table(runs: dict[str, list[tasks.Result]]) -> str:
     return "\n".join(lines)
 
 
-def plot_cpu(profiles: dict[str, Path], path: Path) -> None:
-    """CPU utilisation over time, one panel per run (serial above, parallel below)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .profiler import read_csv
-    fig, axes = plt.subplots(len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True,
-                             squeeze=False)
-    for ax, (name, csv) in zip(axes[:, 0], profiles.items()):
-        cols = read_csv(csv)
-        t = cols["elapsed_s"]
-        for key in sorted(k for k in cols if k.startswith("cpu") and k.endswith("_util")
-                          and k != "cpu_util"):
-            ax.plot(t, cols[key], lw=0.8, alpha=0.6, label=key.replace("_util", ""))
-        ax.plot(t, cols["cpu_util"], lw=2, color="black", label="all cores")
-        mean = statistics.mean(v for v in cols["cpu_util"] if v is not None)
-        ax.set_title(f"{name}: mean CPU utilisation {mean:.0f}%", fontsize=10)
-        ax.set_ylabel("CPU %")
-        ax.set_ylim(0, 105)
-        ax.legend(loc="lower right", fontsize=7, ncol=4)
-    axes[-1, 0].set_xlabel("seconds since start")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------ main
-
-def timed_run(cfg: KFoldConfig, mode: str, out: Path, label: str):
-    """One pass over the folds in ``mode`` under the profiler (CPU): results, seconds, profile."""
-    from .profiler import Profiler
-
-    task_list = make_tasks(cfg)
-    main = mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
-    prof = Profiler(out, 0.1, prefix=f"profile-{label}", gpu=False) if main else None
-    if prof:
-        prof.start()
-    t0 = time.perf_counter()
-    try:
-        results = tasks.run(task_list, mode, cfg.workers, cfg.task_threads, cfg.progress,
-                            warm=(warm_worker, (cfg.to_dict(), _pooled(cfg))),
-                            method=cfg.start_method)
-    finally:
-        wall = time.perf_counter() - t0
-        if prof:
-            prof.stop()
-    return results, wall, prof
-
 
 def kfold(cfg: KFoldConfig) -> dict:
     from .train import setup_logging
-    mode = tasks.mode_for(cfg.workers, cfg.serial)
-    main = mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
-    setup_logging(main)
+    setup_logging(cfg.main)
     out = Path(cfg.out)
-    if main:
+    if cfg.main:
         from .report import RunDir
         RunDir(out).prepare()
-    parallel_mode = "serial" if cfg.serial else mode
+    parallel_mode = "serial" if cfg.serial else cfg.mode
     x, y, classes = _pooled(cfg)
     world = int(os.environ.get("HOROVOD_SIZE", "1"))
+    workers = world if parallel_mode == "horovod" else \
+        (1 if parallel_mode == "serial" else min(cfg.workers, cfg.folds))
     log.info(f"hvdsgd.kfold: {cfg.folds} stratified folds of {cfg.dataset} ({len(y)} samples, "
              f"{len(classes)} classes), {cfg.model}, {cfg.epochs} epochs; "
              + {"serial": "serially in this process",
-                "processes": f"{min(cfg.workers, cfg.folds)} worker processes",
+                "processes": f"{workers} worker processes",
                 "horovod": f"{world} Horovod ranks"}[parallel_mode]
              + f", {cfg.task_threads} thread(s) per fold")
     # The same start as a task worker's, here too: first-call costs stay out of every timing.
-    warm_worker(cfg.to_dict(), (x, y, classes))
+    warm = (warm_worker, (cfg.to_dict(), (x, y, classes)))
+    warm_worker(*warm[1])
+    task_list = make_tasks(cfg)
     runs, walls, profiles = {}, {}, {}
     if cfg.compare_serial:
-        runs["serial"], walls["serial"], prof = timed_run(cfg, "serial", out, "serial")
-        profiles["serial"] = prof
-    label = "parallel" if parallel_mode != "serial" else "serial"
-    runs[label], walls[label], profiles[label] = timed_run(cfg, parallel_mode, out, label)
-    parallel = runs[label]
+        runs["serial"], walls["serial"], profiles["serial"] = tasks.timed(
+            cfg, task_list, "serial", out, "serial", warm)
+    label = "serial" if parallel_mode == "serial" else "parallel"
+    runs[label], walls[label], profiles[label] = tasks.timed(cfg, task_list, parallel_mode, out,
+                                                             label, warm)
+    results = runs[label]
     summary = {"folds": cfg.folds, "mode": parallel_mode, "model": cfg.model,
-               "dataset": cfg.dataset, "samples": len(y),
-               "workers": world if parallel_mode == "horovod" else
-               (1 if parallel_mode == "serial" else min(cfg.workers, cfg.folds)),
+               "dataset": cfg.dataset, "samples": len(y), "workers": workers,
                "task_threads": cfg.task_threads, "wall_time_s": walls[label],
-               **aggregate(parallel), "failed": [r.name for r in parallel if not r.ok],
+               **aggregate(results), "failed": [r.name for r in results if not r.ok],
                "per_fold": [{"fold": r.name, **(r.result or {}), "seconds": r.seconds,
-                             "worker": r.worker, "error": r.error} for r in parallel],
-               "cpu_util_mean": _cpu_mean(profiles[label]),
+                             "worker": r.worker, "error": r.error} for r in results],
+               "cpu_util_mean": tasks.cpu_mean(profiles[label]),
                "config": cfg.to_dict()}
     if cfg.compare_serial:
-        speedup = walls["serial"] / walls["parallel"]
         summary["serial"] = {"wall_time_s": walls["serial"], **aggregate(runs["serial"]),
-                             "cpu_util_mean": _cpu_mean(profiles["serial"])}
-        summary["speedup"] = speedup
-        summary["efficiency"] = speedup / summary["workers"]
-        summary["identical_per_fold"] = all(
-            a.ok and b.ok and a.result["test_accuracy"] == b.result["test_accuracy"]
-            and a.result["test_loss"] == b.result["test_loss"]
-            for a, b in zip(runs["serial"], parallel))
-    if main:
-        tasks.write_records(out, parallel, summary)
+                             "cpu_util_mean": tasks.cpu_mean(profiles["serial"])}
+        summary["speedup"] = walls["serial"] / walls["parallel"]
+        summary["efficiency"] = summary["speedup"] / workers
+        summary["identical_per_fold"] = tasks.identical(runs["serial"], results)
+    if cfg.main:
+        tasks.write_records(out, results, summary)
         if cfg.compare_serial:
-            plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
+            tasks.plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
         log.info("\n" + table(runs))
         line = (f"{cfg.folds} folds in {walls[label]:.1f} s ({parallel_mode}); mean accuracy "
                 f"{_pct(summary['test_accuracy'])} ± {100 * summary['test_accuracy']['std']:.2f}")
         if cfg.compare_serial:
             line += (f"; serial {walls['serial']:.1f} s: speed-up {summary['speedup']:.2f}x, "
-                     f"efficiency {100 * summary['efficiency']:.0f}% on {summary['workers']} "
+                     f"efficiency {100 * summary['efficiency']:.0f}% on {workers} "
                      f"workers; per-fold results identical: {summary['identical_per_fold']}; "
-                     f"CPU {summary['serial']['cpu_util_mean']:.0f}% serial, "
-                     f"{summary['cpu_util_mean']:.0f}% parallel")
+                     f"CPU {_num(summary['serial']['cpu_util_mean'])}% serial, "
+                     f"{_num(summary['cpu_util_mean'])}% parallel")
         log.info(line + f"; results in {out}/")
-    failed = [r for run in runs.values() for r in run if not r.ok]
-    if failed:
-        if main:
-            print(tasks.failures_text(failed), file=sys.stderr, flush=True)
-            print(f"hvdsgd.kfold: {len(failed)} task(s) failed", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+    tasks.exit_if_failed(runs, cfg, "hvdsgd.kfold")
     return summary
 
 
-def _cpu_mean(prof) -> float | None:
-    if prof is None or not prof.summary:
-        return None
-    return (prof.summary["metrics"].get("cpu_util") or {}).get("mean")
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 def _pct(stat: dict) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import require_writable_dir
 
 
 def profiled(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
@@ -68,14 +68,7 @@ class RunDir:
 
     def prepare(self, resume_epoch: int | None = None) -> None:
         """Create the folder, prove it writable, and keep only epochs <= ``resume_epoch``."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(f"cannot write to --out {self.path} ({e.strerror}); "
-                             "choose a writable directory")
+        require_writable_dir(self.path, "--out")
         rows = self.read_metrics() if resume_epoch is not None else []
         self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows
                                              if r["epoch"] <= (resume_epoch or 0)))

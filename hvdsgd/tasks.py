@@ -35,6 +35,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import TrainConfig, _f
 from .errors import UsageError
 
 log = logging.getLogger("hvdsgd")
@@ -315,3 +316,111 @@ def write_records(out: Path, results: list[Result], summary: dict) -> None:
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
+
+
+# ------------------------------------------------------- the entry points' shared parts
+
+@dataclass
+class TaskConfig(TrainConfig):
+    """``hvdsgd.train``'s flags plus how a sweep of tasks runs (kfold, lottery)."""
+
+    workers: int = _f(2, "task worker processes; a free one takes the next task")
+    task_threads: int = _f(1, "compute threads per task (the same in every mode, so results match)")
+    start_method: str = _f("auto", "how task workers start: auto (fork where safe, else "
+                           "spawn), fork, spawn, forkserver")
+    serial: bool = _f(False, "run the tasks one after another in this process")
+    compare_serial: bool = _f(False, "run the tasks serially and in parallel; report speed-up, "
+                              "efficiency and CPU utilisation over time of both")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task_threads < 1:
+            raise UsageError(f"--task-threads must be >= 1 (got {self.task_threads})")
+        if self.serial and self.compare_serial:
+            raise UsageError("--serial and --compare-serial exclude each other; pick one")
+        if self.start_method not in START_METHODS:
+            raise UsageError(f"--start-method must be one of {', '.join(START_METHODS)} "
+                             f"(got {self.start_method!r})")
+        if self.device == "cuda":
+            raise UsageError("the tasks train on CPU, one thread each; drop --device cuda")
+
+    @property
+    def mode(self) -> str:
+        return mode_for(self.workers, self.serial)
+
+    @property
+    def main(self) -> bool:
+        """This process reports: not a Horovod rank other than 0."""
+        return self.mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
+
+
+def timed(cfg: TaskConfig, task_list: list[Task], mode: str, out: Path, label: str,
+          warm: tuple | None = None):
+    """``task_list`` in ``mode`` under the profiler (CPU, on the reporting process): the
+    results, the wall time in seconds and the profiler (None on other ranks)."""
+    from .profiler import Profiler
+    prof = Profiler(out, 0.1, prefix=f"profile-{label}", gpu=False) if cfg.main else None
+    if prof:
+        prof.start()
+    t0 = time.perf_counter()
+    try:
+        results = run(task_list, mode, cfg.workers, cfg.task_threads, cfg.progress, warm=warm,
+                      method=cfg.start_method)
+    finally:
+        wall = time.perf_counter() - t0
+        if prof:
+            prof.stop()
+    return results, wall, prof
+
+
+def cpu_mean(prof) -> float | None:
+    """Mean CPU utilisation (%) of a finished profile, None without samples."""
+    if prof is None or not prof.summary:
+        return None
+    return (prof.summary["metrics"].get("cpu_util") or {}).get("mean")
+
+
+def identical(a: list[Result], b: list[Result]) -> bool:
+    """The same figures, task by task (accuracy and loss, bit for bit)."""
+    return all(x.ok and y.ok and x.result["test_accuracy"] == y.result["test_accuracy"]
+               and x.result["test_loss"] == y.result["test_loss"] for x, y in zip(a, b))
+
+
+def exit_if_failed(runs: dict[str, list[Result]], cfg: TaskConfig, prog: str) -> None:
+    """Every failed task on stderr with its inputs (reporting process), then exit status 1."""
+    failed = [r for results in runs.values() for r in results if not r.ok]
+    if failed:
+        if cfg.main:
+            print(failures_text(failed), file=sys.stderr, flush=True)
+            print(f"{prog}: {len(failed)} task(s) failed", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+def plot_cpu(profiles: dict[str, Path], path: Path) -> None:
+    """CPU utilisation over time, one panel per run (serial above, parallel below)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import statistics
+
+    from .profiler import read_csv
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True,
+                             squeeze=False)
+    for ax, (name, csv) in zip(axes[:, 0], profiles.items()):
+        cols = read_csv(csv)
+        t = cols["elapsed_s"]
+        for key in sorted(k for k in cols if k.startswith("cpu") and k.endswith("_util")
+                          and k != "cpu_util"):
+            ax.plot(t, cols[key], lw=0.8, alpha=0.6, label=key.replace("_util", ""))
+        ax.plot(t, cols["cpu_util"], lw=2, color="black", label="all cores")
+        vals = [v for v in cols["cpu_util"] if v is not None]
+        ax.set_title(f"{name}: mean CPU utilisation {statistics.mean(vals):.0f}%" if vals else
+                     f"{name}: no samples (the run was shorter than one interval)", fontsize=10)
+        ax.set_ylabel("CPU %")
+        ax.set_ylim(0, 105)
+        ax.legend(loc="lower right", fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("seconds since start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -54,3 +54,16 @@ def test_occupancy_bench_quick_cpu_form(tmp_path):
     assert o["step_ms_off"] > 0 and o["step_ms_on"] > 0 and o["pairs"] == 2
     assert 0 < o["sampler_cpu_pct_of_core"] < 50
     assert (tmp_path / "occupancy-quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kfold_bench_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/kfold.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "kfold-quick.json").read_text())
+    [run] = result["runs"]
+    assert run["serial_s"] > 0 and run["parallel_s"] > 0 and run["joblib_s"] > 0
+    assert result["identical_per_fold"] and result["accuracy_gap_points"] == 0
+    assert run["joblib_accuracy"] == pytest.approx(run["serial_accuracy"])  # same folds, seeds
+    assert result["ceiling"] == pytest.approx(1.5)
+    assert "joblib, 2 jobs" in (tmp_path / "kfold-quick.md").read_text()

@@ -1,5 +1,4 @@
 """Data sets: digits split, the real MNIST/CIFAR formats, and the bad-file errors."""
-import numpy as np
 import pytest
 import torch
 

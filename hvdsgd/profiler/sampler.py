@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, require_writable_dir
 from . import nvml
 from .cpu import CpuSampler
 from .nvml import COLUMNS, GpuSampler, N
@@ -119,14 +119,7 @@ class Profiler:
 
     # ------------------------------------------------------------ setup and teardown
     def _prepare_dir(self) -> None:
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(f"cannot write profiler output to {self.out_dir} "
-                             f"({e.strerror}); choose a writable directory with --out")
+        require_writable_dir(self.out_dir, "--out")
 
     def _no_gpu(self, reason: str) -> list[GpuSampler]:
         self.unsupported["gpu"] = reason
