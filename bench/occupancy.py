@@ -103,10 +103,15 @@ def sweep(gpu: bool, args, profiles: Path) -> list[dict]:
     epochs = args.epochs or {(True, True): 1, (True, False): 2,
                              (False, True): 60, (False, False): 600}[(gpu, args.quick)]
     rows = []
+    shutil.rmtree(profiles, ignore_errors=True)
     for i, setting in enumerate(settings):
-        out = profiles / f"{i:02d}-{setting['name'].replace(' ', '_').replace('+', '').replace(',', '')}"
-        shutil.rmtree(out, ignore_errors=True)
-        r = run_setting(setting, epochs, args.interval, out)
+        keep = profiles / f"{i:02d}-{setting['name'].replace(' ', '_').replace('+', '').replace(',', '')}"
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_setting(setting, epochs, args.interval, Path(tmp))
+            keep.mkdir(parents=True)
+            for f in Path(tmp).glob("profile.*"):  # the profile is the result; the run is not
+                shutil.copy(f, keep / f.name)
+        r["profile_dir"] = str(keep)
         rows.append(r)
         print(f"  {r['setting']:<44} {r['samples_per_sec']:>10,.0f} samples/s  "
               + (f"GPU {r['gpu_util'] or 0:5.1f}%  SM occupancy {_pct(r['sm_occupancy'])}"
