@@ -145,7 +145,8 @@ def plot_timeline(csv_path: str | Path, png_path: str | Path) -> None:
         grid = [[v or 0.0 for v in cols[c]] for c in cores]
         im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis",
                        interpolation="nearest",
-                       extent=(times[0], times[-1], -0.5, len(cores) - 0.5))
+                       extent=(times[0], max(times[-1], times[0] + 1e-3),  # one sample
+                               -0.5, len(cores) - 0.5))
         fig.colorbar(im, ax=list(axes[:, 0]), label="CPU core %", pad=0.01, shrink=0.3,
                      anchor=(0.0, 0.0))
     ax.set_ylabel("CPU core")

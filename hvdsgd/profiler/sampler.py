@@ -103,8 +103,8 @@ class Profiler:
         stuck, self._thread = self._thread.is_alive(), None
         if stuck:  # a driver call hung: leave NVML to it rather than shut it down under it
             self._warn("sampler thread did not stop within the timeout")
-        elif time.monotonic() - self._last_tick > self.interval / 2:
-            self._safe_tick()  # the tail since the last tick
+        elif self._last_tick == self._t0 or time.monotonic() - self._last_tick > self.interval / 2:
+            self._safe_tick()  # the tail since the last tick (a run shorter than one: its row)
         self._csv.close()
         try:
             self.summary = self._summarize()
