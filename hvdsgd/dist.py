@@ -29,9 +29,18 @@ def hvd():
     return _hvd
 
 
+def init_library():
+    """``hvd.init()`` (idempotent) with a patient Gloo timeout; returns ``horovod.torch``."""
+    # Gloo gives up on a peer after 30 s by default; a rank that a busy host preempts during
+    # start-up (imports, data) can take that long. horovodrun --gloo-timeout-seconds still decides.
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")
+    h = hvd()
+    h.init()  # Horovod: initialise the library (rank, size, the Gloo or NCCL context).
+    return h
+
+
 def init(device: str = "auto", threads: int = 0) -> torch.device:
     """``hvd.init()``, pin the GPU to the local rank, set compute threads; returns the device."""
-    h = hvd()
     if device == "cpu" or not torch.cuda.is_available():
         # Horovod's background thread coordinates the ranks once per cycle (1 ms by default),
         # busy or not; on a CPU host whose cores all compute, those wake-ups steal the cores.
@@ -43,7 +52,7 @@ def init(device: str = "auto", threads: int = 0) -> torch.device:
         # background thread that does the allreduce it waits for (patched build as well).
         os.environ.setdefault("HOROVOD_WAIT_SLEEP_US", "50")
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
-    h.init()  # Horovod: initialise the library (rank, size, the Gloo or NCCL context).
+    h = init_library()
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu")
     if device != "cpu" and torch.cuda.is_available():

@@ -370,7 +370,7 @@ def lottery(cfg: LotteryConfig) -> dict:
     warm = (warm_worker, (cfg.to_dict(), ds))
     warm_worker(*warm[1])
     if mode == "horovod":
-        dist.hvd().init()  # Horovod: rank and world from horovodrun (tasks.run needs it too)
+        dist.init_library()  # Horovod: rank and world from horovodrun (tasks.run needs it too)
     log.info(f"serial phase: dense training, {updates} updates")
     # Horovod: rank 0 trains the dense model (the other ranks wait: Amdahl's serial part) and
     # broadcasts the results and snapshots, so every rank's tickets start from the same weights.

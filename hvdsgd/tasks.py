@@ -187,9 +187,9 @@ def run_horovod(tasks: list[Task], threads: int, bar: _Bar) -> list[Result]:
     Rank 0 serves ``next task`` requests from every rank (itself included) over an
     authenticated socket whose address it broadcasts; a rank asks again when it finishes.
     """
-    import horovod.torch as hvd
+    from .dist import init_library
 
-    hvd.init()  # Horovod: idempotent; the rank and world come from horovodrun
+    hvd = init_library()  # Horovod: idempotent; the rank and world come from horovodrun
     rank, size = hvd.rank(), hvd.size()
     server = None
     if rank == 0:

@@ -67,3 +67,17 @@ def test_kfold_bench_quick(tmp_path):
     assert run["joblib_accuracy"] == pytest.approx(run["serial_accuracy"])  # same folds, seeds
     assert result["ceiling"] == pytest.approx(1.5)
     assert "joblib, 2 jobs" in (tmp_path / "kfold-quick.md").read_text()
+
+
+@pytest.mark.dist
+def test_strategies_bench_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/strategies.py", "--quick",
+                           "--strategies", "allreduce,sync,hogwild", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "strategies-quick.json").read_text())["rows"]}
+    assert set(rows) == {"allreduce", "sync", "hogwild"}
+    assert all(r["samples_per_sec"][0] > 0 and 0.5 < r["test_accuracy"][0] <= 1 for r in rows.values())
+    assert rows["allreduce"]["staleness_mean"][0] == 0 == rows["sync"]["staleness_mean"][0]
+    assert rows["hogwild"]["staleness_mean"][0] > 0  # two writers: updates land in between
+    assert "| hogwild |" in (tmp_path / "strategies-quick.md").read_text()
