@@ -38,18 +38,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import mean_spread  # noqa: E402  (bench/ is on sys.path)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 POLICIES = ("hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred")
 
 
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), 1.96 * (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    m, ci = mean_ci([x * scale for x in xs])
+    m, ci = mean_spread([x * scale for x in xs])
     return f"{m:.{digits}f} ± {ci:.{digits}f}"
 
 
@@ -208,7 +206,7 @@ def _agg(runs: list[dict]) -> dict:
     for key in runs[0]:
         vals = [r[key] for r in runs if r[key] is not None]
         out[key] = statistics.mean(vals) if vals else None
-        out[key + "_ci95"] = mean_ci(vals)[1] if vals else None
+        out[key + "_ci95"] = mean_spread(vals)[1] if vals else None
         out[key + "_runs"] = [r[key] for r in runs]
     return out
 

@@ -31,10 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    m = statistics.mean(xs)
-    return m, (1.96 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0)
+from common import mean_ci  # noqa: E402  (bench/ is on sys.path)
 
 
 def run_hvdsgd(args, out: Path) -> dict:
@@ -63,7 +60,6 @@ def joblib_fold(cfg: dict, fold: int, x, y, num_classes: int, tr, te, seed: int)
     torch.default_generator.manual_seed(seed)
     c = KFoldConfig(**cfg)
     tr, te = torch.as_tensor(tr), torch.as_tensor(te)
-    torch.manual_seed(seed)
     model = models.build(c.model, tuple(x.shape[1:]), num_classes)
     return fit(c, model, (x[tr], y[tr]), (x[te], y[te]), num_classes, seed)
 

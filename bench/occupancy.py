@@ -37,12 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import mean_ci  # noqa: E402  (bench/ is on sys.path)
+
 import torch  # noqa: E402
-
-
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    m = statistics.mean(xs)
-    return m, (1.96 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0)
 
 
 # ---------------------------------------------------------------------------- settings

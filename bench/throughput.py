@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import mean_spread  # noqa: E402  (bench/ is on sys.path)
+
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28)}  # everything else: CIFAR size
 
 
@@ -164,10 +166,6 @@ def launch(kind: str, model: str, args, result: Path) -> list[float]:
     return json.loads(result.read_text())["rates_per_rank"]
 
 
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), 1.96 * (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -204,7 +202,7 @@ def main(argv=None) -> None:
                     rates[kind] += r
                     print(f"  {model:>9} {kind:>7} run {rep + 1}: {statistics.mean(r) * args.np:8.1f} "
                           f"samples/s total ({time.time() - t0:.0f} s)", flush=True)
-            stats = {k: mean_ci(v) for k, v in rates.items()}
+            stats = {k: mean_spread(v) for k, v in rates.items()}
             rows.append({"model": model, **{f"{k}_per_rank": stats[k][0] for k in kinds},
                          **{f"{k}_ci95": stats[k][1] for k in kinds},
                          **{f"{k}_total": stats[k][0] * args.np for k in kinds},

@@ -89,7 +89,8 @@ def split(y: np.ndarray, folds: int, seed: int, classes: list[str]) -> list[tupl
 # ------------------------------------------------------------------------------ tasks
 
 def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray, seed: int) -> dict:
-    """One fold: a fresh model (initialised from ``seed``) trained on ``train_idx``."""
+    """One fold: a fresh model trained on ``train_idx``; the task runner has seeded the
+    generator from ``seed``, so the initial weights come from it."""
     import torch
 
     from . import models
@@ -97,7 +98,6 @@ def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray
     c = KFoldConfig(**cfg)
     x, y, classes = _pooled(c)
     tr, te = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
-    torch.manual_seed(seed)
     model = models.build(c.model, tuple(x.shape[1:]), len(classes))
     return {"fold": fold, "train_samples": len(tr), "test_samples": len(te),
             **fit(c, model, (x[tr], y[tr]), (x[te], y[te]), len(classes), seed)}

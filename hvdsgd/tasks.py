@@ -96,11 +96,6 @@ def _pool_init(warm: Callable[..., Any] | None, warm_args: tuple, threads: int) 
         warm(*warm_args)  # e.g. load and cache the data set once per worker
 
 
-def _pool_execute(task: Task, threads: int, t0: float) -> Result:
-    # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
-    return execute(task, threads, t0)
-
-
 class _Bar:
     """Tasks done: tqdm on a terminal, else one log line per task."""
 
@@ -158,7 +153,8 @@ def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
     fn, args = warm or (None, ())
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
                                 initargs=(fn, args, threads)) as pool:
-        futures = {pool.submit(_pool_execute, t, threads, t0): i for i, t in enumerate(tasks)}
+        # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
+        futures = {pool.submit(execute, t, threads, t0): i for i, t in enumerate(tasks)}
         try:
             for fut in cf.as_completed(futures):
                 i = futures[fut]
@@ -234,12 +230,13 @@ class _Server:
         self.listener.close()
 
     def _serve(self, conn) -> None:
+        i = None  # the task this connection's rank is running
         with conn:
             while True:
-                r = conn.recv()  # None first, then each finished task's Result
+                r = conn.recv()  # None first, then the Result of task i
                 with self.lock:
                     if r is not None:
-                        self.results[self.tasks.index_of[r.name]] = r
+                        self.results[i] = r
                         self.bar.done(r)
                     i = self.next if self.next < len(self.tasks) else None
                     self.next += i is not None
@@ -252,17 +249,12 @@ class _Server:
         return [self.results[i] for i in range(len(self.tasks))]
 
 
-class _Tasks(list):
-    """The task list with a name -> index map."""
-
-    def __init__(self, tasks):
-        super().__init__(tasks)
-        self.index_of = {t.name: i for i, t in enumerate(self)}
-        if len(self.index_of) != len(self):
-            raise UsageError("task names must be unique")
-
-
 # ------------------------------------------------------------------------------ run
+
+def reporting(mode: str) -> bool:
+    """Whether this process reports: always, except Horovod ranks other than 0."""
+    return mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
+
 
 def mode_for(workers: int, serial: bool) -> str:
     """serial, processes, or horovod when started by horovodrun with more than one rank."""
@@ -288,9 +280,9 @@ def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: i
         raise UsageError(f"--workers must be >= 1 (got {workers})")
     if threads < 1:
         raise UsageError(f"--task-threads must be >= 1 (got {threads})")
-    tasks = _Tasks(tasks)
-    main = mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
-    bar = _Bar(len(tasks), progress and main)
+    if len({t.name for t in tasks}) != len(tasks):
+        raise UsageError("task names must be unique")
+    bar = _Bar(len(tasks), progress and reporting(mode))
     try:
         if mode == "serial":
             return run_serial(tasks, threads, bar)
@@ -351,7 +343,7 @@ class TaskConfig(TrainConfig):
     @property
     def main(self) -> bool:
         """This process reports: not a Horovod rank other than 0."""
-        return self.mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
+        return reporting(self.mode)
 
 
 def timed(cfg: TaskConfig, task_list: list[Task], mode: str, out: Path, label: str,

@@ -67,8 +67,7 @@ def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, tor
                            channels_last=cfg.channels_last)
     updater = Local(cfg, model, math.ceil(len(batches) / cfg.accum_steps), after_update)
     t0 = time.perf_counter()
-    tally = Tally(num_classes, cpu)
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.epochs):  # >= 1, validated by the config
         reseed(seed + 1000 * epoch, cpu)  # dropout etc.: a function of (seed, epoch)
         sampler.set_epoch(epoch)
         tally = Tally(num_classes, cpu)

@@ -184,9 +184,6 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
     _die_with_parent()
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
-    cores = sorted(os.sched_getaffinity(0))
-    if os.environ.get("HVDSGD_PIN") and cfg_dict["workers"] <= len(cores):
-        os.sched_setaffinity(0, {cores[w]})
     try:
         cfg = TrainConfig(**cfg_dict)
         model = models.build(cfg.model, spec["input_shape"], spec["num_classes"])
