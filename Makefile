@@ -1,6 +1,8 @@
 # hvdsgd: two commands from a fresh machine.
 #   make demo   set up .venv (dependencies, patched Horovod, hvdsgd), then train on 4 ranks
 #   make test   the same set-up, then the whole test suite
+#   make bench  every bench/ script (about 30 min on 2 cores), then the README's Results section
+#   make bench-quick  every bench/ script in a reduced form (minutes), into BENCH_OUT
 # Each step leaves a stamp in .venv; a second run skips what is done and takes seconds.
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ PY     := $(VENV)/bin/python
 NP     ?= 4
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
+.PHONY: setup demo test bench bench-quick bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
 
 setup: $(VENV)/.stamp-hvdsgd
 
@@ -39,6 +41,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Every bench/ script, in full (bench/results/, then the README's Results section from them), or
+# in its reduced form (BENCH_OUT, default bench/results: *-quick.* files, never in the README).
+BENCH     := throughput scaling techniques strategies hogwild occupancy kfold lottery
+BENCH_OUT ?= bench/results
+# SETUP= skips the set-up (the test suite runs bench-quick with its own Python: PY=...)
+SETUP     ?= setup
+
+bench: $(SETUP)
+	@for b in $(BENCH); do echo "==> bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+	$(PY) bench/readme.py
+
+bench-quick: $(SETUP)
+	@for b in $(BENCH); do echo "==> bench/$$b.py --quick"; $(PY) bench/$$b.py --quick --out $(BENCH_OUT) || exit 1; done
 
 bench-throughput: setup
 	$(PY) bench/throughput.py

@@ -1,7 +1,15 @@
-"""What every bench script reports with: mean and its ± figure over repeats."""
+"""What every bench script reports with: mean ± spread, the machine, and the results files."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def mean_spread(xs: list[float]) -> tuple[float, float]:
@@ -13,3 +21,34 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval (1.96 x standard error)."""
     m = statistics.mean(xs)
     return m, (1.96 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0)
+
+
+def machine(gpu: bool = True) -> dict:
+    """Cores this process may use, the CPU and the first CUDA GPU (None without one, or when
+    ``gpu`` is False: a script's CPU form), with a one-line description."""
+    cores = len(os.sched_getaffinity(0))
+    name = None
+    if gpu:
+        try:
+            import torch
+            name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # a broken driver is "no GPU" for the record
+            name = None
+    return {"cores": cores, "cpu": platform.processor() or platform.machine(), "gpu": name,
+            "description": f"{cores} cores ({platform.machine()}), " + (name or "no GPU")}
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as the README shows it."""
+    return " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_results(out: str | Path, name: str, results: dict, md: str) -> None:
+    """``out/name.json`` (``results``, which must hold ``command`` and ``machine``) and
+    ``out/name.md`` (a line with the command and the machine, then ``md``). The README's
+    Results section is generated from the ``.md`` files (``python bench/readme.py``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(
+        f"`{results['command']}` on {results['machine']['description']}\n\n{md.strip()}\n")

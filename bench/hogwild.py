@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import mean_spread  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_spread, write_results  # noqa: E402  (bench/ is on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -274,10 +272,9 @@ def main(argv=None) -> None:
     parts = args.parts.split(",")
     cfg = {"epochs": args.epochs, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
            "weight_decay": 1e-4, "seed": 42}
-    cores = len(os.sched_getaffinity(0))
-    machine = {"cores": cores, "cpu": platform.processor() or platform.machine()}
-    print(f"hogwild: {cores} cores, CPU only; {args.repeats} interleaved repeats", flush=True)
-    results: dict = {"machine": machine, "config": cfg}
+    info = machine(gpu=False)
+    print(f"hogwild: {info['cores']} cores, CPU only; {args.repeats} interleaved repeats", flush=True)
+    results: dict = {"machine": info, "config": cfg}
     with tempfile.TemporaryDirectory() as tmp:
         if "kernel" in parts:
             results["kernel"] = bench_kernel([int(s) for s in args.sizes.split(",")], args.repeats,
@@ -289,14 +286,8 @@ def main(argv=None) -> None:
             results["policies"] = bench_policies(2, args.repeats, cfg, args.eval_interval, Path(tmp))
     md = render(results, args)
     print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/hogwild.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results["command"] = command.strip()
-    name = "hogwild-quick" if args.quick else "hogwild"
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{name}.md").write_text(f"`{command.strip()}` on {machine['cores']} cores "
-                                    f"({machine['cpu']}), no GPU\n\n{md}\n")
+    results["command"] = command_line("hogwild.py", argv)
+    write_results(args.out, "hogwild-quick" if args.quick else "hogwild", results, md)
 
 
 def render(results: dict, args) -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import mean_ci  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, write_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def run_hvdsgd(args, out: Path) -> dict:
@@ -94,10 +92,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.folds, args.epochs, args.repeats = "mlp", 3, 2, 1
-    cores = len(os.sched_getaffinity(0))
-    machine = {"cores": cores, "cpu": platform.processor() or platform.machine()}
+    info = machine(gpu=False)
     print(f"kfold: {args.folds}-fold {args.model} on digits, {args.epochs} epochs per fold, "
-          f"{args.workers} workers on {cores} cores; {args.repeats} repeats", flush=True)
+          f"{args.workers} workers on {info['cores']} cores; {args.repeats} repeats", flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
@@ -114,7 +111,7 @@ def main(argv=None) -> None:
     speedups = [r["serial_s"] / r["parallel_s"] for r in runs]
     vs_joblib = [r["joblib_s"] / r["parallel_s"] for r in runs]
     result = {
-        "machine": machine, "config": vars(args), "runs": runs,
+        "machine": info, "config": vars(args), "runs": runs,
         "speedup": mean_ci(speedups), "efficiency": statistics.mean(speedups) / args.workers,
         "joblib_over_hvdsgd": mean_ci(vs_joblib),
         "ceiling": args.folds / -(-args.folds // args.workers),
@@ -122,13 +119,8 @@ def main(argv=None) -> None:
         "identical_per_fold": all(r["identical"] for r in runs)}
     md = render(result, agg)
     print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/kfold.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    result["command"] = command
-    name = "kfold-quick" if args.quick else "kfold"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(f"`{command}` on {cores} cores ({machine['cpu']}), no GPU\n\n{md}\n")
+    result["command"] = command_line("kfold.py", argv)
+    write_results(args.out, "kfold-quick" if args.quick else "kfold", result, md)
 
 
 def render(r: dict, agg: dict) -> str:

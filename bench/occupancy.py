@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import mean_ci  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, write_results  # noqa: E402  (bench/ is on sys.path)
 
 import torch  # noqa: E402
 
@@ -238,13 +237,6 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def machine() -> dict:
-    cores = len(os.sched_getaffinity(0))
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cores": cores, "cpu": platform.processor() or platform.machine(), "gpu": gpu,
-            "description": f"{cores} cores" + (f", {gpu}" if gpu else ", no GPU")}
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -258,10 +250,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
-    info = machine()
-    gpu = info["gpu"] is not None and not args.cpu
-    if not gpu:
-        info["gpu"] = None
+    info = machine(gpu=not args.cpu)
+    gpu = info["gpu"] is not None
     print(f"occupancy: {'GPU form on ' + info['gpu'] if gpu else 'CPU form (no GPU: HOGWILD workers against CPU use)'}"
           f"; {info['cores']} cores", flush=True)
     out = Path(args.out)
@@ -275,11 +265,8 @@ def main(argv=None) -> None:
             results["overhead"] = overhead(args, Path(tmp))
     md = render(results)
     print("\n" + md)
-    out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/occupancy.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    results["command"] = command
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{name}.md").write_text(f"`{command}` on {info['description']}\n\n{md}\n")
+    results["command"] = command_line("occupancy.py", argv)
+    write_results(out, name, results, md)
     if "sweep" in results:
         plot(results, out / f"{name}.png")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import mean_ci  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, write_results  # noqa: E402  (bench/ is on sys.path)
 
 STRATEGIES = ("allreduce", "sync", "async-apply", "async-deferred", "hogwild", "sharded")
 
@@ -101,8 +100,8 @@ def main(argv=None) -> None:
     if args.quick:
         args.epochs, args.repeats = 3, 1
     names = args.strategies.split(",")
-    cores = len(os.sched_getaffinity(0))
-    print(f"strategies: {args.model} on digits, {args.workers} workers on {cores} cores, "
+    info = machine(gpu=False)
+    print(f"strategies: {args.model} on digits, {args.workers} workers on {info['cores']} cores, "
           f"{args.epochs} epochs, {args.repeats} repeats", flush=True)
     runs = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,14 +114,9 @@ def main(argv=None) -> None:
     rows = [{"strategy": n, **aggregate(runs[n]), "runs": runs[n]} for n in names]
     md = render(rows, args)
     print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/strategies.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    machine = {"cores": cores, "cpu": platform.processor() or platform.machine(), "gpu": None}
-    name = "strategies-quick" if args.quick else "strategies"
-    (out / f"{name}.json").write_text(json.dumps(
-        {"command": command, "machine": machine, "config": vars(args), "rows": rows}, indent=2) + "\n")
-    (out / f"{name}.md").write_text(f"`{command}` on {cores} cores ({machine['cpu']}), no GPU\n\n{md}\n")
+    write_results(args.out, "strategies-quick" if args.quick else "strategies",
+                  {"command": command_line("strategies.py", argv), "machine": info,
+                   "config": vars(args), "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/throughput.py                          # cnn and resnet18, -np 2, batch 64/rank
     python bench/throughput.py --models cnn --np 2 --repeats 3 --iters 10
+    python bench/throughput.py --quick                  # a reduced form (seconds), for the test suite
 
 Three launches per model, interleaved and repeated so that machine noise hits them alike:
 - ``hvdsgd``: hvdsgd's own training step (``engine.train_step`` + the ``Allreduce``
@@ -13,14 +14,13 @@ Three launches per model, interleaved and repeated so that machine noise hits th
 Same model, batch per rank, threads per rank and ranks for all three. Each run warms up,
 then times ``--iters`` iterations of ``--batches-per-iter`` steps; a run's figure is the
 mean samples/s per rank, and the table shows mean ± 1.96·std over iterations and repeats.
-Writes ``bench/results/throughput.json`` and ``throughput.md``.
+Writes ``bench/results/throughput.{json,md}`` (``--quick``: ``throughput-quick.*``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import mean_spread  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_spread, write_results  # noqa: E402  (bench/ is on sys.path)
 
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28)}  # everything else: CIFAR size
 
@@ -178,6 +178,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=2, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
+    p.add_argument("--quick", action="store_true", help="a reduced form (seconds): mlp, 1 repeat")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     p.add_argument("--worker", choices=("hvdsgd", "horovod", "ddp"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -185,12 +186,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.quick:
+        args.models, args.repeats, args.iters, args.batches_per_iter, args.warmup = "mlp", 1, 2, 2, 1
 
     kinds = ("hvdsgd", "horovod", "ddp")
-    machine = {"cores": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
-               "gpu": _gpu_name()}
-    print(f"throughput: -np {args.np}, batch {args.batch_size}/rank, {machine['cores']} cores, "
-          f"GPU: {machine['gpu'] or 'none'}; {args.repeats} interleaved launches x {args.iters} iterations")
+    info = machine()
+    print(f"throughput: -np {args.np}, batch {args.batch_size}/rank, {info['cores']} cores, "
+          f"GPU: {info['gpu'] or 'none'}; {args.repeats} interleaved launches x {args.iters} iterations")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
@@ -218,24 +220,11 @@ def main(argv=None) -> None:
         f"| {r['hvdsgd_over_ddp']:.2f} | {r['hvdsgd_over_horovod']:.2f} |" for r in rows]
     table = "\n".join(lines)
     print("\n" + table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "throughput.json").write_text(json.dumps(
-        {"command": command.strip(), "machine": machine, "np": args.np,
-         "batch_size": args.batch_size, "rows": rows}, indent=2) + "\n")
-    (out / "throughput.md").write_text(
-        f"`{command.strip()}` on {machine['cores']} cores ({machine['cpu']}), GPU: "
-        f"{machine['gpu'] or 'none'}; -np {args.np}, batch {args.batch_size}/rank; "
-        "samples/s total, mean ± 1.96·std\n\n" + table + "\n")
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:
-        return None
+    write_results(args.out, "throughput-quick" if args.quick else "throughput",
+                  {"command": command_line("throughput.py", argv), "machine": info, "np": args.np,
+                   "batch_size": args.batch_size, "rows": rows},
+                  f"-np {args.np}, batch {args.batch_size}/rank; samples/s total, mean ± 1.96·std\n\n"
+                  + table)
 
 
 if __name__ == "__main__":

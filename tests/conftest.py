@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -53,8 +54,16 @@ def horovodrun(np_, *args, timeout=240, cwd=None, env=None):
     exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
     cmd = [exe, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
                           env=full_env)
+    if proc.returncode != 0:
+        # Shown under "Captured stdout" when the test fails: the first lines that say what went
+        # wrong (an assertion message shows only a tail, where the root cause rarely is).
+        key = [l for l in (proc.stdout + proc.stderr).splitlines()
+               if re.search(r"error|exception|timed? ?out|terminated|signal|abort", l, re.I)]
+        print(f"horovodrun -np {np_} exited {proc.returncode}; first lines naming an error:",
+              *key[:40], sep="\n")
+    return proc
 
 
 @pytest.fixture(autouse=True)

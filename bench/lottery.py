@@ -1,0 +1,95 @@
+"""Lottery tickets in parallel: ``python -m hvdsgd.lottery --compare-serial`` as a bench record.
+
+    python bench/lottery.py            # cnn on digits, 4 sparsities x 3 reset steps, 2 workers
+    python bench/lottery.py --quick    # a reduced form (seconds), for the test suite
+
+One run of ``hvdsgd.lottery`` that trains the tickets both serially and over ``--workers``
+processes (the dense run, Amdahl's serial fraction, is shared): test accuracy by sparsity and
+reset step, the serial and parallel times, the speed-up and efficiency against Amdahl's law
+for the measured serial fraction, and whether every ticket came out identical in both runs.
+Writes ``bench/results/lottery.{json,md,png}`` (``--quick``: ``lottery-quick.*``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import command_line, machine, write_results  # noqa: E402  (bench/ is on sys.path)
+
+
+def render(s: dict) -> str:
+    by = {(t["sparsity"], t["reset_step"]): t for t in s["per_task"]}
+    ks = s["reset_steps"]
+    lines = [f"Dense `{s['model']}` on {s['dataset']}: {100 * s['dense']['test_accuracy']:.2f}% "
+             f"test accuracy in {s['serial_phase_s']:.1f} s; {s['tasks']} tickets, "
+             f"{s['rounds']} round(s) of {s['config']['epochs']} epoch(s) each.", "",
+             "| sparsity | reached | " + " | ".join(f"k={k}" for k in ks) + " |",
+             "|---|---|" + "---|" * len(ks)]
+    for sp in s["sparsities"]:
+        row = [by[(sp, k)] for k in ks]
+        lines.append(f"| {100 * sp:g}% | {100 * row[0]['achieved_sparsity']:.2f}% | "
+                     + " | ".join(f"{100 * t['test_accuracy']:.2f}%" for t in row) + " |")
+    ser = s["serial"]
+    lines += ["", "| run | tickets (s) | whole run (s) | speed-up | efficiency | Amdahl S(N) "
+              "| mean CPU utilisation (%) |", "|---|---|---|---|---|---|---|",
+              f"| serial | {ser['tickets_s']:.1f} | {ser['wall_time_s']:.1f} | 1.00 | | "
+              f"| {ser['cpu_util_mean']:.0f} |",
+              f"| {s['workers']} workers | {s['parallel_phase_s']:.1f} | {s['wall_time_s']:.1f} "
+              f"| {s['speedup']:.2f} | {100 * s['efficiency']:.0f}% | {s['amdahl_speedup']:.2f} "
+              f"| {s['cpu_util_mean']:.0f} |", "",
+              f"Serial fraction f = {s['serial_fraction']:.3f}; Amdahl's S({s['workers']}) = "
+              f"{s['amdahl_speedup']:.2f} ({s['amdahl_speedup_whole_tasks']:.2f} with "
+              f"{s['tasks']} whole tasks); measured/Amdahl = "
+              f"{s['speedup'] / s['amdahl_speedup']:.2f}; per-ticket results identical serial "
+              f"vs parallel: {s['identical_per_task']}."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="cnn", help="model")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95", help="comma-separated")
+    p.add_argument("--reset-steps", default="0,20,100", help="comma-separated")
+    p.add_argument("--rounds", type=int, default=2, help="pruning rounds per ticket")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of the dense run and each round")
+    p.add_argument("--quick", action="store_true", help="a reduced form: mlp, 2 x 2 tickets, 1 epoch")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.sparsities, args.reset_steps, args.rounds, args.epochs = \
+            "mlp", "0.5,0.9", "0,10", 1, 1
+    info = machine(gpu=False)
+    print(f"lottery: {args.model} on digits, {args.workers} workers on {info['cores']} cores",
+          flush=True)
+    name = "lottery-quick" if args.quick else "lottery"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "hvdsgd.lottery", "--compare-serial", "--no-progress",
+               "--model", args.model, "--workers", str(args.workers),
+               "--sparsities", args.sparsities, "--reset-steps", args.reset_steps,
+               "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--out", tmp]
+        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=1800,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode != 0:
+            sys.exit(f"bench/lottery.py: hvdsgd.lottery failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(tmp) / "accuracy.png", Path(args.out) / f"{name}.png")
+    md = render(summary)
+    print("\n" + md)
+    write_results(args.out, name, {"command": command_line("lottery.py", argv), "machine": info,
+                                   "config": vars(args), "summary": summary}, md)
+
+
+if __name__ == "__main__":
+    main()
