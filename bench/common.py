@@ -1,6 +1,7 @@
 """What every bench script reports with: mean ± spread, the machine, and the results files."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,6 +24,16 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return m, (1.96 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0)
 
 
+def parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """A bench script's argparse: the docstring's first paragraph, defaults shown in help,
+    ``--quick`` (the reduced form, described by ``quick``) and ``--out`` (the results folder)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"a reduced form: {quick}")
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
+    return p
+
+
 def machine(gpu: bool = True) -> dict:
     """Cores this process may use, the CPU and the first CUDA GPU (None without one, or when
     ``gpu`` is False: a script's CPU form), with a one-line description."""
@@ -43,12 +54,17 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
-def write_results(out: str | Path, name: str, results: dict, md: str) -> None:
+def write_results(out: str | Path, name: str, results: dict, md: str) -> Path:
     """``out/name.json`` (``results``, which must hold ``command`` and ``machine``) and
-    ``out/name.md`` (a line with the command and the machine, then ``md``). The README's
-    Results section is generated from the ``.md`` files (``python bench/readme.py``)."""
+    ``out/name.md`` (a line with the command and the machine, then ``md``); a run on a GPU
+    machine is ``name-gpu``, so that it stands beside the CPU record instead of replacing it.
+    Returns ``out/name`` (without suffix), for the script's plot. The README's Results section
+    is generated from the ``.md`` files (``python bench/readme.py``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if results["machine"].get("gpu"):
+        name += "-gpu"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(
         f"`{results['command']}` on {results['machine']['description']}\n\n{md.strip()}\n")
+    return out / name

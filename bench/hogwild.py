@@ -24,7 +24,6 @@ Writes ``bench/results/hogwild.json`` and ``hogwild.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -256,16 +255,13 @@ def bench_policies(workers, repeats, cfg, eval_interval, tmp) -> list[dict]:
 # ------------------------------------------------------------------------------ main
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "small sizes, 1 repeat")
     p.add_argument("--parts", default="kernel,e2e,policies", help="comma-separated parts to run")
     p.add_argument("--sizes", default="1000000,25000000", help="kernel buffer sizes (parameters)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each variant")
     p.add_argument("--workers", default="1,2,4", help="end-to-end worker counts")
     p.add_argument("--epochs", type=int, default=200, help="end-to-end epochs")
     p.add_argument("--eval-interval", type=float, default=0.01, help="seconds between evaluations")
-    p.add_argument("--quick", action="store_true", help="a reduced form: small sizes, 1 repeat")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.workers, args.epochs = "100000", 1, "1,2", 3

@@ -17,7 +17,6 @@ Note the ceiling: 5 equal folds on 2 workers take at least 3 fold-times, a speed
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_ci, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def run_hvdsgd(args, out: Path) -> dict:
@@ -80,15 +79,12 @@ def run_joblib(args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "mlp, 3 folds, 1 repeat")
     p.add_argument("--model", default="cnn", help="model of every fold")
     p.add_argument("--folds", type=int, default=5, help="folds")
     p.add_argument("--epochs", type=int, default=10, help="epochs per fold")
     p.add_argument("--workers", type=int, default=2, help="worker processes (hvdsgd and joblib)")
     p.add_argument("--repeats", type=int, default=3, help="repeats, order alternating")
-    p.add_argument("--quick", action="store_true", help="a reduced form: mlp, 3 folds, 1 repeat")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.folds, args.epochs, args.repeats = "mlp", 3, 2, 1

@@ -11,7 +11,6 @@ Writes ``bench/results/lottery.{json,md,png}`` (``--quick``: ``lottery-quick.*``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def render(s: dict) -> str:
@@ -55,16 +54,13 @@ def render(s: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "mlp, 2 x 2 tickets, 1 epoch")
     p.add_argument("--model", default="cnn", help="model")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95", help="comma-separated")
     p.add_argument("--reset-steps", default="0,20,100", help="comma-separated")
     p.add_argument("--rounds", type=int, default=2, help="pruning rounds per ticket")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the dense run and each round")
-    p.add_argument("--quick", action="store_true", help="a reduced form: mlp, 2 x 2 tickets, 1 epoch")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.sparsities, args.reset_steps, args.rounds, args.epochs = \
@@ -83,12 +79,12 @@ def main(argv=None) -> None:
         if proc.returncode != 0:
             sys.exit(f"bench/lottery.py: hvdsgd.lottery failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
         summary = json.loads((Path(tmp) / "summary.json").read_text())
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(tmp) / "accuracy.png", Path(args.out) / f"{name}.png")
-    md = render(summary)
-    print("\n" + md)
-    write_results(args.out, name, {"command": command_line("lottery.py", argv), "machine": info,
-                                   "config": vars(args), "summary": summary}, md)
+        md = render(summary)
+        print("\n" + md)
+        stem = write_results(args.out, name, {"command": command_line("lottery.py", argv),
+                                              "machine": info, "config": vars(args),
+                                              "summary": summary}, md)
+        shutil.copy(Path(tmp) / "accuracy.png", stem.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ PNG) under ``bench/results/occupancy/``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_ci, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 import torch  # noqa: E402
 
@@ -238,16 +237,13 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "seconds, CPU or GPU form as the machine has")
     p.add_argument("--parts", default="sweep,overhead", help="comma-separated parts to run")
     p.add_argument("--model", default="resnet18", help="GPU form: the model of the sweep")
     p.add_argument("--epochs", type=int, default=0, help="epochs per setting (0: the form's default)")
     p.add_argument("--interval", type=float, default=0.1, help="profiler interval, seconds")
     p.add_argument("--repeats", type=int, default=5, help="overhead: pairs of blocks / 8")
     p.add_argument("--cpu", action="store_true", help="the CPU form even on a GPU machine")
-    p.add_argument("--quick", action="store_true", help="a reduced form (seconds)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
     info = machine(gpu=not args.cpu)
@@ -256,7 +252,7 @@ def main(argv=None) -> None:
           f"; {info['cores']} cores", flush=True)
     out = Path(args.out)
     name = "occupancy-quick" if args.quick else "occupancy"
-    profiles = out / name
+    profiles = out / (name + ("-gpu" if gpu else ""))  # each setting's profile, beside the record
     results: dict = {"machine": info}
     with tempfile.TemporaryDirectory() as tmp:
         if "sweep" in parts:
@@ -266,9 +262,9 @@ def main(argv=None) -> None:
     md = render(results)
     print("\n" + md)
     results["command"] = command_line("occupancy.py", argv)
-    write_results(out, name, results, md)
+    stem = write_results(out, name, results, md)
     if "sweep" in results:
-        plot(results, out / f"{name}.png")
+        plot(results, stem.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@
 Every bench script writes ``bench/results/NAME.md``: a first line with the command that
 produced it and the machine it ran on, then its tables. This script lays them out under one
 heading each, in the order below, with the command as a code block and the plot beside it.
-A variant recorded on another machine (``NAME-h200.md``, say) is shown beside the CPU one;
-reduced runs (``*-quick.md``) are never shown. ``make bench`` runs it last.
+A run recorded on a GPU machine (``NAME-gpu.md``) is shown beside the CPU one; reduced runs
+(``*-quick*.md``) are never shown. ``make bench`` runs it last.
 """
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ SECTIONS = [
 
 
 def files_for(results: Path, name: str) -> list[Path]:
-    """``NAME.md`` first, then variants ``NAME-*.md`` (another machine), never ``*-quick.md``."""
+    """``NAME.md`` first, then variants ``NAME-*.md`` (``-gpu``: a GPU machine), never ``*-quick*``."""
     main = [results / f"{name}.md"] if (results / f"{name}.md").exists() else []
-    variants = sorted(p for p in results.glob(f"{name}-*.md") if not p.stem.endswith("-quick"))
+    variants = sorted(p for p in results.glob(f"{name}-*.md") if "-quick" not in p.stem)
     return main + variants
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, write_results  # noqa: E402  (bench/ on sys.path)
+from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ on sys.path)
 
 
 def run(model: str, workers: int, batch: int, args, out: Path) -> dict:
@@ -139,8 +139,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "mlp, workers 1,2 at batch 32, batch 32,256, 5 epochs, 1 repeat")
     p.add_argument("--models", default="mlp,cnn", help="comma-separated models")
     p.add_argument("--workers", default="1,2,4", help="sweep 1: numbers of ranks")
     p.add_argument("--batch", type=int, default=64, help="sweep 1: batch size per rank")
@@ -153,9 +152,6 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads per rank: fixed, so that the ranks are the only variable")
     p.add_argument("--repeats", type=int, default=2, help="repeats, order alternating")
-    p.add_argument("--quick", action="store_true",
-                   help="a reduced form: mlp, workers 1,2 at batch 32, batch 32,256, 5 epochs, 1 repeat")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     if args.quick:
         # Three launches (horovodrun's start-up, not the epochs, is most of a run's time).
@@ -203,8 +199,7 @@ def main(argv=None) -> None:
     md = render(results)
     print("\n" + md)
     name = "scaling-quick" if args.quick else "scaling"
-    write_results(args.out, name, results, md)
-    plot(results, Path(args.out) / f"{name}.png")
+    plot(results, write_results(args.out, name, results, md).with_suffix(".png"))
 
 
 if __name__ == "__main__":

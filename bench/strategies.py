@@ -15,7 +15,6 @@ Writes ``bench/results/strategies[-quick].{json,md}``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_ci, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 STRATEGIES = ("allreduce", "sync", "async-apply", "async-deferred", "hogwild", "sharded")
 
@@ -86,16 +85,13 @@ def render(rows: list[dict], args) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "3 epochs, 1 repeat")
     p.add_argument("--model", default="mlp", help="model")
     p.add_argument("--workers", type=int, default=2, help="ranks / worker processes")
     p.add_argument("--epochs", type=int, default=30, help="epochs")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate per worker")
     p.add_argument("--repeats", type=int, default=3, help="repeats, order alternating")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
-    p.add_argument("--quick", action="store_true", help="a reduced form: 3 epochs, 1 repeat")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.repeats = 3, 1

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28)}  # everything else: CIFAR size
 
@@ -167,8 +167,7 @@ def launch(kind: str, model: str, args, result: Path) -> list[float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, "mlp, 1 repeat, 2 iterations")
     p.add_argument("--models", default="cnn,resnet18", help="comma-separated model names")
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
@@ -178,8 +177,6 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=2, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
-    p.add_argument("--quick", action="store_true", help="a reduced form (seconds): mlp, 1 repeat")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     p.add_argument("--worker", choices=("hvdsgd", "horovod", "ddp"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

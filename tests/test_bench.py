@@ -1,5 +1,8 @@
-"""The bench/ scripts in their smallest form, so that no script rots unnoticed."""
+"""`make bench-quick`: every bench/ script in its reduced form, so that none rots unnoticed;
+and `bench/readme.py`, which builds the README's Results section from bench/results/."""
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,27 +11,69 @@ import pytest
 
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "bench"))
+import readme  # noqa: E402  (bench/readme.py)
 
-@pytest.mark.dist
-def test_throughput_bench_runs_all_three_variants(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "bench/throughput.py", "--models", "mlp", "--repeats", "1", "--iters", "2",
-         "--batches-per-iter", "2", "--warmup", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads((tmp_path / "throughput.json").read_text())
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_throughput(out: Path) -> None:
+    result = json.loads((out / "throughput-quick.json").read_text())
     [row] = result["rows"]
     for kind in ("hvdsgd", "horovod", "ddp"):
         assert row[f"{kind}_total"] > 0
     assert row["hvdsgd_over_ddp"] == pytest.approx(row["hvdsgd_total"] / row["ddp_total"])
-    assert "| mlp |" in (tmp_path / "throughput.md").read_text()
+    assert "| mlp |" in (out / "throughput-quick.md").read_text()
 
 
-def test_hogwild_bench_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/hogwild.py", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads((tmp_path / "hogwild-quick.json").read_text())
+def check_scaling(out: Path) -> None:
+    result = json.loads((out / "scaling-quick.json").read_text())
+    # A row for every swept value, each with a time, a throughput and a learned model.
+    assert [(r["model"], r["workers"]) for r in result["workers"]] == [("mlp", 1), ("mlp", 2)]
+    assert [(r["model"], r["batch"]) for r in result["batch"]] == [("mlp", 32), ("mlp", 256)]
+    for r in result["workers"] + result["batch"]:
+        assert r["iter_ms"][0] > 0 and r["samples_per_sec"][0] > 0
+        assert 0.5 < r["test_accuracy"][0] <= 1, r
+    one, two = result["workers"]
+    assert one["speedup"] == pytest.approx(1.0) and two["speedup"] > 0
+    assert (out / "scaling-quick.png").read_bytes()[:8] == PNG
+    md = (out / "scaling-quick.md").read_text()
+    assert "| mlp: workers (batch 32 per rank) | time / iteration (ms) |" in md
+    assert "| mlp: batch per rank (2 workers) |" in md
+
+
+def check_techniques(out: Path) -> None:
+    result = json.loads((out / "techniques-quick.json").read_text())
+    rows = {(r["model"], r["setting"]): r for r in result["rows"]}
+    assert set(rows) == {("vit", "baseline"), ("vit", "all")}  # what --quick asks for
+    for r in rows.values():
+        assert math.isfinite(r["samples_per_sec"]) and r["samples_per_sec"] > 0
+        assert r["peak_mib"] > 0 and r["process_peak_mib"] >= r["peak_mib"]
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["test_macro_f1"] <= 1
+        [run] = r["runs"]
+        assert run["timed_samples"] == 16 and run["updates"] == 3  # 48 images, batch 16, 2 warm-up
+    base, every = rows["vit", "baseline"], rows["vit", "all"]
+    assert base["speed_ratio"] == 1 and base["memory_ratio"] == 1
+    assert every["speed_ratio"] == pytest.approx(every["samples_per_sec"] / base["samples_per_sec"])
+    assert every["memory_ratio"] == pytest.approx(every["peak_mib"] / base["peak_mib"])
+    md = (out / "techniques-quick.md").read_text()
+    assert "| model | setting | samples/s | × baseline | peak memory (MiB) |" in md
+    assert "| vit | baseline |" in md and "| vit | all |" in md
+    assert (out / "techniques-quick.png").read_bytes()[:8] == PNG
+
+
+def check_strategies(out: Path) -> None:
+    rows = {r["strategy"]: r for r in json.loads((out / "strategies-quick.json").read_text())["rows"]}
+    assert set(rows) == {"allreduce", "sync", "async-apply", "async-deferred", "hogwild", "sharded"}
+    assert all(r["samples_per_sec"][0] > 0 and 0.5 < r["test_accuracy"][0] <= 1 for r in rows.values())
+    assert rows["allreduce"]["staleness_mean"][0] == 0 == rows["sync"]["staleness_mean"][0]
+    for name in ("hogwild", "sharded", "async-apply", "async-deferred"):
+        assert rows[name]["staleness_mean"][0] > 0, name  # two writers: updates land in between
+    assert "| hogwild |" in (out / "strategies-quick.md").read_text()
+
+
+def check_hogwild(out: Path) -> None:
+    result = json.loads((out / "hogwild-quick.json").read_text())
     [kernel] = result["kernel"]
     assert all(v and min(v) > 0 for v in kernel["gbps"].values())
     assert [r["workers"] for r in result["e2e"]] == [1, 2]
@@ -36,16 +81,12 @@ def test_hogwild_bench_quick(tmp_path):
                for r in result["e2e"])
     assert {r["policy"] for r in result["policies"]} == {
         "hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred"}
-    assert "hvdsgd / reference" in (tmp_path / "hogwild-quick.md").read_text()
+    assert "hvdsgd / reference" in (out / "hogwild-quick.md").read_text()
 
 
-def test_occupancy_bench_quick_cpu_form(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/occupancy.py", "--quick", "--cpu",
-                           "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[0].startswith("occupancy: CPU form")
-    result = json.loads((tmp_path / "occupancy-quick.json").read_text())
+def check_occupancy(out: Path, stdout: str) -> None:
+    assert "occupancy: CPU form" in stdout  # no GPU here: the script says which form it ran
+    result = json.loads((out / "occupancy-quick.json").read_text())
     one, two = result["sweep"]
     assert one["samples_per_sec"] > 0 and two["samples_per_sec"] > 0
     assert two["busy_cores"] > one["busy_cores"] * 0.9  # more workers keep more cores busy
@@ -53,31 +94,66 @@ def test_occupancy_bench_quick_cpu_form(tmp_path):
     o = result["overhead"]
     assert o["step_ms_off"] > 0 and o["step_ms_on"] > 0 and o["pairs"] == 2
     assert 0 < o["sampler_cpu_pct_of_core"] < 50
-    assert (tmp_path / "occupancy-quick.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "occupancy-quick.png").read_bytes()[:8] == PNG
 
 
-def test_kfold_bench_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/kfold.py", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads((tmp_path / "kfold-quick.json").read_text())
+def check_kfold(out: Path) -> None:
+    result = json.loads((out / "kfold-quick.json").read_text())
     [run] = result["runs"]
     assert run["serial_s"] > 0 and run["parallel_s"] > 0 and run["joblib_s"] > 0
     assert result["identical_per_fold"] and result["accuracy_gap_points"] == 0
     assert run["joblib_accuracy"] == pytest.approx(run["serial_accuracy"])  # same folds, seeds
     assert result["ceiling"] == pytest.approx(1.5)
-    assert "joblib, 2 jobs" in (tmp_path / "kfold-quick.md").read_text()
+    assert "joblib, 2 jobs" in (out / "kfold-quick.md").read_text()
+
+
+def check_lottery(out: Path) -> None:
+    s = json.loads((out / "lottery-quick.json").read_text())["summary"]
+    assert len(s["per_task"]) == 4 and s["identical_per_task"]
+    assert sorted(round(t["achieved_sparsity"], 2) for t in s["per_task"]) == [0.5, 0.5, 0.9, 0.9]
+    assert s["speedup"] > 0 and 1 < s["amdahl_speedup"] <= 2
+    assert "| 90% | 90.00% |" in (out / "lottery-quick.md").read_text()
+    assert (out / "lottery-quick.png").read_bytes()[:8] == PNG
 
 
 @pytest.mark.dist
-def test_strategies_bench_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/strategies.py", "--quick",
-                           "--strategies", "allreduce,sync,hogwild", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = {r["strategy"]: r for r in json.loads((tmp_path / "strategies-quick.json").read_text())["rows"]}
-    assert set(rows) == {"allreduce", "sync", "hogwild"}
-    assert all(r["samples_per_sec"][0] > 0 and 0.5 < r["test_accuracy"][0] <= 1 for r in rows.values())
-    assert rows["allreduce"]["staleness_mean"][0] == 0 == rows["sync"]["staleness_mean"][0]
-    assert rows["hogwild"]["staleness_mean"][0] > 0  # two writers: updates land in between
-    assert "| hogwild |" in (tmp_path / "strategies-quick.md").read_text()
+def test_make_bench_quick_runs_every_script(tmp_path):
+    proc = subprocess.run(["make", "--no-print-directory", "bench-quick", "SETUP=",
+                           f"PY={sys.executable}", f"BENCH_OUT={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for script in ("throughput", "scaling", "techniques", "strategies", "hogwild", "kfold", "lottery"):
+        globals()[f"check_{script}"](tmp_path)
+    check_occupancy(tmp_path, proc.stdout)
+    for md in tmp_path.glob("*-quick.md"):  # what bench/readme.py reads: "`COMMAND` on MACHINE"
+        assert re.match(r"`python bench/\w+\.py --quick --out .+` on \d+ cores", md.read_text()), md
+
+
+# ------------------------------------------------------------------------ bench/readme.py
+
+def test_readme_section_is_built_from_the_results_files(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "kfold.md").write_text("`python bench/kfold.py` on 2 cores (x86_64), no GPU\n\n| a |\n|---|\n| 1.5 |\n")
+    (results / "kfold.png").write_bytes(PNG)
+    (results / "kfold-h200.md").write_text("`python bench/kfold.py --gpu` on 16 cores, NVIDIA H200\n\n| b |\n")
+    (results / "kfold-quick.md").write_text("`python bench/kfold.py --quick` on 2 cores\n\n| never |\n")
+    readme_md = tmp_path / "README.md"
+    readme_md.write_text(f"# x\n\nbefore\n\n{readme.BEGIN}\nold figures\n{readme.END}\n\nafter\n")
+    args = ["--readme", str(readme_md), "--results", str(results)]
+    with pytest.raises(SystemExit, match="out of date"):
+        readme.main([*args, "--check"])
+    readme.main(args)
+    text = readme_md.read_text()
+    assert text.startswith("# x\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert "old figures" not in text and "never" not in text
+    assert "### K-fold cross-validation in parallel" in text
+    assert "```bash\npython bench/kfold.py\n```\n\nOn 2 cores (x86_64), no GPU.\n\n| a |" in text
+    assert text.index("| a |") < text.index("python bench/kfold.py --gpu") < text.index("| b |")
+    assert "![K-fold cross-validation in parallel](results/kfold.png)" in text  # beside the README
+    readme.main([*args, "--check"])  # now current
+
+
+def test_readme_results_section_matches_bench_results():
+    """Every figure in the README's Results section comes from a bench/results/ file."""
+    readme.main(["--check"])
