@@ -17,7 +17,7 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PATCH_LEVEL=4          # bump when the patches below change: it is part of the cache key
+PATCH_LEVEL=5          # bump when the patches below change: it is part of the cache key
 PYTHON=${1:-.venv/bin/python}
 say() { printf '[build_horovod] %s\n' "$*"; }
 die() { printf '[build_horovod] error: %s\n' "$*" >&2; exit 1; }
@@ -144,9 +144,14 @@ patch("common/operations.cc", """  if (sleep_duration > std::chrono::steady_cloc
     return v != nullptr && std::string(v) == "1";
   }();
   if (wake_on_enqueue) {
+    // Ask the queue first, holding only its own mutex: an enqueue holds the queue's mutex
+    // while it takes WakeMutex to signal, so taking them in the other order here deadlocks
+    // (a rank then hangs until its peers' Gloo timeout shuts Horovod down). A tensor enqueued
+    // after this check sets WakeFlag under WakeMutex, so the wait below cannot miss it.
+    const bool idle = sleep_duration > std::chrono::steady_clock::duration::zero() &&
+                      state.process_set_table.Get(0).tensor_queue.Empty();
     std::unique_lock<std::mutex> lock(WakeMutex());
-    if (sleep_duration > std::chrono::steady_clock::duration::zero() &&
-        state.process_set_table.Get(0).tensor_queue.Empty()) {
+    if (idle) {
       WakeCondition().wait_for(lock, sleep_duration, [] { return WakeFlag(); });
     }
     WakeFlag() = false;

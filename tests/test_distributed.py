@@ -19,9 +19,12 @@ def error_lines(proc):
     return [l for l in (proc.stdout + proc.stderr).splitlines() if "hvdsgd: error:" in l]
 
 
-@pytest.mark.parametrize("check", ["identical_parameters", "gradient_average", "accumulation"])
+@pytest.mark.parametrize("check", ["identical_parameters", "gradient_average", "accumulation",
+                                   "many_small_collectives"])
 def test_allreduce_checks(check):
-    proc = horovodrun(2, "tests/dist_checks.py", check, timeout=120)
+    # A 10 s Gloo timeout: a rank that hangs fails the check quickly instead of after 120 s.
+    proc = horovodrun(2, "tests/dist_checks.py", check, timeout=120,
+                      env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"{check} ok" in proc.stdout
 
