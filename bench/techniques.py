@@ -74,7 +74,7 @@ def worker(args) -> None:
     on = SETTINGS[args.worker]
     accum = on.get("accum_steps", 1)
     cfg = TrainConfig(model=args.model, epochs=1, batch_size=args.batch_size // accum, lr=args.lr,
-                      momentum=0.9, scheduler="constant", warmup_epochs=0,
+                      optimizer=args.optimizer, momentum=0.9, scheduler="constant", warmup_epochs=0,
                       amp=on.get("amp", "off"), accum_steps=accum,
                       channels_last=on.get("channels_last", False),
                       pin_memory=on.get("pin_memory", False), loader_workers=2 if cuda else 0)
@@ -132,7 +132,8 @@ def worker(args) -> None:
 def run(model: str, setting: str, rep: int, args, result: Path) -> dict:
     """One fresh process for (model, setting); its figures, or exit with its output's tail."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", setting, "--model", model,
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--epochs", str(args.epochs),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--optimizer", args.optimizer,
+           "--epochs", str(args.epochs),
            "--train-samples", str(args.train_samples or args.budget.get(model, 0)),
            "--test-samples", str(args.test_samples), "--warmup", str(args.warmup),
            "--seed", str(rep), "--result", str(result)]
@@ -203,6 +204,7 @@ def main(argv=None) -> None:
                    help="runs of each (model, setting), seed = repeat, order alternating")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per update (None: 16 on CPU, 64 on a GPU)")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (constant; momentum 0.9)")
     p.add_argument("--epochs", type=int, default=None, help="passes (None: 1 on CPU, 10 on a GPU)")
     p.add_argument("--train-samples", type=int, default=0,
