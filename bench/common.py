@@ -34,6 +34,14 @@ def parser(doc: str, quick: str) -> argparse.ArgumentParser:
     return p
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Lay out, write and close a matplotlib figure (every bench plot ends this way)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def machine(gpu: bool = True) -> dict:
     """Cores this process may use, the CPU and the first CUDA GPU (None without one, or when
     ``gpu`` is False: a script's CPU form), with a one-line description."""

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, machine, mean_ci, parser, save_figure, write_results  # noqa: E402  (bench/ is on sys.path)
 
 import torch  # noqa: E402
 
@@ -231,9 +231,7 @@ def plot(results: dict, path: Path) -> None:
     b.set_xlim(0, 100)
     b.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"bench/occupancy.py on {results['machine']['description']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

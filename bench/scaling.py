@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ on sys.path)
+from common import command_line, machine, mean_spread, parser, save_figure, write_results  # noqa: E402  (bench/ on sys.path)
 
 
 def run(model: str, workers: int, batch: int, args, out: Path) -> dict:
@@ -135,9 +135,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"bench/scaling.py: Horovod SGD on digits, {results['machine']['description']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ on sys.path)
+from common import command_line, machine, mean_ci, parser, save_figure, write_results  # noqa: E402  (bench/ on sys.path)
 
 # setting -> the TrainConfig fields it changes from the baseline
 SETTINGS = {"baseline": {}, "amp": {"amp": "bf16"}, "amp-bf16": {"amp": "bf16"},
@@ -190,9 +190,7 @@ def plot(rows: list[dict], path: Path) -> None:
     a.invert_yaxis()
     b.barh(names, [r["peak_mib"] for r in done], color=colors)
     b.set_xlabel("peak memory added by training (MiB)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> None:
