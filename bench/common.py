@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ def parser(doc: str, quick: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=f"a reduced form: {quick}")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     return p
+
+
+def horovodrun(np_: int, *args: str) -> list[str]:
+    """``horovodrun -np N -H localhost:N --gloo PYTHON ARGS``: N ranks of this Python on this
+    host over Gloo (the launcher next to this interpreter, else the one on PATH)."""
+    exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
+    return [exe, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, *args]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:

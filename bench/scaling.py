@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,17 +39,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, parser, save_figure, write_results  # noqa: E402  (bench/ on sys.path)
+from common import command_line, horovodrun, machine, mean_spread, parser, save_figure, write_results  # noqa: E402  (bench/ on sys.path)
 
 
 def run(model: str, workers: int, batch: int, args, out: Path) -> dict:
     """One horovodrun launch; time per iteration and samples/s over the epochs after the first."""
-    exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
-    cmd = [exe, "-np", str(workers), "-H", f"localhost:{workers}", "--gloo", sys.executable,
-           "-m", "hvdsgd.train", "--model", model, "--epochs", str(args.epochs),
-           "--batch-size", str(batch), "--lr", str(args.lr), "--momentum", "0.9",
-           "--scheduler", "constant", "--warmup-epochs", "0", "--seed", str(args.seed),
-           "--device", args.device, "--threads", str(args.threads), "--no-progress", "--no-checkpoint", "--out", str(out)]
+    cmd = horovodrun(workers, "-m", "hvdsgd.train", "--model", model, "--epochs", str(args.epochs),
+                     "--batch-size", str(batch), "--lr", str(args.lr), "--momentum", "0.9",
+                     "--scheduler", "constant", "--warmup-epochs", "0", "--seed", str(args.seed),
+                     "--device", args.device, "--threads", str(args.threads), "--no-progress",
+                     "--no-checkpoint", "--out", str(out))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)

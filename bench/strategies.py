@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, horovodrun, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 STRATEGIES = ("allreduce", "sync", "async-apply", "async-deferred", "hogwild", "sharded")
 
@@ -37,9 +36,7 @@ def run(strategy: str, args, out: Path) -> dict:
               "--scheduler", "constant", "--warmup-epochs", "0", "--no-progress",
               "--no-checkpoint", "--out", str(out)]
     if strategy == "allreduce":
-        exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
-        cmd = [exe, "-np", str(args.workers), "-H", f"localhost:{args.workers}", "--gloo",
-               sys.executable, *common]
+        cmd = horovodrun(args.workers, *common)
     else:
         cmd = [sys.executable, *common, "--strategy", strategy, "--workers", str(args.workers),
                "--eval-interval", "0.01"]

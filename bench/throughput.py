@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
+from common import command_line, horovodrun, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28)}  # everything else: CIFAR size
 
@@ -155,9 +155,7 @@ def launch(kind: str, model: str, args, result: Path) -> list[float]:
         torchrun = shutil.which("torchrun", path=str(bindir)) or "torchrun"
         cmd = [torchrun, "--standalone", f"--nproc-per-node={args.np}", *common]
     else:
-        horovodrun = shutil.which("horovodrun", path=str(bindir)) or "horovodrun"
-        cmd = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
-               sys.executable, *common]
+        cmd = horovodrun(args.np, *common)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if proc.returncode != 0:
