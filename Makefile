@@ -3,6 +3,7 @@
 #   make test   the same set-up, then the whole test suite
 #   make bench  every bench/ script (about 30 min on 2 cores), then the README's Results section
 #   make bench-quick  every bench/ script in a reduced form (minutes), into BENCH_OUT
+#   make bench-gpu    on an NVIDIA GPU machine: throughput, techniques, occupancy on the GPU
 # Each step leaves a stamp in .venv; a second run skips what is done and takes seconds.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PY     := $(VENV)/bin/python
 NP     ?= 4
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench bench-quick bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
+.PHONY: setup demo test bench bench-quick bench-gpu bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
 
 setup: $(VENV)/.stamp-hvdsgd
 
@@ -55,6 +56,14 @@ bench: $(SETUP)
 
 bench-quick: $(SETUP)
 	@for b in $(BENCH); do echo "==> bench/$$b.py --quick"; $(PY) bench/$$b.py --quick --out $(BENCH_OUT) || exit 1; done
+
+# On an NVIDIA GPU machine: the GPU forms (recorded as bench/results/NAME-gpu.*, beside the CPU ones).
+BENCH_GPU := throughput techniques occupancy
+
+bench-gpu: $(SETUP)
+	@$(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "make bench-gpu: no CUDA GPU visible; run make bench on CPU-only machines")'
+	@for b in $(BENCH_GPU); do echo "==> bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+	$(PY) bench/readme.py
 
 bench-throughput: setup
 	$(PY) bench/throughput.py
