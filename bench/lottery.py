@@ -23,20 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import command_line, machine, parser, write_results  # noqa: E402  (bench/ is on sys.path)
+from hvdsgd.lottery import table  # noqa: E402
 
 
 def render(s: dict) -> str:
-    by = {(t["sparsity"], t["reset_step"]): t for t in s["per_task"]}
-    ks = s["reset_steps"]
     lines = [f"Dense `{s['model']}` on {s['dataset']}: {100 * s['dense']['test_accuracy']:.2f}% "
              f"test accuracy in {s['serial_phase_s']:.1f} s; {s['tasks']} tickets, "
              f"{s['rounds']} round(s) of {s['config']['epochs']} epoch(s) each.", "",
-             "| sparsity | reached | " + " | ".join(f"k={k}" for k in ks) + " |",
-             "|---|---|" + "---|" * len(ks)]
-    for sp in s["sparsities"]:
-        row = [by[(sp, k)] for k in ks]
-        lines.append(f"| {100 * sp:g}% | {100 * row[0]['achieved_sparsity']:.2f}% | "
-                     + " | ".join(f"{100 * t['test_accuracy']:.2f}%" for t in row) + " |")
+             table(s["sparsities"], s["reset_steps"], s["per_task"])]
     ser = s["serial"]
     lines += ["", "| run | tickets (s) | whole run (s) | speed-up | efficiency | Amdahl S(N) "
               "| mean CPU utilisation (%) |", "|---|---|---|---|---|---|---|",

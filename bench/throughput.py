@@ -145,14 +145,13 @@ def worker(args) -> None:
 # -------------------------------------------------------------------------- driver
 
 def launch(kind: str, model: str, args, result: Path) -> list[float]:
-    bindir = Path(sys.executable).parent
     per_iter = args.batches_per_iter or (20 if model in SHAPES else 3)
     common = [str(Path(__file__).resolve()), "--worker", kind, "--model", model,
               "--batch-size", str(args.batch_size), "--iters", str(args.iters),
               "--warmup", str(args.warmup), "--batches-per-iter", str(per_iter),
               "--result", str(result)]
     if kind == "ddp":
-        torchrun = shutil.which("torchrun", path=str(bindir)) or "torchrun"
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--standalone", f"--nproc-per-node={args.np}", *common]
     else:
         cmd = horovodrun(args.np, *common)

@@ -281,16 +281,18 @@ def amdahl_figures(serial_s: float, parallel_work_s: float, workers: int, n_task
             "amdahl_limit": 1 / f}
 
 
-def table(cfg: LotteryConfig, results: list[tasks.Result]) -> str:
-    """Test accuracy by sparsity (rows) and reset step k (columns)."""
-    by = {(r.inputs["sparsity"], r.inputs["reset_step"]): r for r in results}
-    head = "| sparsity | reached | " + " | ".join(f"k={k}" for k in cfg.reset_list) + " |"
-    lines = [head, "|---|---|" + "---|" * len(cfg.reset_list)]
-    for s in cfg.sparsity_list:
-        row = [by[(s, k)] for k in cfg.reset_list]
-        reached = next((f"{100 * r.result['achieved_sparsity']:.2f}%" for r in row if r.ok), "n/a")
+def table(sparsities: list[float], reset_steps: list[int], per_task: list[dict]) -> str:
+    """Test accuracy by sparsity (rows) and reset step k (columns), from ``summary.json``'s
+    ``per_task`` records (``bench/lottery.py`` renders a saved run with it too)."""
+    by = {(t["sparsity"], t["reset_step"]): t for t in per_task}
+    head = "| sparsity | reached | " + " | ".join(f"k={k}" for k in reset_steps) + " |"
+    lines = [head, "|---|---|" + "---|" * len(reset_steps)]
+    for s in sparsities:
+        row = [by[(s, k)] for k in reset_steps]
+        reached = next((f"{100 * t['achieved_sparsity']:.2f}%" for t in row if t["error"] is None),
+                       "n/a")
         lines.append(f"| {100 * s:g}% | {reached} | "
-                     + " | ".join(_acc(r.result) if r.ok else "FAILED" for r in row) + " |")
+                     + " | ".join(_acc(t) if t["error"] is None else "FAILED" for t in row) + " |")
     return "\n".join(lines)
 
 
@@ -420,7 +422,8 @@ def lottery(cfg: LotteryConfig) -> dict:
         if cfg.compare_serial:
             tasks.plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
         log.info(f"\ntest accuracy by sparsity and reset step k (dense: "
-                 f"{_acc(dense['result'])}):\n" + table(cfg, results))
+                 f"{_acc(dense['result'])}):\n"
+                 + table(cfg.sparsity_list, cfg.reset_list, summary["per_task"]))
         log.info(_timing(summary) + f"; results in {out}/")
     tasks.exit_if_failed(runs, cfg, "hvdsgd.lottery")
     return summary
