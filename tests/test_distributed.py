@@ -20,7 +20,7 @@ def error_lines(proc):
 
 
 @pytest.mark.parametrize("check", ["identical_parameters", "gradient_average", "accumulation",
-                                   "many_small_collectives"])
+                                   "bucket_views", "many_small_collectives"])
 def test_allreduce_checks(check):
     # A 10 s Gloo timeout: a rank that hangs fails the check quickly instead of after 120 s.
     proc = horovodrun(2, "tests/dist_checks.py", check, timeout=120,
