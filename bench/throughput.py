@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--batches-per-iter", type=int, default=None,
                    help="steps per timed iteration (default: 20 for cnn/mlp, 3 otherwise)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved launches of each variant")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
     p.add_argument("--worker", choices=("hvdsgd", "horovod", "ddp"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
