@@ -88,9 +88,11 @@ def split(y: np.ndarray, folds: int, seed: int, classes: list[str]) -> list[tupl
 
 # ------------------------------------------------------------------------------ tasks
 
-def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray, seed: int) -> dict:
+def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray, seed: int,
+               pair=None) -> dict | None:
     """One fold: a fresh model trained on ``train_idx``; the task runner has seeded the
-    generator from ``seed``, so the initial weights come from it."""
+    generator from ``seed``, so the initial weights come from it. ``pair``: this is one half
+    of a fold split over two workers (:mod:`hvdsgd.pair`); the helper half returns None."""
     import torch
 
     from . import models
@@ -99,8 +101,9 @@ def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray
     x, y, classes = _pooled(c)
     tr, te = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     model = models.build(c.model, tuple(x.shape[1:]), len(classes))
-    return {"fold": fold, "train_samples": len(tr), "test_samples": len(te),
-            **fit(c, model, (x[tr], y[tr]), (x[te], y[te]), len(classes), seed)}
+    result = fit(c, model, (x[tr], y[tr]), (x[te], y[te]), len(classes), seed, pair=pair)
+    return None if result is None else \
+        {"fold": fold, "train_samples": len(tr), "test_samples": len(te), **result}
 
 
 def warm_worker(cfg: dict, pooled: tuple) -> None:
@@ -120,7 +123,7 @@ def make_tasks(cfg: KFoldConfig) -> list[tasks.Task]:
     return [tasks.Task(f"fold {k + 1}", train_fold,
                        {"cfg": cfg_dict, "fold": k + 1, "train_idx": tr, "test_idx": te,
                         "seed": cfg.seed + k},
-                       seed=cfg.seed + k,
+                       seed=cfg.seed + k, splittable=cfg.accum_steps >= 2,
                        inputs={"fold": k + 1, "model": cfg.model, "dataset": cfg.dataset,
                                "seed": cfg.seed + k, "train_samples": len(tr),
                                "test_samples": len(te)})

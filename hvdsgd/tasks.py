@@ -8,7 +8,9 @@ executes a list of them three ways, with the same results:
 
 - ``serial``: one after another in this process;
 - ``processes``: a pool of ``workers`` processes (forked where that is safe, else spawned);
-  a free worker takes the next task, so a slow task does not leave the others idle;
+  a free worker takes the next task, so a slow task does not leave the others idle. When
+  the tasks do not divide evenly over the workers (5 folds on 2), each of the last ones is
+  split over two workers if it is ``splittable`` (:mod:`hvdsgd.pair`: exact, same bits);
 - ``horovod`` (under ``horovodrun``): rank 0 hands out task indices over a socket as ranks
   ask for them (every rank, rank 0 included, runs tasks); the results are gathered on rank 0
   and broadcast back, so every rank ends with the same status.
@@ -52,6 +54,7 @@ class Task:
     kwargs: dict = field(default_factory=dict)
     seed: int = 0
     inputs: dict = field(default_factory=dict)  # what to print if it fails (small, JSON-able)
+    splittable: bool = False        # fn takes ``pair=``: two workers can share it (hvdsgd.pair)
 
 
 @dataclass
@@ -69,8 +72,10 @@ class Result:
 
 # ------------------------------------------------------------------------ execution
 
-def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str = "") -> Result:
-    """Run one task here: ``threads`` compute threads, RNG seeded; exceptions are caught."""
+def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str = "",
+            pair=None) -> Result:
+    """Run one task here: ``threads`` compute threads, RNG seeded; exceptions are caught.
+    ``pair``: this is one half of a split task (a :class:`hvdsgd.pair.PairLink`)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -78,17 +83,24 @@ def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str =
     start = time.perf_counter()
     base = t0 if t0 is not None else start
     try:
-        out, err = task.fn(**task.kwargs), None
+        out, err = task.fn(**task.kwargs, **({"pair": pair} if pair else {})), None
     except Exception as e:  # a failing task is a result, not the end of the run
         out = None
         err = f"{type(e).__name__}: {e}" if isinstance(e, UsageError) else \
             f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+        if pair is not None:
+            pair.barrier.abort()  # the other half stops at its next wait instead of hanging
     return Result(task.name, err is None, out, err, task.inputs, worker or f"pid {os.getpid()}",
                   start - base, time.perf_counter() - start)
 
 
-def _pool_init(warm: Callable[..., Any] | None, warm_args: tuple, threads: int) -> None:
+_BARRIERS: list = []  # a pool worker's barriers for split tasks (inherited at its start)
+
+
+def _pool_init(warm: Callable[..., Any] | None, warm_args: tuple, threads: int,
+               barriers: list = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
+    _BARRIERS[:] = barriers
     import torch  # every task needs it: import it before the first one is handed out
 
     torch.set_num_threads(threads)
@@ -144,26 +156,66 @@ def start_method(requested: str = "auto") -> str:
     return "spawn"
 
 
+def split_tail(tasks: list[Task], workers: int) -> list[int]:
+    """Indices of the tasks to split over two workers each: the last ``len % workers`` ones,
+    when there are at least two workers for each of them and all of them are splittable."""
+    r = len(tasks) % workers
+    tail = list(range(len(tasks) - r, len(tasks)))
+    return tail if r and 2 * r <= workers and all(tasks[i].splittable for i in tail) else []
+
+
+def _execute_half(task: Task, threads: int, t0: float, index: int, role: int, name: str) -> Result:
+    from .pair import PairLink
+    return execute(task, threads, t0, pair=PairLink(role, _BARRIERS[index], name))
+
+
+def _merge_halves(owner: Result, helper: Result) -> Result:
+    """The split task's result: the owner's figures, or the error of the half that failed
+    first (the other half then only reports that its partner stopped)."""
+    if owner.ok and helper.ok:
+        return owner
+    own_fault = not owner.ok and "other half" not in owner.error
+    error = owner.error if own_fault or helper.ok else helper.error
+    return Result(owner.name, False, None, error, owner.inputs,
+                  owner.worker if own_fault or helper.ok else helper.worker,
+                  owner.start, owner.seconds)
+
+
 def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
                   warm: tuple | None = None, method: str = "auto") -> list[Result]:
     """A process pool; each free worker takes the next task. ``warm``: (fn, args) run once
-    in each worker as it starts."""
+    in each worker as it starts. The uneven tail is split (:func:`split_tail`)."""
     t0, results = time.perf_counter(), {}
     ctx = multiprocessing.get_context(start_method(method))
     fn, args = warm or (None, ())
+    tail = split_tail(tasks, workers)
+    barriers = [ctx.Barrier(2) for _ in tail]
+    halves: dict[int, dict[int, Result]] = {i: {} for i in tail}
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
-                                initargs=(fn, args, threads)) as pool:
+                                initargs=(fn, args, threads, barriers)) as pool:
         # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
-        futures = {pool.submit(execute, t, threads, t0): i for i, t in enumerate(tasks)}
+        futures = {pool.submit(execute, t, threads, t0): (i, None)
+                   for i, t in enumerate(tasks) if i not in halves}
+        for b, i in enumerate(tail):  # submitted last: they start as the last whole tasks end
+            for role in (0, 1):
+                futures[pool.submit(_execute_half, tasks[i], threads, t0, b, role,
+                                    f"hvdsgd-pair-{os.getpid()}-{b}")] = (i, role)
         try:
             for fut in cf.as_completed(futures):
-                i = futures[fut]
+                i, role = futures[fut]
                 try:
                     r = fut.result()
                 except Exception as e:  # the worker process died (killed, out of memory)
                     r = Result(tasks[i].name, False, None,
                                f"the worker process running it died ({type(e).__name__}: {e})",
                                tasks[i].inputs, "?", 0.0, 0.0)
+                if role is not None:
+                    halves[i][role] = r
+                    if len(halves[i]) < 2:
+                        continue
+                    r = _merge_halves(halves[i][0], halves[i][1])
+                    if r.ok:
+                        r.worker = f"{halves[i][0].worker} + {halves[i][1].worker}"
                 results[i] = r
                 bar.done(r)
         except BaseException:

@@ -37,6 +37,17 @@ def sleep_then(x: int, seconds: float) -> dict:
     return {"x": x, "pid": os.getpid()}
 
 
+def pair_step(x: int, fail_role: int = -1, pair=None) -> dict | None:
+    """A splittable task: both halves meet at a barrier; ``fail_role`` raises in that half."""
+    if pair is not None:
+        if pair.role == fail_role:
+            raise ValueError(f"half {fail_role} is broken on purpose")
+        pair.wait()
+        if pair.role == 1:
+            return None
+    return {"x": x, "split": pair is not None, "pid": os.getpid()}
+
+
 def _tasks(fn=square, n=5, **kw):
     return [tasks.Task(f"t{i}", fn, {"x": i, **kw}, seed=100 + i, inputs={"x": i}) for i in range(n)]
 
@@ -115,6 +126,55 @@ def run_kfold(out, *args, timeout=300):
     return subprocess.run([sys.executable, "-m", "hvdsgd.kfold", "--model", "mlp", "--folds", "3",
                            "--epochs", "2", "--no-progress", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------ split tail (hvdsgd.pair)
+
+def test_split_tail_plan():
+    ts = lambda n, ok=True: [tasks.Task(f"t{i}", square, splittable=ok) for i in range(n)]
+    assert tasks.split_tail(ts(5), 2) == [4]        # 2 + 2 whole, the fifth on both workers
+    assert tasks.split_tail(ts(4), 2) == []         # even: nothing idles
+    assert tasks.split_tail(ts(6), 4) == [4, 5]     # two left over, two workers each
+    assert tasks.split_tail(ts(7), 4) == []         # three left over need six workers
+    assert tasks.split_tail(ts(5, ok=False), 2) == []
+
+
+def test_split_task_runs_on_two_workers_and_a_failing_half_fails_it_without_hanging():
+    ok = tasks.run([tasks.Task(f"t{i}", pair_step, {"x": i}, splittable=True) for i in range(3)],
+                   "processes", workers=2, progress=False)
+    assert all(r.ok for r in ok) and [r.result["split"] for r in ok] == [False, False, True]
+    assert " + " in ok[2].worker and ok[2].worker.count("pid") == 2
+    for role in (0, 1):
+        ts = [tasks.Task(f"t{i}", pair_step, {"x": i, "fail_role": role}, splittable=True,
+                         inputs={"x": i}) for i in range(3)]
+        results = tasks.run(ts, "processes", workers=2, progress=False)
+        assert [r.ok for r in results] == [True, True, False]
+        assert f"half {role} is broken on purpose" in results[2].error  # the cause, not the echo
+
+
+def test_splittable_models():
+    import torch
+
+    from hvdsgd import models, pair
+    x = torch.randn(2, 1, 28, 28)
+    assert pair.splittable(models.build("cnn", (1, 28, 28), 10), x)
+    assert not pair.splittable(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                                                   torch.nn.Linear(784, 10)), x)      # RNG
+    assert not pair.splittable(torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(),
+                                                   torch.nn.Linear(784, 10)), x)      # buffers
+
+
+def test_split_fold_is_bit_for_bit_the_serial_fold(tmp_path):
+    """3 folds on 2 workers: fold 3 runs on both, with every figure equal to the serial run."""
+    cfg = kfold.KFoldConfig(model="cnn", folds=3, epochs=1, batch_size=32, accum_steps=3,
+                            out=str(tmp_path), progress=False)
+    ts = kfold.make_tasks(cfg)
+    serial = tasks.run(ts, "serial", progress=False)
+    pooled = tasks.run(ts, "processes", workers=2, progress=False)
+    assert " + " in pooled[2].worker and " + " not in pooled[0].worker
+    for a, b in zip(serial, pooled):
+        keys = ("test_accuracy", "test_loss", "test_macro_f1", "train_loss", "updates")
+        assert a.ok and b.ok and {k: a.result[k] for k in keys} == {k: b.result[k] for k in keys}
 
 
 def per_fold(out) -> list[tuple]:

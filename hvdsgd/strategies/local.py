@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .. import data, schedule
+from .. import pair as pair_
 from ..config import TrainConfig
 from ..engine import evaluate, seed as reseed, train_epoch
 from ..metrics import Summary, Tally
@@ -55,25 +56,44 @@ class Local:
 
 def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         test: tuple[torch.Tensor, torch.Tensor], num_classes: int, seed: int,
-        after_update: Callable[[Local], None] | None = None) -> dict:
+        after_update: Callable[[Local], None] | None = None,
+        pair: "pair_.PairLink | None" = None) -> dict | None:
     """Train ``model`` for ``cfg.epochs`` on ``train`` and evaluate it on ``test`` (CPU).
 
     Returns the test figures (``test_accuracy``, ``test_macro_f1``, ``test_loss``), the last
-    epoch's training loss, the number of updates and the training time in seconds.
+    epoch's training loss, the number of updates and the training time in seconds. ``pair``:
+    this process is one half of a task split over two workers (:mod:`hvdsgd.pair`), with the
+    same results; the helper half returns None.
     """
     cpu = torch.device("cpu")
     sampler = data.ShardSampler(len(train[1]), 0, 1, seed)
     batches = data.Batches(train[0], train[1], cfg.batch_size, sampler, cpu,
                            channels_last=cfg.channels_last)
     updater = Local(cfg, model, math.ceil(len(batches) / cfg.accum_steps), after_update)
+    exchange = None
+    if pair is not None and cfg.accum_steps >= 2 and not cfg.dry_run \
+            and pair_.splittable(model, train[0][:2]):
+        exchange = pair_._Exchange(pair, sum(p.numel() for p in model.parameters()
+                                             if p.requires_grad), cfg.batch_size * num_classes)
+    elif pair is not None and pair.role == 1:
+        return None  # not splittable: the owner runs the whole task
     t0 = time.perf_counter()
+    steps = 0
     for epoch in range(cfg.epochs):  # >= 1, validated by the config
         reseed(seed + 1000 * epoch, cpu)  # dropout etc.: a function of (seed, epoch)
         sampler.set_epoch(epoch)
         tally = Tally(num_classes, cpu)
-        train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps, tally,
-                    max_steps=2 if cfg.dry_run else None)
+        if exchange is not None:
+            steps += pair_.train_epoch(model, batches, updater, cfg.amp, cfg.accum_steps, tally,
+                                       pair, exchange, steps)
+        else:
+            train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps, tally,
+                        max_steps=2 if cfg.dry_run else None)
     train_time = time.perf_counter() - t0
+    if exchange is not None:
+        exchange.close()
+        if pair.role == 1:
+            return None
     test_batches = data.Batches(test[0], test[1], 512, range(len(test[1])), cpu,
                                 channels_last=cfg.channels_last)
     result: Summary = evaluate(model, test_batches, cpu, cfg.amp, Tally(num_classes, cpu)).local()
