@@ -142,10 +142,16 @@ def _start(tmp_path, *args):
 
 def _workers_of(pid: int, n: int, timeout=60.0) -> list:
     import psutil
+
+    def is_worker(c) -> bool:
+        try:
+            return any("spawn_main" in part for part in c.cmdline())
+        except psutil.Error:  # a short-lived child already gone (or a zombie not yet reaped)
+            return False
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        kids = [c for c in psutil.Process(pid).children()
-                if any("spawn_main" in part for part in c.cmdline())]
+        kids = [c for c in psutil.Process(pid).children() if is_worker(c)]
         if len(kids) == n:
             return kids
         time.sleep(0.2)
