@@ -58,13 +58,19 @@ def train_step(model: torch.nn.Module, micro_batches: list, updater: Updater,
     """Forward and backward over ``micro_batches``, then one update."""
     n = sum(len(y) for _, y in micro_batches)
     for x, y in micro_batches:
-        with autocast(device, amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        # The mean over the whole step's samples (one micro-batch: the loss as it is).
-        updater.backward(loss if len(y) == n else loss * (len(y) / n))
-        tally.add(loss, logits, y)
+        tally.add(*forward_backward(model, x, y, n, updater, device, amp), y)
     updater.update()
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n: int,
+                     updater: Updater, device: torch.device, amp: str):
+    """One micro-batch of a step of ``n`` samples: forward, then backward of its loss weighted
+    by its share of the step (the mean over the step); returns ``(loss, logits)``."""
+    with autocast(device, amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    updater.backward(loss if len(y) == n else loss * (len(y) / n))
+    return loss, logits
 
 
 def train_epoch(model, batches, updater: Updater, device, amp: str, accum_steps: int,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 BARRIER_TIMEOUT_S = 600.0  # a partner that died (or never came) fails the task, not a hang
+PARTNER_STOPPED = "the other half of this split task stopped"  # tasks: not this half's fault
 
 
 @dataclass
@@ -39,8 +40,8 @@ class PairLink:
         try:
             self.barrier.wait(BARRIER_TIMEOUT_S)
         except threading.BrokenBarrierError:
-            raise RuntimeError("the other half of this split task stopped (its worker failed "
-                               "or died); run with --workers 1 to see its own error") from None
+            raise RuntimeError(f"{PARTNER_STOPPED} (its worker failed or died); run with "
+                               "--workers 1 to see its own error") from None
 
 
 def splittable(model: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -58,7 +59,7 @@ def splittable(model: torch.nn.Module, x: torch.Tensor) -> bool:
             and all(p.grad is not None for p in probe.parameters() if p.requires_grad))
 
 
-class _Exchange:
+class Exchange:
     """The shared segment: per step parity, each role's flat gradient, and the helper's
     micro-batch loss and logits."""
 
@@ -87,58 +88,49 @@ class _Exchange:
             self.shm.unlink()
 
 
-def train_epoch(model, batches, updater, amp: str, accum_steps: int, tally, link: PairLink,
-                exchange: "_Exchange | None" = None, step0: int = 0) -> int:
-    """One epoch as :func:`hvdsgd.engine.train_epoch`, split between the pair; returns the
-    number of steps. The owner's ``tally`` receives every micro-batch, in serial order."""
-    import torch.nn.functional as F
+def _set_grads(params: list, flat: torch.Tensor) -> None:
+    """Every ``p.grad`` becomes its slice of ``flat`` (copied: the segment is reused)."""
+    offset = 0
+    for p in params:
+        g = flat[offset:offset + p.numel()].view_as(p)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+        offset += p.numel()
 
-    from .engine import autocast, grouped
+
+def train_epoch(model, batches, updater, amp: str, accum_steps: int, tally, link: PairLink,
+                exchange: Exchange) -> None:
+    """One epoch as :func:`hvdsgd.engine.train_epoch`, split between the pair. The owner's
+    ``tally`` receives every micro-batch, in serial order."""
+    from .engine import forward_backward, grouped
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    device = torch.device("cpu")
-    steps = 0
+    cpu = torch.device("cpu")
     for group in grouped(batches, accum_steps):
         n = sum(len(y) for _, y in group)
-        parity = (step0 + steps) % 2
+        parity = updater.step % 2  # the segment half this step writes
         split = len(group) >= 2
         mine = (group[:-1] if link.role == 0 else group[-1:]) if split else \
             (group if link.role == 0 else [])
-        for i, (x, y) in enumerate(mine):
-            with autocast(device, amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            updater.backward(loss if len(y) == n else loss * (len(y) / n))
+        for x, y in mine:
+            loss, logits = forward_backward(model, x, y, n, updater, cpu, amp)
             if link.role == 0:
                 tally.add(loss, logits, y)
             else:
                 exchange.loss[parity] = loss.detach()
                 exchange.logits[parity, :logits.numel()] = logits.detach().reshape(-1)
-        own = exchange.grads[parity, link.role]
         if mine:
-            torch.cat([p.grad.reshape(-1) for p in params], out=own)
+            torch.cat([p.grad.reshape(-1) for p in params], out=exchange.grads[parity, link.role])
         link.wait()  # both partial gradients are in place
+        first, last = exchange.grads[parity, 0], exchange.grads[parity, 1]
         if split:
-            first, last = exchange.grads[parity, 0], exchange.grads[parity, 1]
-            total = first + last  # the one addition autograd makes, in the same order
-            offset = 0
-            for p in params:
-                g = total[offset:offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
-                offset += p.numel()
+            _set_grads(params, first + last)  # the one addition autograd makes, in its order
             if link.role == 0:
-                x, y = group[-1]
+                y = group[-1][1]
                 logits = exchange.logits[parity, :len(y) * tally.k].view(len(y), tally.k).clone()
                 tally.add(exchange.loss[parity].clone(), logits, y)
         elif link.role == 1:
-            offset = 0
-            for p in params:
-                g = exchange.grads[parity, 0, offset:offset + p.numel()].view_as(p)
-                p.grad = g.clone()
-                offset += p.numel()
+            _set_grads(params, first)  # the owner computed the whole (one micro-batch) step
         updater.update()
-        steps += 1
-    return steps

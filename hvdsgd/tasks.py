@@ -174,7 +174,8 @@ def _merge_halves(owner: Result, helper: Result) -> Result:
     first (the other half then only reports that its partner stopped)."""
     if owner.ok and helper.ok:
         return owner
-    own_fault = not owner.ok and "other half" not in owner.error
+    from .pair import PARTNER_STOPPED
+    own_fault = not owner.ok and PARTNER_STOPPED not in owner.error
     error = owner.error if own_fault or helper.ok else helper.error
     return Result(owner.name, False, None, error, owner.inputs,
                   owner.worker if own_fault or helper.ok else helper.worker,

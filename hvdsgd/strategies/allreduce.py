@@ -67,9 +67,9 @@ class GradientBuckets:
 
     def __init__(self, model: torch.nn.Module, cap_bytes: float, compression):
         self.hvd, self.compression = dist.hvd(), compression
-        self.flats, self.buckets, self._owner = [], [], {}
+        self.flats, self._sizes, self._owner = [], [], {}
         for group in gradient_buckets(model, cap_bytes):
-            # One dtype per flat tensor: cut a bucket where the parameters' dtype changes.
+            # One dtype per flat tensor: a group of mixed dtypes becomes one bucket per dtype.
             for dtype in dict.fromkeys(p.dtype for p in group):
                 params = [p for p in group if p.dtype == dtype]
                 flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype,
@@ -81,8 +81,8 @@ class GradientBuckets:
                     self._owner[p] = len(self.flats)
                     p.register_post_accumulate_grad_hook(self._ready)
                 self.flats.append(flat)
-                self.buckets.append(params)
-        self._left = [len(b) for b in self.buckets]
+                self._sizes.append(len(params))  # parameters per bucket
+        self._left = list(self._sizes)
         self._handles: dict[int, tuple] = {}
         self._final = True
 
@@ -114,7 +114,7 @@ class GradientBuckets:
             if tensor is not self.flats[i]:  # compressed (fp16): back to the gradients' dtype
                 self.flats[i].copy_(self.compression.decompress(tensor, ctx))
         self._handles.clear()
-        self._left = [len(b) for b in self.buckets]
+        self._left = list(self._sizes)
 
     def zero_(self) -> None:
         """Clear every gradient: one ``zero_`` per bucket (the views stay in place)."""

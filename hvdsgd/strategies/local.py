@@ -73,19 +73,18 @@ def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, tor
     exchange = None
     if pair is not None and cfg.accum_steps >= 2 and not cfg.dry_run \
             and pair_.splittable(model, train[0][:2]):
-        exchange = pair_._Exchange(pair, sum(p.numel() for p in model.parameters()
+        exchange = pair_.Exchange(pair, sum(p.numel() for p in model.parameters()
                                              if p.requires_grad), cfg.batch_size * num_classes)
     elif pair is not None and pair.role == 1:
         return None  # not splittable: the owner runs the whole task
     t0 = time.perf_counter()
-    steps = 0
     for epoch in range(cfg.epochs):  # >= 1, validated by the config
         reseed(seed + 1000 * epoch, cpu)  # dropout etc.: a function of (seed, epoch)
         sampler.set_epoch(epoch)
         tally = Tally(num_classes, cpu)
         if exchange is not None:
-            steps += pair_.train_epoch(model, batches, updater, cfg.amp, cfg.accum_steps, tally,
-                                       pair, exchange, steps)
+            pair_.train_epoch(model, batches, updater, cfg.amp, cfg.accum_steps, tally, pair,
+                              exchange)
         else:
             train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps, tally,
                         max_steps=2 if cfg.dry_run else None)
