@@ -21,6 +21,28 @@ class UsageError(Exception):
     """Bad input from the user; the message says what to change."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) to an entry point: unwinds through every clean-up like Ctrl-C.
+
+    A subclass of KeyboardInterrupt, so code that stops its workers on Ctrl-C does the same on
+    SIGTERM; :func:`exit_on_usage_error` reports it in one line and exits 128 + the signal."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+def _raise_terminated(signum, _frame) -> None:
+    raise Terminated(signum)
+
+
+def private_umask() -> None:
+    """Never create world-writable files: add ``o-w`` to the process umask (the user's own
+    choice for the group is kept). Entry points call this before they write anything."""
+    old = os.umask(0o022)
+    os.umask(old | 0o002)
+
+
 def require_writable_dir(path, flag: str = "--out") -> None:
     """Create ``path`` and prove it writable, or raise a UsageError naming ``flag``."""
     from pathlib import Path
@@ -51,6 +73,10 @@ def exit_on_usage_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        private_umask()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _raise_terminated)
         try:
             return main(*args, **kwargs)
         except UsageError as e:
@@ -65,9 +91,13 @@ def exit_on_usage_error(main):
             # os._exit: skip Horovod's atexit shutdown, which can block while peers still
             # wait in a collective; every rank reaches this point for the same error.
             os._exit(EXIT_USAGE)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
             if _rank() == 0:
-                print("hvdsgd: interrupted", file=sys.stderr, flush=True)
-            os._exit(130)
+                what = "interrupted" if signum == signal.SIGINT else \
+                    f"stopped by {signal.Signals(signum).name}"
+                print(f"hvdsgd: {what}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
 
     return wrapper
