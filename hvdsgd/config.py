@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UsageError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10: the same parser, from PyPI
+    import tomli as tomllib
+
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("warm", "cosine", "step", "constant")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("off", "bf16", "fp16", "auto")
 STRATEGIES = ("allreduce", "hogwild", "lockfree", "atomic", "locked", "sharded", "sync",
               "async-apply", "async-deferred")
 SHARED_STRATEGIES = STRATEGIES[1:]  # one shared-memory buffer, CPU worker processes
 FAILURE_MODES = ("abort", "continue")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_CLASSES = 10_000  # the confusion matrix is classes x classes on every rank
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -34,7 +41,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """What to train, on what, and how; see ``python -m hvdsgd.train --help``."""
 
-    model: str = _f("cnn", "model name (see hvdsgd.models.NAMES)")
+    model: str = _f("cnn", "model")
     dataset: str = _f("digits", "data set: " + ", ".join(DATASETS))
     data_dir: str = _f("data", "directory holding the mnist/cifar files")
     download: bool = _f(False, "download mnist/cifar into --data-dir if missing (needs internet)")
@@ -51,16 +58,23 @@ class TrainConfig:
     scheduler: str = _f("warm", "warm (linear warm-up then cosine), cosine, step, constant")
     warmup_epochs: float = _f(2.0, "epochs of linear warm-up from lr to lr * world size")
     accum_steps: int = _f(1, "backward passes per update (Horovod backward_passes_per_step)")
-    amp: str = _f("off", "mixed precision: bf16 (CPU, GPU) or fp16 with GradScaler (GPU)")
+    amp: str = _f("off", "mixed precision: bf16 (CPU, GPU), fp16 with GradScaler (GPU), or auto "
+                  "(fp16 on a GPU, bf16 on CPU; what --use-mixed-precision sets)")
     fp16_allreduce: bool = _f(False, "compress gradients to fp16 for the allreduce")
     adasum: bool = _f(False, "combine gradients with Adasum instead of averaging")
+    gradient_predivide_factor: float = _f(0.0, "divide gradients by this before the allreduce "
+                                          "and by ranks / this after (Horovod's option; 0: by "
+                                          "ranks before, no pass after)")
     bucket_mb: float = _f(25.0, "CPU: allreduce gradients in groups of about this many MB (as DDP)")
     channels_last: bool = _f(False, "NHWC memory format for conv nets")
     pin_memory: bool | None = _f(None, "page-locked host batches (default: on with CUDA)")
     loader_workers: int = _f(0, "background processes preparing batches (0: batches sliced in place)")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
+    test_batch_size: int = _f(0, "samples per evaluation batch (0: max(256, --batch-size))")
     seed: int = _f(42, "random seed (same on every rank)")
     device: str = _f("auto", "auto, cpu or cuda")
+    gpu: int = _f(-1, "GPU index of a single-process run (-1: under horovodrun, each rank's "
+                  "local rank; alone, GPU 0)")
     threads: int = _f(0, "compute threads per rank (0: cores / ranks on this host)")
     strategy: str = _f("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
     workers: int = _f(2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)")
@@ -69,11 +83,18 @@ class TrainConfig:
     on_worker_failure: str = _f("abort", "a shared-buffer worker died: abort (stop the rest) "
                                 "or continue (the rest finish)")
     out: str = _f("runs/train", "run directory: metrics, summary, plots, checkpoint")
-    resume: bool = _f(False, "continue from the checkpoint in --out")
+    resume: str = _f("", "continue a run: --resume alone takes --out's checkpoint; --resume PATH "
+                     "a checkpoint file or run directory (--epochs counts every epoch)")
+    overwrite: bool = _f(False, "start over in an --out that holds an earlier run's results "
+                         "(deleting them)")
     checkpoint: bool = _f(True, "save a checkpoint in --out after every epoch")
     keep_checkpoints: bool = _f(False, "also keep each epoch's checkpoint as checkpoint-epochN.pt")
     dry_run: bool = _f(False, "one epoch of two batches, to check the set-up quickly")
     progress: bool = _f(True, "show a progress bar on rank 0")
+    log_interval: int = _f(0, "batches between progress lines when stderr is not a terminal "
+                           "(0: one line every 10 s)")
+    tensorboard: bool = _f(False, "also write TensorBoard event files into --out (the scalars "
+                           "of metrics.jsonl, per epoch)")
     profile: bool = _f(False, "record GPU (NVML/GPM) and CPU utilisation into --out: "
                        "profile[-rankN].csv/json/png, one sampler per rank")
     profile_interval: float = _f(0.1, "seconds between --profile samples")
@@ -81,6 +102,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from .models import NAMES  # late: models imports torch
 
+        if isinstance(self.resume, bool):  # TOML `resume = true`, or a Python caller
+            self.resume = RESUME_OUT if self.resume else ""
         _check_types(self)
         _choice("model", self.model, NAMES)
         _choice("dataset", self.dataset, DATASETS)
@@ -94,21 +117,32 @@ class TrainConfig:
                      "workers", "shards"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        if self.num_classes < 2:
-            raise UsageError(f"--num-classes must be >= 2 (got {self.num_classes})")
+        if not 2 <= self.num_classes <= MAX_CLASSES:
+            raise UsageError(f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
+                             f"{self.num_classes:,}): every rank keeps a classes x classes "
+                             "confusion matrix")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0 (got {self.lr}); try 0.01")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum must be in [0, 1) (got {self.momentum})")
-        if not self.bucket_mb > 0:
-            raise UsageError(f"--bucket-mb must be > 0 (got {self.bucket_mb})")
-        for name in ("weight_decay", "warmup_epochs", "grad_clip", "loader_workers", "threads"):
+        for name in ("bucket_mb", "profile_interval", "eval_interval"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip", "loader_workers", "threads",
+                     "test_batch_size", "log_interval", "gradient_predivide_factor"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
-        if not self.profile_interval > 0:
-            raise UsageError(f"--profile-interval must be > 0 seconds (got {self.profile_interval})")
-        if not self.eval_interval > 0:
-            raise UsageError(f"--eval-interval must be > 0 seconds (got {self.eval_interval})")
+        if self.gpu < -1:
+            raise UsageError(f"--gpu must be a GPU index >= 0 (got {self.gpu})")
+        if self.gpu >= 0 and self.device == "cpu":
+            raise UsageError(f"--gpu {self.gpu} and --device cpu (or --no-cuda) exclude each "
+                             "other; drop one")
+        if self.adasum and self.gradient_predivide_factor not in (0.0, 1.0):
+            raise UsageError("--gradient-predivide-factor applies to averaging, not --adasum; "
+                             "drop one")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --out and --overwrite deletes it; "
+                             "pick one")
         if self.strategy in SHARED_STRATEGIES:
             _check_shared(self)
         self.shape  # validates input_shape
@@ -142,7 +176,7 @@ def _check_shared(cfg: "TrainConfig") -> None:
         raise UsageError(f"{s} updates with the C++ SGD kernel; use --optimizer sgd")
     if cfg.amp == "fp16":
         raise UsageError(f"{s} runs on CPU, where fp16 autocast has no loss scaling; use --amp bf16")
-    for flag in ("fp16_allreduce", "adasum", "resume"):
+    for flag in ("fp16_allreduce", "adasum", "resume", "tensorboard"):
         if getattr(cfg, flag):
             raise UsageError(f"--{_flag(flag)} applies to --strategy allreduce only; drop it")
     if cfg.strategy == "sharded" and cfg.shards < 2:
@@ -152,19 +186,28 @@ def _check_shared(cfg: "TrainConfig") -> None:
                          "continue without one; use --on-worker-failure abort")
 
 
+def _field_type(f: dataclasses.Field) -> type:
+    """The Python type a field holds (``bool | None`` fields hold a bool)."""
+    if f.default is None:
+        return bool if "bool" in str(f.type) else str
+    return float if isinstance(f.default, float) else type(f.default)
+
+
 def _check_types(cfg: Any) -> None:
-    """Values from TOML or Python callers must match the field types (int is fine for float)."""
+    """Values from TOML or Python callers must match the field types (int is fine for float),
+    and every float must be finite: the one check behind every float flag."""
     for f in dataclasses.fields(cfg):
-        value, default = getattr(cfg, f.name), f.default
-        if default is None or value is None:
+        value, want = getattr(cfg, f.name), _field_type(f)
+        if value is None and f.default is None:
             continue
-        want = float if isinstance(default, float) else type(default)
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
             ok = True
         if not ok:
-            raise UsageError(f"{f.name} must be {want.__name__}, got {value!r}")
+            raise UsageError(f"--{_flag(f.name)} must be {want.__name__}, got {value!r}")
+        if want is float and not math.isfinite(getattr(cfg, f.name)):
+            raise UsageError(f"--{_flag(f.name)} must be a finite number (got {value!r})")
 
 
 def _flag(name: str) -> str:
@@ -176,8 +219,15 @@ def _choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
+RESUME_OUT = "<--out>"  # `--resume` alone: the checkpoint in --out
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one UsageError line instead of usage + exit."""
+    """argparse that reports errors as one UsageError line instead of usage + exit; no
+    abbreviations (``--epoch`` is not ``--epochs``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")
@@ -190,12 +240,24 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 def build_parser(cls: type = TrainConfig, prog: str = "python -m hvdsgd.train",
                  description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field, defaults shown in help."""
+    from . import __version__
+    from .models import NAMES  # late: models imports torch
+
     p = _Parser(prog=prog, description=description or cls.__doc__, epilog=epilog,
                 formatter_class=_Formatter)
-    p.add_argument("--config", metavar="FILE", help="TOML file of field = value defaults")
+    p.add_argument("--version", action="version", version=version_line(__version__))
+    p.add_argument("--config", metavar="FILE", help="TOML file of field = value defaults "
+                   "(top level, or all under one [train] table)")
+    names = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         flag, help_ = "--" + _flag(f.name), f.metadata["help"]
-        if f.type in ("bool", bool) or isinstance(f.default, bool):
+        if f.name == "model":
+            p.add_argument(flag, dest=f.name, default=f.default, metavar="MODEL",
+                           help=f"{help_}: {', '.join(NAMES)}")
+        elif f.name == "resume":
+            p.add_argument(flag, dest=f.name, nargs="?", const=RESUME_OUT, default=f.default,
+                           metavar="PATH", help=help_)
+        elif f.type in ("bool", bool) or isinstance(f.default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=f.default, help=help_)
         elif f.name == "amp":  # `--amp` alone means bf16
@@ -208,7 +270,30 @@ def build_parser(cls: type = TrainConfig, prog: str = "python -m hvdsgd.train",
             kind = type(f.default) if f.default is not None else str
             p.add_argument(flag, dest=f.name, type=kind, default=f.default,
                            metavar=f.name.upper(), help=help_)
+    # Horovod's example scripts' flags, for users who bring their launch lines along.
+    aliases = p.add_argument_group("Horovod example flags (aliases)")
+    if "adasum" in names:
+        aliases.add_argument("--use-adasum", dest="adasum", action="store_true", default=argparse.SUPPRESS,
+                             help="= --adasum")
+    if "device" in names:
+        aliases.add_argument("--no-cuda", dest="device", action="store_const", const="cpu", default=argparse.SUPPRESS,
+                             help="= --device cpu")
+    if "amp" in names:
+        aliases.add_argument("--use-mixed-precision", dest="amp", action="store_const", default=argparse.SUPPRESS,
+                             const="auto", help="= --amp auto (fp16 on a GPU, bf16 on CPU)")
     return p
+
+
+def version_line(version: str) -> str:
+    """``hvdsgd X (torch Y, horovod Z)`` from the installed distributions, importing neither."""
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return f"hvdsgd {version} (torch {installed('torch')}, horovod {installed('horovod')})"
 
 
 def load_toml(path: str, cls: type = TrainConfig) -> dict[str, Any]:
@@ -220,7 +305,12 @@ def load_toml(path: str, cls: type = TrainConfig) -> dict[str, Any]:
         raise UsageError(f"--config {path}: no such file")
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"--config {path}: not valid TOML ({e})")
-    data = data.get("train", data)
+    if "train" in data and isinstance(data["train"], dict):
+        if len(data) > 1:
+            others = ", ".join(k for k in data if k != "train")
+            raise UsageError(f"--config {path}: keys at the top level ({others}) and a [train] "
+                             "table; put them all in one place")
+        data = data["train"]
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():
@@ -235,6 +325,8 @@ def parse_args(argv: Sequence[str] | None = None, cls: type = TrainConfig, **par
     """Command line (and optional TOML file) -> a validated ``cls`` instance."""
     parser = build_parser(cls, **parser_kw)
     known, _ = parser.parse_known_args(argv)
+    from .dist import check_launcher  # late: dist imports torch
+    check_launcher(parser.prog)
     if known.config:
         parser.set_defaults(**load_toml(known.config, cls))
     args = vars(parser.parse_args(argv))

@@ -1,10 +1,14 @@
 """Horovod set-up and the collectives hvdsgd needs, in one place.
 
-Works the same under ``horovodrun -np N`` and as one plain process (Horovod then runs with
-size 1). ``is_main()`` is the one rank-0 gate for printing, files and checkpoints.
+Works the same under ``horovodrun -np N`` and as one plain process, which does not import
+Horovod at all (size 1; it need not even be installed, as after a plain ``pip install``). Under
+``torchrun`` or ``mpirun`` without Horovod's environment every process would train alone, so
+:func:`check_launcher` refuses that in one line. ``is_main()`` is the one rank-0 gate for
+printing, files and checkpoints.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable, TypeVar
@@ -19,28 +23,84 @@ log = logging.getLogger(__name__)
 CPU_CYCLE_TIME_MS = 50  # idle cycle on CPU; work wakes the loop at once
 
 
-def hvd():
-    """The ``horovod.torch`` module, with a one-line error if it is missing."""
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def under_horovodrun() -> bool:
+    """Started by horovodrun, or by mpirun for a Horovod built with MPI (check_launcher
+    refuses mpirun otherwise): rank and size come from the launcher."""
+    return "HOROVOD_RANK" in os.environ or any(_int_env(v) > 1 for v in MPI_SIZE_VARS)
+
+
+def _int_env(var: str) -> int:
+    try:
+        return int(os.environ.get(var, "1"))
+    except ValueError:
+        return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _import_horovod():
+    """(``horovod.torch``, None), or (None, the ImportError); tried once per process."""
     try:
         import horovod.torch as _hvd
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise UsageError(f"horovod.torch is not importable ({e}); run `make setup` "
-                         "or scripts/build_horovod.sh")
+    except ImportError as e:
+        return None, e
+    return _hvd, None
+
+
+def hvd(required: bool = True):
+    """The ``horovod.torch`` module; None when not ``required`` and this is one plain
+    process, which runs without Horovod. Missing when needed: a one-line error."""
+    if not required and not under_horovodrun():
+        return None
+    _hvd, e = _import_horovod()
+    if _hvd is None:
+        if required or under_horovodrun():
+            raise UsageError(f"horovod.torch is not importable ({e}); build it with "
+                             "`python -m hvdsgd.build_horovod` (or `make setup` in a checkout)")
+        return None
     return _hvd
 
 
+def check_launcher(prog: str = "python -m hvdsgd.train") -> None:
+    """Refuse a launch by torchrun or mpirun without Horovod's environment: each process would
+    train alone, all writing the same --out. One line saying how to launch instead."""
+    if "HOROVOD_RANK" in os.environ:
+        return
+    for var in ("WORLD_SIZE", *MPI_SIZE_VARS):
+        n = _int_env(var)
+        if n <= 1:
+            continue
+        launcher = "torchrun" if var == "WORLD_SIZE" else "mpirun"
+        h = _import_horovod()[0]
+        if launcher == "mpirun" and h is not None and h.mpi_built():
+            return  # Horovod over MPI: hvd.init() takes rank and size from MPI
+        raise UsageError(f"started by {launcher} as {n} processes, but hvdsgd's ranks come from "
+                         f"Horovod; launch with: horovodrun -np {n} {prog} ...")
+
+
 def init_library():
-    """``hvd.init()`` (idempotent) with a patient Gloo timeout; returns ``horovod.torch``."""
+    """``hvd.init()`` (idempotent) with a patient Gloo timeout; returns ``horovod.torch``, or
+    None for one plain process without Horovod installed."""
     # Gloo gives up on a peer after 30 s by default; a rank that a busy host preempts during
     # start-up (imports, data) can take that long. horovodrun --gloo-timeout-seconds still decides.
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")
-    h = hvd()
-    h.init()  # Horovod: initialise the library (rank, size, the Gloo or NCCL context).
+    h = hvd(required=False)
+    if h is not None:
+        h.init()  # Horovod: initialise the library (rank, size, the Gloo or NCCL context).
     return h
 
 
-def init(device: str = "auto", threads: int = 0) -> torch.device:
-    """``hvd.init()``, pin the GPU to the local rank, set compute threads; returns the device."""
+def library():
+    """The initialised ``horovod.torch``, or None (one plain process without Horovod)."""
+    h = hvd(required=False)
+    return h if h is not None and h.is_initialized() else None
+
+
+def init(device: str = "auto", threads: int = 0, gpu: int = -1) -> torch.device:
+    """``hvd.init()``, pin the GPU to the local rank (or ``gpu``, one process alone), set
+    compute threads; returns the device."""
     if device == "cpu" or not torch.cuda.is_available():
         # Horovod's background thread coordinates the ranks once per cycle (1 ms by default),
         # busy or not; on a CPU host whose cores all compute, those wake-ups steal the cores.
@@ -53,29 +113,40 @@ def init(device: str = "auto", threads: int = 0) -> torch.device:
         os.environ.setdefault("HOROVOD_WAIT_SLEEP_US", "50")
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
     h = init_library()
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if device != "cpu" and torch.cuda.is_available():
+    local_rank, local_size = (h.local_rank(), h.local_size()) if h is not None else (0, 1)
+    if (device == "cuda" or gpu >= 0) and not torch.cuda.is_available():
+        raise UsageError(f"{'--gpu %d' % gpu if gpu >= 0 else '--device cuda'} but no CUDA GPU "
+                         "is visible; use --device cpu")
+    if gpu >= 0:
+        if size() > 1:
+            raise UsageError(f"--gpu is for one process; under horovodrun each rank takes the "
+                             "GPU of its local rank (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        if gpu >= torch.cuda.device_count():
+            raise UsageError(f"--gpu {gpu} but only {torch.cuda.device_count()} GPU(s) are "
+                             f"visible (0-{torch.cuda.device_count() - 1})")
+        torch.cuda.set_device(gpu)
+        dev = torch.device("cuda", gpu)
+    elif device != "cpu" and torch.cuda.is_available():
         # Horovod: pin this process to one GPU, chosen by its rank on this host.
-        torch.cuda.set_device(h.local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")
     # Horovod: share this host's cores between the ranks it runs.
-    torch.set_num_threads(threads or max(1, cpu_count() // h.local_size()))
+    torch.set_num_threads(threads or max(1, cpu_count() // local_size))
     return dev
 
 
 def rank() -> int:
     """This process's rank (0 before ``init``, e.g. in a library call from a plain script)."""
-    h = hvd()
-    return h.rank() if h.is_initialized() else 0
+    h = library()
+    return h.rank() if h is not None else 0
 
 
 def size() -> int:
     """The number of ranks (1 before ``init``)."""
-    h = hvd()
-    return h.size() if h.is_initialized() else 1
+    h = library()
+    return h.size() if h is not None else 1
 
 
 def is_main() -> bool:

@@ -3,16 +3,33 @@
 - ``metrics.jsonl``: one JSON object per epoch
 - ``summary.json``: final figures (test accuracy, macro-F1, samples/s, world size, ...)
 - ``curves.png``: loss and accuracy per epoch; ``confusion.png``: the final confusion matrix
+- ``events.out.tfevents.*`` with ``--tensorboard``: the scalars of ``metrics.jsonl``
+
+One run owns a directory: ``prepare`` takes ``.hvdsgd.lock`` (released when the process
+ends, however it ends), so a second run on the same ``--out`` is refused with the first one's
+PID, and refuses a directory holding an earlier run's results unless it continues that run
+(``--resume``) or ``--overwrite`` deletes them. The directory is created 0750 and no file in it
+is world-writable (the entry points add o-w to the umask). A write that fails (full disk,
+read-only file system) is one UsageError naming the path and the cause.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from .errors import require_writable_dir
+from .errors import UsageError, require_writable_dir
+
+LOCK = ".hvdsgd.lock"
+# What a run writes at the top of its directory: these mark a used --out, and --overwrite
+# deletes exactly these (nothing else in the directory is touched).
+RESULTS = ("metrics.jsonl", "summary.json", "tasks.jsonl", "checkpoint*.pt")
+OUTPUTS = RESULTS + ("curves.png", "confusion.png", "cpu.png", "accuracy.png", "profile*.csv",
+                     "profile*.json", "profile*.png", "events.out.tfevents.*")
 
 
 def profiled(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
@@ -57,21 +74,77 @@ def summary(cfg, dataset: str, strategy: str, world_size: int, parameters: int, 
 
 
 class RunDir:
-    """Writes a run's records into ``path``."""
+    """Writes a run's records into ``path`` (on rank 0 / the parent process only)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tensorboard: bool = False):
         self.path = Path(path)
+        self.tensorboard = tensorboard
+        self._lock: int | None = None
+        self._writer = None
 
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
 
-    def prepare(self, resume_epoch: int | None = None) -> None:
-        """Create the folder, prove it writable, and keep only epochs <= ``resume_epoch``."""
+    def prepare(self, resume_epoch: int | None = None, overwrite: bool = False,
+                history: list[dict[str, Any]] | None = None) -> None:
+        """Create the folder (0750), lock it, and start the records: a resumed run keeps its
+        epochs <= ``resume_epoch`` (or takes ``history``, the rows of the run it continues
+        from elsewhere); a new run needs a folder without results, or ``overwrite``."""
+        if not self.path.exists():
+            with contextlib.suppress(FileExistsError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.mkdir(mode=0o750)
         require_writable_dir(self.path, "--out")
-        rows = self.read_metrics() if resume_epoch is not None else []
-        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows
-                                             if r["epoch"] <= (resume_epoch or 0)))
+        self.lock()
+        if resume_epoch is None:
+            found = self.results()
+            if found and not overwrite:
+                raise UsageError(f"--out {self.path} already holds a run's results "
+                                 f"({', '.join(found[:3])}); continue it with --resume, start "
+                                 "over with --overwrite, or choose another --out")
+            for f in self.outputs():
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+            return
+        rows = history if history is not None else self.read_metrics()
+        self._write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows
+                                               if r["epoch"] <= resume_epoch))
+
+    def lock(self) -> None:
+        """Hold ``.hvdsgd.lock`` for this process's life, or name the PID that holds it."""
+        if self._lock is not None:
+            return
+        path = self.path / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {owner[0]} on {owner[1]}" if len(owner) >= 2 else "another process"
+            raise UsageError(f"--out {self.path} is in use by a running hvdsgd ({who}); wait for "
+                             "it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._lock = fd
+
+    def close(self) -> None:
+        """Flush TensorBoard and release the lock (process exit releases it too)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def results(self) -> list[str]:
+        """Names of an earlier run's results in the folder (an empty metrics file is none)."""
+        return sorted(f.name for pattern in RESULTS for f in self.path.glob(pattern)
+                      if f.is_dir() or f.stat().st_size > 0)
+
+    def outputs(self) -> list[Path]:
+        return [f for pattern in OUTPUTS for f in self.path.glob(pattern) if f.is_file()]
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_file.exists():
@@ -79,13 +152,42 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
 
     def log_epoch(self, row: dict[str, Any]) -> None:
-        with self.metrics_file.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        """Append ``row`` to metrics.jsonl (and its numbers to TensorBoard)."""
+        self._write(self.metrics_file, json.dumps(row) + "\n", mode="a")
+        if self.tensorboard:
+            self._scalars(row)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.path / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        self._write(tmp, json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.path / "summary.json")
+
+    def _write(self, path: Path, text: str, mode: str = "w") -> None:
+        try:
+            with path.open(mode) as fh:
+                fh.write(text)
+        except OSError as e:
+            raise UsageError(f"cannot write {path} ({e.strerror}); free space or fix the "
+                             "permissions, then --resume") from None
+
+    def _scalars(self, row: dict[str, Any]) -> None:
+        """The row's numbers as TensorBoard scalars, tagged as in metrics.jsonl; the step is
+        the epoch (runs evaluated by the clock: the row's index)."""
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                                 "tensorboard") from None
+            self._writer = SummaryWriter(log_dir=str(self.path))
+            self._rows = 0
+        epoch = row.get("epoch")
+        step = epoch if isinstance(epoch, int) else self._rows
+        self._rows += 1
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
 
     def plot(self, confusion, classes: list[str]) -> None:
         """``curves.png`` from metrics.jsonl and ``confusion.png`` from ``confusion``."""

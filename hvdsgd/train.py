@@ -6,9 +6,13 @@
         --model resnet18 --dataset cifar10 --data-dir /data --amp
     python -m hvdsgd.train --model cnn                              # one plain process
     python -m hvdsgd.train --strategy hogwild --workers 4 --model mlp  # HOGWILD on CPU
+    python -m hvdsgd.train --resume runs/train/checkpoint.pt --epochs 30  # 15 more epochs
 
 Every rank runs this file top to bottom; rank 0 alone prints and writes the run directory
-(``--out``): metrics.jsonl, summary.json, curves.png, confusion.png and checkpoint.pt.
+(``--out``): metrics.jsonl, summary.json, curves.png, confusion.png and checkpoint.pt. A
+directory holding an earlier run's results is refused unless ``--resume`` continues it or
+``--overwrite`` replaces it; ``--epochs`` counts every epoch of a resumed run, those before
+the checkpoint included. One plain process (no horovodrun) does not use Horovod at all.
 """
 from __future__ import annotations
 
@@ -17,18 +21,20 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint, data, dist, models, report
-from .config import SHARED_STRATEGIES, TrainConfig, parse_args
+from .config import RESUME_OUT, SHARED_STRATEGIES, TrainConfig, parse_args
 from .engine import evaluate, seed, train_epoch
 from .errors import UsageError, exit_on_usage_error
 from .metrics import Tally
 from .strategies.allreduce import Allreduce
 
 log = logging.getLogger("hvdsgd")
+DEFAULT_OUT = TrainConfig.out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -51,29 +57,33 @@ def load_data(cfg: TrainConfig) -> data.Dataset:
 
 
 def progress_bar(cfg: TrainConfig, total: int, epoch: int):
-    """Rank 0's progress: a tqdm bar on a terminal, else a line every 10 s (horovodrun pipes)."""
+    """Rank 0's progress: a tqdm bar on a terminal, else a line every 10 s or every
+    ``--log-interval`` batches (horovodrun pipes)."""
     if not (cfg.progress and dist.is_main()):
         return None
     desc = f"epoch {epoch + 1}/{cfg.epochs}"
     if not sys.stderr.isatty():
-        return LineProgress(total, desc)
+        return LineProgress(total, desc, batches=cfg.log_interval)
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr,
                 mininterval=0.5, dynamic_ncols=True)
 
 
 class LineProgress:
-    """tqdm's update/close for logs and pipes: one plain line at most every ``every`` s."""
+    """tqdm's update/close for logs and pipes: one plain line at most every ``every`` s, or
+    every ``batches`` batches when that is set."""
 
-    def __init__(self, total: int, desc: str, every: float = 10.0):
-        self.total, self.desc, self.every, self.n = total, desc, every, 0
+    def __init__(self, total: int, desc: str, every: float = 10.0, batches: int = 0):
+        self.total, self.desc, self.every, self.batches, self.n = total, desc, every, batches, 0
         self.start = self.last = time.perf_counter()
+        self.last_n = 0
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if now - self.last >= self.every and self.n < self.total:
-            self.last = now
+        due = self.n - self.last_n >= self.batches if self.batches else now - self.last >= self.every
+        if due and self.n < self.total:
+            self.last, self.last_n = now, self.n
             eta = (now - self.start) / self.n * (self.total - self.n)
             log.info(f"  {self.desc}: {self.n}/{self.total} batches, {eta:.0f} s left")
 
@@ -97,9 +107,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.strategy in SHARED_STRATEGIES:
         return train_shared(cfg)
     t_start = time.perf_counter()
-    device = dist.init(cfg.device, cfg.threads)
+    device = dist.init(cfg.device, cfg.threads, cfg.gpu)
     rank, size, main = dist.rank(), dist.size(), dist.is_main()
     setup_logging(main)
+    if cfg.amp == "auto":
+        cfg.amp = "fp16" if device.type == "cuda" else "bf16"
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
     if cfg.dry_run:
@@ -111,6 +123,10 @@ def train(cfg: TrainConfig) -> dict:
     if size > min(n_train, n_test):
         raise UsageError(f"{size} ranks but only {n_train} training / {n_test} test samples; "
                          "use fewer ranks (-np) or a larger data set")
+    if cfg.batch_size > n_train // size:
+        log.warning(f"warning: --batch-size {cfg.batch_size} is larger than the "
+                    f"{math.ceil(n_train / size)} training samples of each rank: every step "
+                    "is one partial batch")
     if device.type == "cuda" and cfg.loader_workers == 0:
         ds = ds.to(device)  # small data sets live on the GPU: a batch is one index op
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
@@ -126,22 +142,24 @@ def train(cfg: TrainConfig) -> dict:
                                  seed=cfg.seed)
     train_batches = data.Batches(ds.train_x, ds.train_y, cfg.batch_size, sampler, device,
                                  cfg.loader_workers, pin, cfg.channels_last)
-    test_batches = data.Batches(ds.test_x, ds.test_y, max(256, cfg.batch_size),
+    test_batches = data.Batches(ds.test_x, ds.test_y, cfg.test_batch_size or max(256, cfg.batch_size),
                                 data.shard(n_test, rank, size), device, 0, pin, cfg.channels_last)
     steps_per_epoch = math.ceil(len(train_batches) / cfg.accum_steps)
     strategy = Allreduce(cfg, model, device, steps_per_epoch)
 
     # Run directory and resume: rank 0 reads and writes, every rank learns the outcome.
-    run = report.RunDir(cfg.out)
+    run = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
     ckpt_path = run.path / checkpoint.NAME
     ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
-    start_epoch = 0
+    start_epoch, before = 0, (0, 0.0)  # epochs, and (samples, seconds) trained before resuming
+    history = None  # the metrics of a run continued from another directory
     if cfg.resume:
-        state = dist.on_main(lambda: checkpoint.load(ckpt_path, ident), name="resume")
+        state, history, before = dist.on_main(lambda: resume(cfg, run, ident), name="resume")
         model.load_state_dict(state["model"])
         strategy.load_state_dict(state["strategy"])
         start_epoch = state["epoch"]
-    dist.on_main(lambda: run.prepare(start_epoch if cfg.resume else None), name="prepare_out")
+    dist.on_main(lambda: run.prepare(start_epoch if cfg.resume else None, cfg.overwrite, history),
+                 name="prepare_out")
 
     log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
              f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
@@ -152,7 +170,7 @@ def train(cfg: TrainConfig) -> dict:
              + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
 
     row, test = {}, None
-    train_samples, train_time = 0, 0.0
+    train_samples, train_time = before
     # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
     with report.profiled(cfg, run.path, device.type, device.index,
                          rank if size > 1 else None) as prof:
@@ -178,15 +196,20 @@ def train(cfg: TrainConfig) -> dict:
                                  f"(the last good checkpoint is kept)")
             test = evaluate(model, test_batches, device, cfg.amp,
                             Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
-            train_samples += tr.count
+            # The sampler pads every rank's shard to the same length; those repeats are not
+            # more samples (1,437 digits are 1,437 however many ranks see them).
+            seen = min(tr.count, n_train)
+            train_samples += seen
             train_time += epoch_time
             row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
+                   "train_samples": seen,
                    **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
                    "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
                    "samples_per_sec_per_rank": tr.count / epoch_time / size,
                    "epoch_time_s": epoch_time, "world_size": size}
-            if main:
-                log.info(epoch_line(row))
+            log.info(epoch_line(row))
+
+            def record(epoch=epoch, row=row):
                 run.log_epoch(row)
                 if cfg.checkpoint and not cfg.dry_run:
                     state = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
@@ -194,6 +217,8 @@ def train(cfg: TrainConfig) -> dict:
                     checkpoint.save(ckpt_path, state)
                     if cfg.keep_checkpoints:
                         checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", state)
+            # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
+            dist.on_main(record, name=f"record.{epoch}")
 
     if test is None:  # resumed a finished run: evaluate once so the summary is complete
         test = evaluate(model, test_batches, device, cfg.amp,
@@ -201,12 +226,35 @@ def train(cfg: TrainConfig) -> dict:
     summary = report.summary(cfg, ds.name, strategy.name, size, n_params, test, row, train_samples,
                              train_time, time.perf_counter() - t_start, device.type,
                              torch.get_num_threads(), **report.profile_figures(prof))
-    if main:
+    summary["train_samples"] = train_samples
+
+    def finish():
         run.write_summary(summary)
         run.plot(test.confusion.numpy(), ds.classes)
-        log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
-                 f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
+        run.close()
+    dist.on_main(finish, name="summary")
+    log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
+             f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
     return summary
+
+
+def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
+    """Rank 0's half of ``--resume``: the checkpoint's state, the metrics rows of the run it
+    continues when that run lived in another directory (else None), and the (samples,
+    seconds) trained before it. ``--epochs`` counts every epoch: a checkpoint at or past it
+    has nothing left to train, and says how to go on."""
+    path = checkpoint.resolve(cfg.resume, run.path)
+    state = checkpoint.load(path, ident)
+    done, source = state["epoch"], report.RunDir(path.parent)
+    if done >= cfg.epochs and (done > cfg.epochs or (path.parent / "summary.json").exists()):
+        raise UsageError(f"{path} has trained {done} epochs and --epochs is {cfg.epochs}, which "
+                         f"counts every epoch (the {done} included); to train more, pass "
+                         f"--epochs {done + max(1, cfg.epochs if cfg.epochs < done else done)}")
+    rows = [r for r in source.read_metrics() if r["epoch"] <= done]
+    before = (sum(r.get("train_samples", 0) for r in rows),
+              sum(r.get("epoch_time_s", 0.0) for r in rows))
+    same = path.parent.resolve() == run.path.resolve()
+    return state, None if same else rows, before
 
 
 def train_shared(cfg: TrainConfig) -> dict:
@@ -225,7 +273,12 @@ def train_shared(cfg: TrainConfig) -> dict:
 @exit_on_usage_error
 def main(argv=None) -> None:
     head, examples, *_ = __doc__.split("\n\n")
-    train(parse_args(argv, description=head, epilog="examples:\n" + examples))
+    cfg = parse_args(argv, description=head, epilog="examples:\n" + examples)
+    if cfg.resume and cfg.resume != RESUME_OUT and cfg.out == DEFAULT_OUT:
+        # --resume PATH without --out: go on writing into PATH's run directory.
+        path = Path(cfg.resume)
+        cfg.out = str(path if path.is_dir() else path.parent)
+    train(cfg)
 
 
 if __name__ == "__main__":
