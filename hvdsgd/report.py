@@ -100,6 +100,7 @@ class RunDir:
         if resume_epoch is None:
             found = self.results()
             if found and not overwrite:
+                self.close()
                 raise UsageError(f"--out {self.path} already holds a run's results "
                                  f"({', '.join(found[:3])}); continue it with --resume, start "
                                  "over with --overwrite, or choose another --out")

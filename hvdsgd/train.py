@@ -158,84 +158,86 @@ def train(cfg: TrainConfig) -> dict:
         model.load_state_dict(state["model"])
         strategy.load_state_dict(state["strategy"])
         start_epoch = state["epoch"]
-    dist.on_main(lambda: run.prepare(start_epoch if cfg.resume else None, cfg.overwrite, history),
-                 name="prepare_out")
+    try:
+        dist.on_main(lambda: run.prepare(start_epoch if cfg.resume else None, cfg.overwrite, history),
+                     name="prepare_out")
 
-    log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
-             f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
-             f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
-             f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
-             f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
-             f"{torch.get_num_threads()} thread(s)/rank"
-             + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
+        log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
+                 f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
+                 f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
+                 f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
+                 f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
+                 f"{torch.get_num_threads()} thread(s)/rank"
+                 + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
 
-    row, test = {}, None
-    train_samples, train_time = before
-    # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
-    with report.profiled(cfg, run.path, device.type, device.index,
-                         rank if size > 1 else None) as prof:
-        for epoch in range(start_epoch, cfg.epochs):
-            # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
-            seed(cfg.seed + 1000 * epoch + rank, device)
-            sampler.set_epoch(epoch)
-            bar = progress_bar(cfg, len(train_batches), epoch)
-            tally = Tally(ds.num_classes, device)
-            t0 = time.perf_counter()
-            train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
-                        bar, max_steps=2 if cfg.dry_run else None)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_time = time.perf_counter() - t0
-            if bar is not None:
-                bar.close()
-            # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
-            tr = tally.reduce(name=f"train_metrics.{epoch}")
-            if not math.isfinite(tr.loss):
-                raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
-                                 f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
-                                 f"(the last good checkpoint is kept)")
+        row, test = {}, None
+        train_samples, train_time = before
+        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
+        with report.profiled(cfg, run.path, device.type, device.index,
+                             rank if size > 1 else None) as prof:
+            for epoch in range(start_epoch, cfg.epochs):
+                # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
+                seed(cfg.seed + 1000 * epoch + rank, device)
+                sampler.set_epoch(epoch)
+                bar = progress_bar(cfg, len(train_batches), epoch)
+                tally = Tally(ds.num_classes, device)
+                t0 = time.perf_counter()
+                train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
+                            bar, max_steps=2 if cfg.dry_run else None)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                epoch_time = time.perf_counter() - t0
+                if bar is not None:
+                    bar.close()
+                # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
+                tr = tally.reduce(name=f"train_metrics.{epoch}")
+                if not math.isfinite(tr.loss):
+                    raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
+                                     f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
+                                     f"(the last good checkpoint is kept)")
+                test = evaluate(model, test_batches, device, cfg.amp,
+                                Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
+                # The sampler pads every rank's shard to the same length; those repeats are not
+                # more samples (1,437 digits are 1,437 however many ranks see them).
+                seen = min(tr.count, n_train)
+                train_samples += seen
+                train_time += epoch_time
+                row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
+                       "train_samples": seen,
+                       **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
+                       "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
+                       "samples_per_sec_per_rank": tr.count / epoch_time / size,
+                       "epoch_time_s": epoch_time, "world_size": size}
+                log.info(epoch_line(row))
+
+                def record(epoch=epoch, row=row):
+                    run.log_epoch(row)
+                    if cfg.checkpoint and not cfg.dry_run:
+                        state = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
+                                 "strategy": strategy.state_dict(), "config": cfg.to_dict()}
+                        checkpoint.save(ckpt_path, state)
+                        if cfg.keep_checkpoints:
+                            checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", state)
+                # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
+                dist.on_main(record, name=f"record.{epoch}")
+
+        if test is None:  # resumed a finished run: evaluate once so the summary is complete
             test = evaluate(model, test_batches, device, cfg.amp,
-                            Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
-            # The sampler pads every rank's shard to the same length; those repeats are not
-            # more samples (1,437 digits are 1,437 however many ranks see them).
-            seen = min(tr.count, n_train)
-            train_samples += seen
-            train_time += epoch_time
-            row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
-                   "train_samples": seen,
-                   **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
-                   "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
-                   "samples_per_sec_per_rank": tr.count / epoch_time / size,
-                   "epoch_time_s": epoch_time, "world_size": size}
-            log.info(epoch_line(row))
+                            Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
+        summary = report.summary(cfg, ds.name, strategy.name, size, n_params, test, row, train_samples,
+                                 train_time, time.perf_counter() - t_start, device.type,
+                                 torch.get_num_threads(), **report.profile_figures(prof))
+        summary["train_samples"] = train_samples
 
-            def record(epoch=epoch, row=row):
-                run.log_epoch(row)
-                if cfg.checkpoint and not cfg.dry_run:
-                    state = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
-                             "strategy": strategy.state_dict(), "config": cfg.to_dict()}
-                    checkpoint.save(ckpt_path, state)
-                    if cfg.keep_checkpoints:
-                        checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", state)
-            # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
-            dist.on_main(record, name=f"record.{epoch}")
-
-    if test is None:  # resumed a finished run: evaluate once so the summary is complete
-        test = evaluate(model, test_batches, device, cfg.amp,
-                        Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
-    summary = report.summary(cfg, ds.name, strategy.name, size, n_params, test, row, train_samples,
-                             train_time, time.perf_counter() - t_start, device.type,
-                             torch.get_num_threads(), **report.profile_figures(prof))
-    summary["train_samples"] = train_samples
-
-    def finish():
-        run.write_summary(summary)
-        run.plot(test.confusion.numpy(), ds.classes)
-        run.close()
-    dist.on_main(finish, name="summary")
-    log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
-             f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
-    return summary
+        def finish():
+            run.write_summary(summary)
+            run.plot(test.confusion.numpy(), ds.classes)
+        dist.on_main(finish, name="summary")
+        log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
+                 f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
+        return summary
+    finally:
+        run.close()  # the lock and TensorBoard; also when training stops early
 
 
 def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):

@@ -1,0 +1,218 @@
+"""A run's directory and life: no reuse without --resume/--overwrite, one run per --out, what
+--resume means, permissions, writes that fail, and one plain process without Horovod."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, horovodrun
+from hvdsgd import checkpoint
+from hvdsgd.config import TrainConfig
+from hvdsgd.errors import UsageError
+from hvdsgd.train import train
+
+FAST = dict(model="mlp", progress=False, lr=0.05)
+
+
+def run(out, **kw):
+    return train(TrainConfig(out=str(out), **{**FAST, **kw}))
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def entry(*args, env=None, timeout=120, cwd=None):
+    """``python ARGS`` with the repository on the path; returns the CompletedProcess."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
+    full.update({"PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full,
+                          timeout=timeout, cwd=cwd or ROOT)
+
+
+def test_an_out_with_results_is_refused_until_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    run(out, epochs=1)
+    with pytest.raises(UsageError, match="already holds a run's results .*--resume.*--overwrite"):
+        run(out, epochs=1)
+    assert len(rows(out)) == 1  # nothing was appended by the refused run
+    (out / "notes.txt").write_text("mine")
+    run(out, epochs=2, overwrite=True)
+    assert [r["epoch"] for r in rows(out)] == [1, 2]  # the old run's row is gone, not mixed in
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only run outputs
+
+
+def test_a_live_run_holds_the_directory_and_is_named_by_pid(tmp_path):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hvdsgd.report import RunDir; "
+         "RunDir(sys.argv[1]).prepare(); print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=f"in use by a running hvdsgd \\(pid {holder.pid} "):
+            run(out, epochs=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    run(out, epochs=1)  # the lock died with its process
+    assert len(rows(out)) == 1
+
+
+def test_resume_counts_every_epoch_and_keeps_the_summary_whole(tmp_path):
+    out = tmp_path / "r"
+    first = run(out, epochs=2)
+    for epochs in (2, 1):  # finished, or fewer than done: nothing to train, and how to go on
+        with pytest.raises(UsageError, match=f"has trained 2 epochs and --epochs is {epochs}.*"
+                                             "pass --epochs"):
+            run(out, epochs=epochs, resume=True)
+    # --resume PATH (a checkpoint file) without --out goes on in that file's run directory.
+    from hvdsgd.train import main
+    main(["--model", "mlp", "--lr", "0.05", "--no-progress", "--epochs", "3",
+          "--resume", str(out / "checkpoint.pt")])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
+    assert summary["epochs"] == 3 and summary["train_samples"] == 3 * 1437
+    assert summary["samples_per_sec"] > 0
+    assert summary["train_samples"] == sum(r["train_samples"] for r in rows(out))
+    assert first["train_samples"] == 2 * 1437
+    # Into another --out: that directory starts with the history it continues.
+    other = tmp_path / "branch"
+    run(other, epochs=4, resume=str(out))
+    assert [r["epoch"] for r in rows(other)] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
+
+
+def test_the_run_directory_is_private_and_nothing_is_world_writable(tmp_path):
+    out = tmp_path / "perm"
+    proc = entry("-c", "import os, sys; os.umask(0); from hvdsgd.train import main; main(sys.argv[1:])",
+                 "--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    files = [f for f in out.iterdir() if f.is_file()]
+    assert {"summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png"} <= {f.name for f in files}
+    for f in files:
+        assert not f.stat().st_mode & stat.S_IWOTH, f"{f.name} is world-writable"
+
+
+def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_one(tmp_path,
+                                                                                   monkeypatch):
+    out = tmp_path / "full"
+    real, calls = torch.save, []
+
+    def disk_fills_in_epoch_2(obj, fh, *a, **k):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+        return real(obj, fh, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_fills_in_epoch_2)
+    with pytest.raises(UsageError, match=f"cannot write checkpoint {out}/checkpoint.pt .*file "
+                                         "write failed.*last good checkpoint is kept"):
+        run(out, epochs=3)
+    monkeypatch.setattr(torch, "save", real)
+    assert checkpoint.load(out / "checkpoint.pt", json.loads("{}"))["epoch"] == 1
+
+
+def test_batch_larger_than_the_training_set_warns_once(tmp_path, capsys):
+    run(tmp_path / "big", epochs=2, batch_size=4096)
+    out = capsys.readouterr().out
+    assert out.count("--batch-size 4096 is larger than the 1437 training samples") == 1
+
+
+def test_gpu_without_a_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(UsageError, match="--gpu 0 but no CUDA GPU is visible"):
+        run(tmp_path / "g", gpu=0)
+
+
+def test_tensorboard_scalars_are_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    run(out, epochs=2, tensorboard=True)
+    events = EventAccumulator(str(out))
+    events.Reload()
+    for key in ("test_accuracy", "train_loss", "lr", "samples_per_sec"):
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        want = [(r["epoch"], r[key]) for r in rows(out)]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
+def test_torchrun_launch_is_one_line_from_rank_0_only(tmp_path):
+    argv = ("-m", "hvdsgd.train", "--out", str(tmp_path / "t"))
+    lines = []
+    for rank in (0, 1):
+        proc = entry(*argv, env={"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        assert proc.returncode == 2
+        lines += (proc.stdout + proc.stderr).splitlines()
+    assert lines == ["hvdsgd: error: started by torchrun as 2 processes, but hvdsgd's ranks come "
+                     "from Horovod; launch with: horovodrun -np 2 python -m hvdsgd.train ..."]
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.fixture
+def no_horovod(tmp_path):
+    """A PYTHONPATH on which ``import horovod`` fails, in this process's children too."""
+    shim = tmp_path / "shim" / "horovod"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('horovod is not installed (test shim)')\n")
+    return {"PYTHONPATH": f"{shim.parent}{os.pathsep}{ROOT}"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "hvdsgd.train", "--model", "mlp", "--epochs", "1"],
+    ["-m", "hvdsgd.train", "--strategy", "hogwild", "--workers", "2", "--model", "mlp",
+     "--epochs", "1"],
+    ["-m", "hvdsgd.kfold", "--folds", "2", "--epochs", "1", "--model", "mlp"],
+    ["-m", "hvdsgd.lottery", "--epochs", "1", "--model", "mlp", "--sparsities", "0.5",
+     "--reset-steps", "0", "--rounds", "1"],
+], ids=["train", "hogwild", "kfold", "lottery"])
+def test_every_single_process_entry_point_runs_without_horovod(tmp_path, no_horovod, argv):
+    out = tmp_path / "out"
+    proc = entry(*argv, "--out", str(out), "--no-progress", env=no_horovod, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert json.loads((out / "summary.json").read_text())
+    check = entry("-c", "import horovod", env=no_horovod)
+    assert "horovod is not installed (test shim)" in check.stderr  # the shim did block it
+
+
+def test_the_profiler_runs_without_horovod(tmp_path, no_horovod):
+    proc = entry("-m", "hvdsgd.profiler", "--interval", "0.05", "--out", str(tmp_path / "p"),
+                 "--no-plot", "--", sys.executable, "-c", "import time; time.sleep(0.5)",
+                 env=no_horovod)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert list((tmp_path / "p").glob("profile*.csv"))
+
+
+def test_under_horovodrun_horovod_is_required(tmp_path, no_horovod):
+    proc = entry("-m", "hvdsgd.train", "--out", str(tmp_path / "h"),
+                 env={**no_horovod, "HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hvdsgd: error: horovod.torch is not importable (horovod is not installed (test shim)); "
+        "build it with `python -m hvdsgd.build_horovod` (or `make setup` in a checkout)"]
+
+
+@pytest.mark.dist
+def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path):
+    """-np 2 on 1,437 digits: the sampler pads one sample, which is not a training sample; and
+    --gradient-predivide-factor changes where the division happens, not the result."""
+    outs = {}
+    for name, flags in (("plain", []), ("predivide", ["--gradient-predivide-factor", "2"])):
+        outs[name] = tmp_path / name
+        proc = horovodrun(2, "-m", "hvdsgd.train", "--model", "mlp", "--epochs", "2",
+                          "--no-progress", "--out", str(outs[name]), *flags)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["train_samples"] for r in rows(outs["plain"])] == [1437, 1437]
+    assert json.loads((outs["plain"] / "summary.json").read_text())["train_samples"] == 2 * 1437
+    a, b = (torch.load(o / "checkpoint.pt", weights_only=True)["model"] for o in outs.values())
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
