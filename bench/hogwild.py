@@ -186,7 +186,7 @@ def run_hvdsgd(strategy: str, workers: int, cfg: dict, eval_interval: float, tmp
            "--momentum", str(cfg["momentum"]), "--weight-decay", str(cfg["weight_decay"]),
            "--scheduler", "constant", "--warmup-epochs", "0", "--seed", str(cfg["seed"]),
            "--eval-interval", str(eval_interval), "--no-progress", "--no-checkpoint",
-           "--out", str(out)]
+           "--overwrite", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     if proc.returncode != 0:
         sys.exit(f"bench/hogwild.py: {' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")

@@ -39,7 +39,7 @@ def run_hvdsgd(args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "hvdsgd.kfold", "--model", args.model, "--folds", str(args.folds),
            "--epochs", str(args.epochs), "--workers", str(args.workers), "--compare-serial",
            "--batch-size", str(args.batch_size), "--accum-steps", str(args.accum_steps),
-           "--no-progress", "--out", str(out)]
+           "--no-progress", "--overwrite", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if proc.returncode != 0:
         sys.exit(f"bench/kfold.py: {' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")

@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "hvdsgd.lottery", "--compare-serial", "--no-progress",
                "--model", args.model, "--workers", str(args.workers),
                "--sparsities", args.sparsities, "--reset-steps", args.reset_steps,
-               "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--out", tmp]
+               "--rounds", str(args.rounds), "--epochs", str(args.epochs), "--overwrite", "--out", tmp]
         proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=1800,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         if proc.returncode != 0:

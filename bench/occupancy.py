@@ -76,7 +76,7 @@ def cpu_settings(quick: bool) -> list[dict]:
 def run_setting(setting: dict, epochs: int, interval: float, out: Path) -> dict:
     cmd = [sys.executable, "-m", "hvdsgd.train", *setting["args"], "--epochs", str(epochs),
            "--profile", "--profile-interval", str(interval), "--no-progress",
-           "--no-checkpoint", "--out", str(out)]
+           "--no-checkpoint", "--overwrite", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if proc.returncode != 0:
         sys.exit(f"bench/occupancy.py: {' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")

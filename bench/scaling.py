@@ -48,7 +48,7 @@ def run(model: str, workers: int, batch: int, args, out: Path) -> dict:
                      "--batch-size", str(batch), "--lr", str(args.lr), "--momentum", "0.9",
                      "--scheduler", "constant", "--warmup-epochs", "0", "--seed", str(args.seed),
                      "--device", args.device, "--threads", str(args.threads), "--no-progress",
-                     "--no-checkpoint", "--out", str(out))
+                     "--no-checkpoint", "--overwrite", "--out", str(out))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)

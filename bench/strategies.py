@@ -34,7 +34,7 @@ def run(strategy: str, args, out: Path) -> dict:
     common = ["-m", "hvdsgd.train", "--model", args.model, "--epochs", str(args.epochs),
               "--batch-size", "64", "--lr", str(args.lr), "--momentum", "0.9",
               "--scheduler", "constant", "--warmup-epochs", "0", "--no-progress",
-              "--no-checkpoint", "--out", str(out)]
+              "--no-checkpoint", "--overwrite", "--out", str(out)]
     if strategy == "allreduce":
         cmd = horovodrun(args.workers, *common)
     else:
