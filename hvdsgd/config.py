@@ -132,6 +132,10 @@ class TrainConfig:
                      "test_batch_size", "log_interval", "gradient_predivide_factor"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        from .profiler.sampler import MAX_INTERVAL_S
+        if self.profile_interval > MAX_INTERVAL_S:
+            raise UsageError(f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
+                             f"{self.profile_interval:g})")
         if self.gpu < -1:
             raise UsageError(f"--gpu must be a GPU index >= 0 (got {self.gpu})")
         if self.gpu >= 0 and self.device == "cpu":

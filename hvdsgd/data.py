@@ -8,6 +8,10 @@ there is one) and batches are slices of those tensors, not items decoded one at 
 - ``mnist``, ``cifar10``, ``cifar100``: the original files read through torchvision from
   ``--data-dir`` (``MNIST/raw/*-ubyte``, ``cifar-10-batches-py/``, ``cifar-100-python/``).
 - ``synthetic``: random tensors of any shape, for throughput.
+
+Labels outside the class range are refused at load time, naming the file that holds them, and
+a synthetic set or a resize that would not fit in the host's available memory is refused
+before anything is allocated.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# Launchers' count of the ranks on this host, each of which loads its own copy of the data.
+LOCAL_SIZE_VARS = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 @dataclass
@@ -58,19 +65,40 @@ class Dataset:
 
 def load(name: str, data_dir: str = "data", download: bool = False, synthetic: bool = False,
          input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
-         synthetic_samples: int = 4096, seed: int = 0) -> Dataset:
-    """Load data set ``name``; ``synthetic=True`` gives random data of the same shape."""
+         synthetic_samples: int = 4096, seed: int = 0, resize_to: int | None = None) -> Dataset:
+    """Load data set ``name``, resized to ``resize_to`` x ``resize_to`` when given (see
+    :func:`resize`); ``synthetic=True`` gives random data of the same shape."""
     if name == "synthetic" or synthetic:
-        if name != "synthetic":
-            input_shape, num_classes = _SHAPES[name]
-        return make_synthetic(input_shape, num_classes, synthetic_samples, seed)
-    if name == "digits":
-        return load_digits()
-    if name == "mnist":
-        return load_mnist(data_dir, download)
-    if name in ("cifar10", "cifar100"):
-        return load_cifar(name, data_dir, download)
-    raise UsageError(f"unknown dataset {name!r}; choose one of: digits, mnist, cifar10, cifar100, synthetic")
+        ds = _synthetic(name, input_shape, num_classes, synthetic_samples, seed, resize_to)
+    elif name == "digits":
+        ds = load_digits()
+    elif name == "mnist":
+        ds = load_mnist(data_dir, download)
+    elif name in ("cifar10", "cifar100"):
+        ds = load_cifar(name, data_dir, download)
+    else:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: digits, mnist, cifar10, "
+                         "cifar100, synthetic")
+    return resize(ds, resize_to)
+
+
+def _synthetic(name: str, shape: tuple[int, int, int], num_classes: int, samples: int,
+               seed: int, resize_to: int | None) -> Dataset:
+    """:func:`make_synthetic` shaped like ``name``, refused in one line before anything is
+    allocated if it, and its resize to ``resize_to``, would not fit in memory."""
+    fix = "lower --synthetic-samples or --input-shape"
+    if name != "synthetic":
+        shape, num_classes = _SHAPES[name]
+        fix = "lower --synthetic-samples"
+    n_test = _test_samples(num_classes, samples)
+    what = (f"synthetic data of {samples:,} + {n_test:,} test samples of shape "
+            f"{'x'.join(map(str, shape))}")
+    need = synthetic_bytes(shape, num_classes, samples)
+    if resize_to is not None and shape[1:] != (resize_to, resize_to):
+        what += f", resized to {resize_to}x{resize_to} for this --model,"
+        need += (samples + n_test) * shape[0] * resize_to * resize_to * 4
+    _require_memory(what, need, fix)
+    return make_synthetic(shape, num_classes, samples, seed)
 
 
 _SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10),
@@ -102,6 +130,8 @@ def load_mnist(data_dir: str, download: bool = False) -> Dataset:
                          "delete them and fetch them again (or pass --download)")
     (xtr, ytr), (xte, yte) = [(s.data.numpy()[:, None].astype(np.float32) / 255.0,
                                s.targets.numpy().astype(np.int64)) for s in splits]
+    for y, prefix in ((ytr, "train"), (yte, "t10k")):
+        _check_labels("mnist", y, 10, lambda: [(raw / f"{prefix}-labels-idx1-ubyte", len(y))])
     return _normalised("mnist", xtr, ytr, xte, yte, [str(c) for c in range(10)])
 
 
@@ -128,6 +158,9 @@ def load_cifar(name: str, data_dir: str, download: bool = False) -> Dataset:
                          "delete them and fetch them again (or pass --download)")
     (xtr, ytr), (xte, yte) = [(s.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0,
                                np.asarray(s.targets, dtype=np.int64)) for s in splits]
+    classes = len(splits[0].classes)
+    for y, files in ((ytr, base.train_list), (yte, base.test_list)):
+        _check_labels(name, y, classes, lambda: _cifar_counts(folder, [f for f, _ in files]))
     return _normalised(name, xtr, ytr, xte, yte, list(splits[0].classes))
 
 
@@ -135,11 +168,53 @@ def make_synthetic(shape: tuple[int, int, int], num_classes: int, samples: int,
                    seed: int = 0) -> Dataset:
     """Random N(0, 1) images with random labels; the test set is 1/8 the size."""
     g = torch.Generator().manual_seed(seed)
-    n_test = max(num_classes, samples // 8)
+    n_test = _test_samples(num_classes, samples)
     x = torch.randn(samples + n_test, *shape, generator=g)
     y = torch.randint(0, num_classes, (samples + n_test,), generator=g)
     return Dataset("synthetic", x[:samples], y[:samples], x[samples:], y[samples:],
                    [str(c) for c in range(num_classes)])
+
+
+def _test_samples(num_classes: int, samples: int) -> int:
+    """Size of the synthetic test set: 1/8 of the training set, at least one per class."""
+    return max(num_classes, samples // 8)
+
+
+def synthetic_bytes(shape: tuple[int, int, int], num_classes: int, samples: int) -> int:
+    """Bytes :func:`make_synthetic` allocates: float32 images and int64 labels, test included."""
+    return (samples + _test_samples(num_classes, samples)) * (math.prod(shape) * 4 + 8)
+
+
+def _check_labels(name: str, y: np.ndarray, num_classes: int,
+                  files: Callable[[], list[tuple[Path, int]]]) -> None:
+    """Refuse a label outside ``0 .. num_classes - 1``, naming the file and sample holding it.
+
+    ``files()`` lists ``(path, samples)`` in the order their labels were concatenated into
+    ``y``; it is called only when a label is bad.
+    """
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if not len(bad):
+        return
+    index = int(bad[0])
+    for path, n in files():
+        if index < n:
+            break
+        index -= n
+    raise UsageError(f"{name} file {path} holds label {y[bad[0]]} (sample {index}), outside the "
+                     f"{num_classes} classes 0-{num_classes - 1}; delete it and fetch it again "
+                     "(--download)")
+
+
+def _cifar_counts(folder: Path, files: list[str]) -> list[tuple[Path, int]]:
+    """(path, number of labels) of each CIFAR batch file, read again (on the error path)."""
+    import pickle
+
+    counts = []
+    for f in files:
+        with open(folder / f, "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        counts.append((folder / f, len(batch.get("labels", batch.get("fine_labels", [])))))
+    return counts
 
 
 def _normalised(name, xtr, ytr, xte, yte, classes) -> Dataset:
@@ -168,12 +243,46 @@ def _why(e: Exception) -> str:
     return (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__).splitlines()[0][:160]
 
 
+def _ranks_on_host() -> int:
+    """Ranks a launcher started on this host (1 for a plain process)."""
+    for var in LOCAL_SIZE_VARS:
+        try:
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def _size(n: float) -> str:
+    """Bytes in SI units with three significant digits: ``113 MB``, ``1.38 TB``."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 999.5:
+            break
+        n /= 1000
+    return f"{n:.3g} {unit}"
+
+
+def _require_memory(what: str, per_rank: int, fix: str) -> None:
+    """Refuse ``what`` when every rank on this host needing ``per_rank`` bytes exceeds the
+    memory available now: one line naming the size and ``fix``, before any allocation."""
+    ranks, available = _ranks_on_host(), psutil.virtual_memory().available
+    if per_rank * ranks > available:
+        each = f" ({ranks} ranks on this host x {_size(per_rank)})" if ranks > 1 else ""
+        raise UsageError(f"{what} needs {_size(per_rank * ranks)} of memory{each}, "
+                         f"{_size(available)} available; {fix}")
+
+
 # ------------------------------------------------------------------------ transforms
 
 def resize(ds: Dataset, size: int | None) -> Dataset:
     """Bilinear resize of every image to ``size`` x ``size`` (no-op for None or same size)."""
     if size is None or ds.input_shape[1:] == (size, size):
         return ds
+    (c, h, w), n = ds.input_shape, len(ds.train_x) + len(ds.test_x)
+    fix = f"choose a --model that takes {h}x{w} inputs"
+    _require_memory(f"resizing {ds.name} from {h}x{w} to {size}x{size} for this --model",
+                    n * c * size * size * ds.train_x.element_size(),
+                    f"lower --synthetic-samples or {fix}" if ds.name == "synthetic" else fix)
     log.info("resizing %s from %dx%d to %dx%d for this model", ds.name, *ds.input_shape[1:], size, size)
     r = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
     return replace(ds, train_x=r(ds.train_x), test_x=r(ds.test_x))

@@ -51,9 +51,9 @@ def setup_logging(main: bool) -> None:
 
 def load_data(cfg: TrainConfig) -> data.Dataset:
     """The data set, resized to what the model needs."""
-    ds = data.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic, cfg.shape,
-                   cfg.num_classes, cfg.synthetic_samples, cfg.seed)
-    return data.resize(ds, models.input_size(cfg.model))
+    return data.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic, cfg.shape,
+                     cfg.num_classes, cfg.synthetic_samples, cfg.seed,
+                     resize_to=models.input_size(cfg.model))
 
 
 def progress_bar(cfg: TrainConfig, total: int, epoch: int):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pynvml as N
 import pytest
 
+from hvdsgd.errors import UsageError
 from hvdsgd.profiler import Profiler, parse_cuda_visible_devices, read_csv, summarize, visible_gpus
 from hvdsgd.profiler.nvml import GpuSampler, resolve
 
@@ -229,6 +230,46 @@ def test_summarize_statistics(tmp_path):
     assert raw["metrics"]["gpu0_util"]["mean"] == 67.5 and raw["gpu_idle_share"]["gpu0"] == 0.25
 
 
+def write_profile_csv(path, cores, gpu=False, rows=20):
+    """A profile CSV with ``cores`` per-core columns (and one GPU's, with ``gpu``)."""
+    cols = ["wall_time", "elapsed_s", "cpu_util"] + [f"cpu{k}_util" for k in range(cores)]
+    cols += ["gpu0_util", "gpu0_power_w"] if gpu else []
+    lines = [",".join(cols)]
+    for i in range(rows):
+        cpu = [100.0 * ((k + i) % 5) / 4 for k in range(cores)]
+        lines.append(",".join(map(str, [1000 + i / 10, i / 10, sum(cpu) / cores, *cpu,
+                                        *([40, 250] if gpu else [])])))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("cores, gpu, ticks", [(3, False, [0, 1, 2]), (2, True, [0, 1]),
+                                               (40, True, list(range(0, 40, 3)))])
+def test_core_heat_map_has_integer_core_ticks_and_a_full_height_colour_bar(tmp_path, cores, gpu, ticks):
+    import matplotlib.pyplot as plt
+    from hvdsgd.profiler.output import timeline_figure
+
+    fig = timeline_figure(write_profile_csv(tmp_path / "p.csv", cores, gpu))
+    try:
+        fig.canvas.draw()  # constrained layout places the axes at draw time
+        bar, = [ax for ax in fig.axes if ax.get_ylabel() == "CPU core %"]
+        panels = [ax for ax in fig.axes if ax is not bar]
+        heat = panels[-1]
+        assert heat.get_ylabel() == "CPU core" and len(panels) == (3 if gpu else 1)
+        assert list(heat.get_yticks()) == ticks  # whole cores, not -0.5, 0.5, ...
+        assert [t.get_text() for t in heat.get_yticklabels()] == [f"cpu{k}" for k in ticks]
+        assert heat.get_ylim() == (-0.5, cores - 0.5)  # row k centred on tick k
+        h, b = heat.get_position(), bar.get_position()
+        assert 0.9 < b.height / h.height <= 1.0  # the heat map's height, not a third of it
+        px = bar.get_window_extent()
+        assert b.x0 > h.x1 and 0.02 < px.width / px.height < 0.2  # a bar, beside the map
+        assert [bar.get_ylim()] == [(0.0, 100.0)]
+        for ax in panels:  # the GPU panels stay aligned with the heat map
+            assert ax.get_position().x1 == pytest.approx(h.x1, abs=1e-3)
+    finally:
+        plt.close(fig)
+
+
 # ------------------------------------------------------------------ the command line
 
 def cli(*args, timeout=60, **kw):
@@ -280,6 +321,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, fix):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("hvdsgd.profiler: error:")
     assert fix in r.stderr and "Traceback" not in r.stderr
+
+
+INTERVAL_RANGE = "--interval must be > 0 and <= 3600 seconds (got {}); e.g. --interval 0.1"
+DURATION_RANGE = "--duration must be > 0 and <= 31536000 seconds (got {}); e.g. --duration 30"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--interval", "inf", "--", "true"], INTERVAL_RANGE.format("inf")),
+    (["--interval", "nan", "--", "true"], INTERVAL_RANGE.format("nan")),
+    (["--interval=-inf", "--", "true"], INTERVAL_RANGE.format("-inf")),
+    (["--interval", "1e300", "--duration", "1"], INTERVAL_RANGE.format("1e+300")),
+    (["--interval", "0", "--", "true"], INTERVAL_RANGE.format("0.0")),
+    (["--duration", "inf"], DURATION_RANGE.format("inf")),
+    (["--duration", "nan"], DURATION_RANGE.format("nan")),
+    (["--duration", "1e300"], DURATION_RANGE.format("1e+300")),
+    (["--duration", "0"], DURATION_RANGE.format("0.0")),
+    (["--duration", "-2"], DURATION_RANGE.format("-2.0")),
+])
+def test_cli_float_flags_must_be_finite_and_in_range(tmp_path, args, line):
+    r = cli("--no-plot", "--out", str(tmp_path / "prof"), *args, timeout=20)
+    assert (r.returncode, r.stderr, r.stdout) == (2, f"hvdsgd.profiler: error: {line}\n", "")
+    assert not (tmp_path / "prof").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("interval", [float("inf"), float("nan"), 0.0, 1e300])
+def test_profiler_interval_must_be_finite_and_in_range(tmp_path, interval):
+    with pytest.raises(UsageError, match=r"^the profiler interval must be > 0 and <= 3600 seconds"):
+        Profiler(tmp_path, interval=interval)
 
 
 def test_cli_command_not_found_exits_127(tmp_path):
@@ -365,4 +434,4 @@ def test_train_profile_interval_must_be_positive(tmp_path):
          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "hvdsgd: error: --profile-interval must be > 0 seconds (got 0.0)"]
+        "hvdsgd: error: --profile-interval must be > 0 (got 0.0)"]

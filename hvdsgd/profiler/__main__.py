@@ -20,10 +20,12 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from ..errors import EXIT_USAGE, UsageError
-from .sampler import Profiler
+from .sampler import MAX_INTERVAL_S, Profiler
 
 log = logging.getLogger("hvdsgd")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Every float flag: its largest value (seconds; all must be > 0 and finite) and an example.
+FLOAT_FLAGS = {"interval": (MAX_INTERVAL_S, "0.1"), "duration": (365 * 86400.0, "30")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,11 +40,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = _Parser(prog="python -m hvdsgd.profiler", description=__doc__.split("\n\n")[0],
                 usage="%(prog)s [options] -- COMMAND [ARGS...]  |  %(prog)s [options] --duration S")
     p.add_argument("--interval", type=float, default=0.1, metavar="S",
-                   help="seconds between samples (default: 0.1)")
+                   help=f"seconds between samples, at most {MAX_INTERVAL_S:.0f} (default: 0.1)")
     p.add_argument("--out", default="profile", metavar="DIR",
                    help="output folder (default: ./profile)")
     p.add_argument("--duration", type=float, metavar="S",
-                   help="profile for S seconds instead of a command")
+                   help="profile for S seconds instead of a command (at most a year)")
     p.add_argument("--prefix", default="profile", help="file name prefix (default: profile)")
     p.add_argument("--rank", type=int, metavar="N", help="append -rankN to the file names")
     p.add_argument("--cuda-device", type=int, metavar="K",
@@ -51,17 +53,23 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="also watch this process tree (repeatable)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args, command = p.parse_args(argv[:cut]), argv[cut + 1:]
-    if not args.interval > 0:
-        raise UsageError(f"--interval must be > 0 seconds (got {args.interval}); e.g. --interval 0.1")
+    _check_floats(args)
     if command and args.duration is not None:
         raise UsageError("give either a command after -- or --duration, not both")
     if not command and args.duration is None:
         raise UsageError("nothing to profile: give a command after -- or --duration SECONDS")
-    if args.duration is not None and not args.duration > 0:
-        raise UsageError(f"--duration must be > 0 seconds (got {args.duration})")
     if (args.cuda_device or 0) < 0 or (args.rank or 0) < 0:
         raise UsageError("--cuda-device and --rank must be >= 0")
     return args, command
+
+
+def _check_floats(args: argparse.Namespace) -> None:
+    """Every float flag given is finite and in (0, its maximum], or one line naming it."""
+    for name, (high, example) in FLOAT_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= high:  # NaN fails every comparison
+            raise UsageError(f"--{name} must be > 0 and <= {high:.0f} seconds (got {value}); "
+                             f"e.g. --{name} {example}")
 
 
 @contextlib.contextmanager

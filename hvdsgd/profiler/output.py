@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from .nvml import GPM_METRICS
 
 TIME_COLUMNS = ("wall_time", "elapsed_s")
 _GPU = re.compile(r"^(gpu\d+)_(.+)$")
+MAX_CORE_TICKS = 16  # beyond this many cores, label every k-th one
 
 
 class CsvLog:
@@ -109,8 +111,22 @@ def _line(ax: Any, t: list[float | None], ys: list[float | None], label: str) ->
     return bool(pts)
 
 
+def core_ticks(cores: int) -> list[int]:
+    """Rows of the core heat map that get a label: every core, or every k-th of many."""
+    return list(range(0, cores, math.ceil(cores / MAX_CORE_TICKS)))
+
+
 def plot_timeline(csv_path: str | Path, png_path: str | Path) -> None:
     """The PNG timeline: one panel per GPU quantity (lines per GPU), then the CPU cores."""
+    import matplotlib.pyplot as plt
+
+    fig = timeline_figure(csv_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def timeline_figure(csv_path: str | Path) -> Any:
+    """The figure :func:`plot_timeline` saves (matplotlib's Agg backend); the caller closes it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,13 +160,15 @@ def plot_timeline(csv_path: str | Path, png_path: str | Path) -> None:
     if cores and times:
         grid = [[v or 0.0 for v in cols[c]] for c in cores]
         im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis",
-                       interpolation="nearest",
+                       interpolation="nearest",  # row k is core k, centred on y = k
                        extent=(times[0], max(times[-1], times[0] + 1e-3),  # one sample
                                -0.5, len(cores) - 0.5))
-        fig.colorbar(im, ax=list(axes[:, 0]), label="CPU core %", pad=0.01, shrink=0.3,
-                     anchor=(0.0, 0.0))
+        ticks = core_ticks(len(cores))
+        ax.set_yticks(ticks, [f"cpu{k}" for k in ticks])
+        # Beside the heat map alone, its full height; constrained layout keeps the panels
+        # above aligned with it.
+        fig.colorbar(im, ax=ax, label="CPU core %", pad=0.01)
     ax.set_ylabel("CPU core")
     ax.set_xlabel("seconds since start")
     fig.suptitle(f"profile: {Path(csv_path).name}" + ("" if gpus else " (no GPU)"))
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -20,6 +20,7 @@ from .nvml import COLUMNS, GpuSampler, N
 from .output import CsvLog, plot_timeline, summarize, write_json
 
 log = logging.getLogger("hvdsgd")
+MAX_INTERVAL_S = 3600.0  # a sample an hour; far longer waits overflow threading's timeouts
 
 
 class Profiler:
@@ -49,9 +50,9 @@ class Profiler:
                  pids: Sequence[int] | None = None, prefix: str = "profile",
                  rank: int | None = None, idle_below: float = 5.0, plot: bool = True,
                  gpu: bool = True):
-        if not interval > 0:  # also refuses NaN
-            raise UsageError(f"the profiler interval must be > 0 seconds (got {interval}); "
-                             "e.g. --interval 0.1")
+        if not 0 < interval <= MAX_INTERVAL_S:  # also refuses NaN and inf
+            raise UsageError(f"the profiler interval must be > 0 and <= {MAX_INTERVAL_S:g} "
+                             f"seconds (got {interval})")
         self.out_dir, self.interval = Path(out_dir), float(interval)
         self.devices, self.cuda_ordinal, self.gpu = devices, cuda_ordinal, gpu
         self.pids = [os.getpid()] if pids is None else list(pids)
