@@ -1,5 +1,8 @@
-"""Build hvdsgd: setuptools drives CMake to compile the pybind11 extension ``hvdsgd._C``.
+"""Build hvdsgd: setuptools drives CMake to compile the pybind11 extension ``hvdsgd._C``,
+and ships ``scripts/build_horovod.sh`` inside the package as ``hvdsgd/build_horovod.sh`` (run by
+``python -m hvdsgd.build_horovod``).
 
+    pip install .                           # torch, torchvision pinned in pyproject.toml
     pip install --no-build-isolation .      # into an environment with torch (and Horovod)
     HVDSGD_NATIVE=1 pip install ...         # -march=native kernels; CMAKE_ARGS is honoured
 """
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "hvdsgd/__init__.py").read_text())[1]
@@ -43,8 +47,19 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 1)], cwd=build, check=True)
 
 
+class BuildPy(build_py):
+    """Copy scripts/build_horovod.sh into the built package as hvdsgd/build_horovod.sh. An
+    editable install skips it: its hvdsgd.build_horovod runs scripts/build_horovod.sh itself."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:
+            self.copy_file(str(ROOT / "scripts" / "build_horovod.sh"),
+                           str(Path(self.build_lib) / "hvdsgd" / "build_horovod.sh"))
+
+
 setup(
     version=VERSION,
     ext_modules=[CMakeExtension("hvdsgd._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
 )
