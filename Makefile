@@ -38,7 +38,7 @@ $(VENV)/.stamp-hvdsgd: $(VENV)/.stamp-horovod setup.py CMakeLists.txt pyproject.
 
 demo: setup
 	@echo "==> horovodrun -np $(NP) python -m hvdsgd.train   (cnn on digits)"
-	horovodrun -np $(NP) python -m hvdsgd.train --out runs/demo
+	horovodrun -np $(NP) python -m hvdsgd.train --overwrite --out runs/demo
 
 test: setup
 	$(PY) -m pytest
