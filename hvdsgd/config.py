@@ -180,7 +180,7 @@ def _check_shared(cfg: "TrainConfig") -> None:
         raise UsageError(f"{s} updates with the C++ SGD kernel; use --optimizer sgd")
     if cfg.amp == "fp16":
         raise UsageError(f"{s} runs on CPU, where fp16 autocast has no loss scaling; use --amp bf16")
-    for flag in ("fp16_allreduce", "adasum", "resume", "tensorboard"):
+    for flag in ("fp16_allreduce", "adasum", "resume"):
         if getattr(cfg, flag):
             raise UsageError(f"--{_flag(flag)} applies to --strategy allreduce only; drop it")
     if cfg.strategy == "sharded" and cfg.shards < 2:

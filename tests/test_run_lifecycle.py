@@ -216,3 +216,16 @@ def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path)
     a, b = (torch.load(o / "checkpoint.pt", weights_only=True)["model"] for o in outs.values())
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_tensorboard_of_a_hogwild_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "hw"
+    proc = entry("-m", "hvdsgd.train", "--strategy", "hogwild", "--workers", "2", "--model", "mlp",
+                 "--epochs", "2", "--no-progress", "--tensorboard", "--out", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    events = EventAccumulator(str(out))
+    events.Reload()
+    values = [e.value for e in events.Scalars("test_accuracy")]
+    assert values == pytest.approx([r["test_accuracy"] for r in rows(out)], rel=1e-6)

@@ -3,11 +3,11 @@
     python -m hvdsgd.train --strategy hogwild --workers 4 --model mlp
     python -m hvdsgd.train --strategy sharded --shards 4 --workers 2 --eval-interval 0.5
 
-N worker processes (spawn, one compute thread each) train one model whose parameters live
-in one shared-memory buffer (:mod:`hvdsgd.shm`). Every worker runs the engine's training
-step on its own shard of the training set, in its own shuffled order, with a private
-momentum buffer and a preallocated flat gradient; its ``Updater`` turns the gradient into
-an update of the shared buffer by the policy of ``--strategy``:
+N worker processes (spawn, ``--threads`` compute threads each, default 1) train one model
+whose parameters live in one shared-memory buffer (:mod:`hvdsgd.shm`). Every worker runs the
+engine's training step on its own shard of the training set, in its own shuffled order, with
+a private momentum buffer and a preallocated flat gradient; its ``Updater`` turns the gradient
+into an update of the shared buffer by the policy of ``--strategy``:
 
 ==================  ====================  ===============================================
 strategy            the worker reads      the update
@@ -27,9 +27,13 @@ sync                the live buffer       deposit; barrier; worker 0 applies the
 
 The parent evaluates the shared weights on the test set every ``--eval-interval`` seconds
 without stopping the workers, logs accuracy against wall time, and writes the same run
-directory as synchronous training. A worker that dies is reported by index and exit code;
-``--on-worker-failure`` decides whether the others stop or finish. The segments are
-unlinked once every worker has attached, and again on every way out.
+directory as synchronous training; an epoch is every worker's pass over its shard, so
+``updates / (workers x steps per shard)`` (``sync``: one update per step for all). A worker
+that dies is reported by index and exit code; ``--on-worker-failure`` decides whether the
+others stop or finish. Ctrl-C, SIGTERM or SIGHUP stops the workers and writes the shared
+weights as ``checkpoint.pt`` before the one-line exit. More worker threads than cores gets a
+warning, and start-up progress every few seconds. The segments are unlinked once every worker
+has attached, and again on every way out.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ from .. import checkpoint, data, models, report, schedule, shm
 from ..data import ShardSampler
 from ..config import TrainConfig
 from ..engine import evaluate, seed, train_epoch
-from ..errors import UsageError
+from ..errors import Terminated, UsageError
 from ..metrics import Summary, Tally
 
 log = logging.getLogger("hvdsgd")
@@ -64,6 +68,7 @@ KERNEL_POLICY = {"hogwild": "hogwild", "lockfree": "hogwild", "atomic": "atomic"
 ACCURACY_TARGETS = (0.9, 0.95, 0.97)
 EXIT_STOPPED = 3  # a worker that stopped because another one failed
 REPORT_S = 0.1    # a worker reports its training loss and epoch count at most this often
+START_REPORT_S = 5.0  # the parent logs how many workers have started at most this often
 
 
 class WorkerFailed(UsageError):
@@ -182,10 +187,10 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
     """One worker process: attach, train ``epochs`` passes over its shard, report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
     _die_with_parent()
-    torch.set_num_threads(1)
     cpu = torch.device("cpu")
     try:
         cfg = TrainConfig(**cfg_dict)
+        torch.set_num_threads(cfg.threads or 1)
         model = models.build(cfg.model, spec["input_shape"], spec["num_classes"])
         shared = shm.SharedModel.attach(spec["names"], model)
         x, y = spec["train_x"], spec["train_y"]
@@ -194,7 +199,7 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
                                channels_last=cfg.channels_last)
         steps_per_epoch = math.ceil(len(batches) / cfg.accum_steps)
         updater = SharedUpdater(cfg, w, shared, model, steps_per_epoch, ctl)
-        ctl.reports.put(("ready", w))
+        ctl.reports.put(("ready", w, torch.get_num_threads()))
         ctl.start.wait()
         t_first = time.monotonic()
         tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
@@ -249,6 +254,7 @@ class Progress:
     errors: dict = field(default_factory=dict)
     usage: dict = field(default_factory=dict)
     busy: dict = field(default_factory=dict)      # worker -> (first step, last step), monotonic
+    threads: dict = field(default_factory=dict)   # worker -> its torch.get_num_threads()
 
     def __post_init__(self):
         self.epochs_done = [0] * self.workers
@@ -258,6 +264,7 @@ class Progress:
         kind, w = msg[0], msg[1]
         if kind == "ready":
             self.ready.add(w)
+            self.threads[w] = msg[2]
         elif kind == "done":
             self.done.add(w)
             self.busy[w] = (msg[2], msg[3])
@@ -281,12 +288,36 @@ class Progress:
         return s
 
 
-class _Stop(KeyboardInterrupt):
-    """SIGTERM to the parent: unwind through the clean-up like Ctrl-C."""
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)  # unwinds through the clean-up like Ctrl-C
 
 
-def _raise_stop(signum, frame):
-    raise _Stop()
+def steps_per_shard(cfg: TrainConfig, n_train: int) -> int:
+    """Steps of one worker's epoch (one pass over its shard of ``n_train`` samples)."""
+    batches = math.ceil(math.ceil(n_train / cfg.workers) / cfg.batch_size)
+    steps = math.ceil(batches / cfg.accum_steps)
+    return min(steps, 2) if cfg.dry_run else steps
+
+
+def updates_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    """Updates of the shared buffer in one epoch: every worker's pass over its shard."""
+    return steps_per_shard(cfg, n_train) * (1 if cfg.strategy == "sync" else cfg.workers)
+
+
+def real_samples(cfg: TrainConfig, n_train: int, w: int) -> int:
+    """Distinct samples in worker ``w``'s epoch: its shard without the repeats that pad it."""
+    n = len(range(w, n_train, cfg.workers))
+    return min(n, 2 * cfg.batch_size * cfg.accum_steps) if cfg.dry_run else n
+
+
+def _warn_oversubscribed(cfg: TrainConfig) -> None:
+    """One warning when the workers' compute threads outnumber this process's cores."""
+    cores, threads = len(os.sched_getaffinity(0)), cfg.threads or 1
+    if cfg.workers * threads > cores:
+        log.warning(f"hvdsgd: warning: {cfg.workers} workers x {threads} thread"
+                    f"{'s' * (threads > 1)} on {cores} core{'s' * (cores > 1)} is oversubscribed: "
+                    f"starting and training will be slow; use --workers "
+                    f"{max(1, cores // threads)} for one thread per core")
 
 
 def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
@@ -301,8 +332,8 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, ds.input_shape, ds.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
-    run_dir = report.RunDir(cfg.out)
-    run_dir.prepare()
+    run_dir = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
+    run_dir.prepare(overwrite=cfg.overwrite)
 
     ctx = torch.multiprocessing.get_context("spawn")  # shares the data tensors, no copy
     slots = {"sync": cfg.workers, "async-deferred": 2 * cfg.workers}.get(cfg.strategy, 0)
@@ -324,9 +355,19 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
                                 channels_last=cfg.channels_last)
     progress = Progress(cfg.workers, ds.num_classes)
     procs: list = []
-    old_term = signal.signal(signal.SIGTERM, _raise_stop)
     applier_thread, applier_errors = None, []
+    threads = cfg.threads or 1
+    old_handlers = {sig: signal.signal(sig, _raise_terminated)
+                    for sig in (signal.SIGTERM, signal.SIGHUP)}
+    started = False
     try:
+        log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
+                 f"({n_train} train / {len(ds.test_y)} test), --strategy {cfg.strategy}"
+                 + (f" ({shards} shards)" if shards > 1 else "")
+                 + f", {cfg.workers} worker process{'es' * (cfg.workers > 1)} x {threads} "
+                 f"thread{'s' * (threads > 1)}, batch {cfg.batch_size}, lr {cfg.lr:g} "
+                 f"({cfg.scheduler}); shared buffer {shared.params.name}")
+        _warn_oversubscribed(cfg)
         for w in range(cfg.workers):
             p = ctx.Process(target=worker, args=(w, cfg.to_dict(), spec, ctl),
                             name=f"hvdsgd-worker-{w}", daemon=True)
@@ -336,16 +377,10 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
             applier_thread = threading.Thread(
                 target=applier, args=(shared.params, ctl, cfg, applier_errors), daemon=True)
             applier_thread.start()
-
-        log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
-                 f"({n_train} train / {len(ds.test_y)} test), --strategy {cfg.strategy}"
-                 + (f" ({shards} shards)" if shards > 1 else "")
-                 + f", {cfg.workers} worker process{'es' * (cfg.workers > 1)} x 1 thread, "
-                 f"batch {cfg.batch_size}, lr {cfg.lr:g} ({cfg.scheduler}); shared buffer "
-                 f"{shared.params.name}")
         _wait_ready(procs, progress, ctl, cfg)
         shared.unlink()  # every worker has mapped it: /dev/shm keeps nothing from here on
         ctl.start.set()
+        started = True
         t0 = time.monotonic()  # system-wide on Linux: comparable with the workers' clocks
         evaluator = Evaluator(cfg, shared, ds, test_batches, run_dir, t0, n_train)
         # --profile: the CPU use of this process and its workers, beside training.
@@ -354,51 +389,74 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         rows = evaluator.rows
         # Training time: from the start signal to the last worker's last step.
         train_time = max((b[1] for b in progress.busy.values()), default=time.monotonic()) - t0
-    except (KeyboardInterrupt, _Stop):
-        log.info("hvdsgd: interrupted; stopping the workers")
+    except KeyboardInterrupt:  # Ctrl-C, or errors.Terminated (SIGTERM, SIGHUP)
+        _stop(procs)
+        _stop_applier(applier_thread, ctl)  # the buffer holds still: a consistent checkpoint
+        if started:
+            _save_interrupted(cfg, model, ds, run_dir, shared)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         _stop(procs)
-        if applier_thread is not None:
-            with contextlib.suppress(Exception):
-                ctl.filled.put(None)
-            applier_thread.join(timeout=2)
+        _stop_applier(applier_thread, ctl)
         shared.unlink()
 
     test = evaluate(model, test_batches, cpu, cfg.amp, Tally(ds.num_classes, cpu)).local()
-    shard = len(ShardSampler(n_train, 0, cfg.workers, cfg.seed))
-    if cfg.dry_run:
-        shard = min(shard, 2 * cfg.batch_size * cfg.accum_steps)
-    samples = sum(progress.epochs_done) * shard
+    # Samples trained on, without the repeats that pad the shards to equal length.
+    seen = [progress.epochs_done[w] * real_samples(cfg, n_train, w) for w in range(cfg.workers)]
+    samples = sum(seen)
     # Each worker's own rate over its own first-to-last step, summed: the throughput with
     # every worker running, without the tail in which the last one finishes alone.
-    aggregate = sum(progress.epochs_done[w] * shard / max(end - begin, 1e-9)
-                    for w, (begin, end) in progress.busy.items())
+    aggregate = sum(seen[w] / max(end - begin, 1e-9) for w, (begin, end) in progress.busy.items())
     stats = shared.params.stats(-1)
     reached = {f"{t:g}": next((r["time_s"] for r in rows if r["test_accuracy"] >= t), None)
                for t in ACCURACY_TARGETS}
     summary = report.summary(
-        cfg, ds.name, cfg.strategy, cfg.workers, n_params, test, rows[-1] if rows else {},
-        samples, train_time, time.perf_counter() - t_start, "cpu", 1,
+        cfg, ds.name, cfg.strategy, cfg.workers, n_params, test,
+        {**(rows[-1] if rows else {}), **evaluator.last_train}, samples, train_time,
+        time.perf_counter() - t_start, "cpu", max(progress.threads.values(), default=threads),
         workers=cfg.workers, shards=shards, updates=shared.params.updates,
-        aggregate_samples_per_sec=aggregate,
+        train_samples=samples, aggregate_samples_per_sec=aggregate,
         staleness_mean=stats["staleness_mean"], staleness_p95=stats["staleness_p95"],
         staleness_max=stats["staleness_max"], time_to_accuracy_s=reached,
         failed_workers=failed, **report.profile_figures(prof))
     run_dir.write_summary(summary)
     run_dir.plot(test.confusion.numpy(), ds.classes)
     if cfg.checkpoint and not cfg.dry_run:
-        ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
-        checkpoint.save(run_dir.path / checkpoint.NAME,
-                        {"model": model.state_dict(), "epoch": cfg.epochs, "identity": ident,
-                         "strategy": {}, "config": cfg.to_dict()})
+        _save_checkpoint(cfg, model, ds, run_dir, cfg.epochs, shared.params.updates)
     log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
              f"{summary['samples_per_sec']:,.0f} samples/s, staleness mean "
              f"{stats['staleness_mean']:.2f} p95 {stats['staleness_p95']:.0f} max "
              f"{stats['staleness_max']:.0f}, {summary['wall_time_s']:.1f} s; "
              f"results in {run_dir.path}/")
     return summary
+
+
+def _save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, ds: data.Dataset,
+                     run_dir: report.RunDir, epoch: int, updates: int) -> None:
+    """``checkpoint.pt`` of the shared weights: tensors and plain data only (weights_only)."""
+    ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # off the segment
+    checkpoint.save(run_dir.path / checkpoint.NAME,
+                    {"model": weights, "epoch": epoch, "updates": updates, "identity": ident,
+                     "strategy": {}, "config": cfg.to_dict()})
+
+
+def _save_interrupted(cfg: TrainConfig, model: torch.nn.Module, ds: data.Dataset,
+                      run_dir: report.RunDir, shared: shm.SharedModel) -> None:
+    """After the workers stopped: the weights as they are, with the whole epochs completed."""
+    if not cfg.checkpoint or cfg.dry_run:
+        return
+    updates = shared.params.updates
+    epoch = updates // updates_per_epoch(cfg, len(ds.train_y))
+    try:
+        _save_checkpoint(cfg, model, ds, run_dir, epoch, updates)
+    except UsageError as e:  # still an interruption: say why there is no checkpoint
+        log.warning(f"hvdsgd: warning: {e}")
+        return
+    log.info(f"stopped after {updates} updates ({epoch} whole epochs of {cfg.epochs}); "
+             f"the shared weights are in {run_dir.path / checkpoint.NAME}")
 
 
 def _drain(ctl: Control, progress: Progress) -> None:
@@ -425,10 +483,17 @@ def _check_workers(procs, progress: Progress, cfg: TrainConfig, failed: list, ct
 
 
 def _wait_ready(procs, progress: Progress, ctl: Control, cfg: TrainConfig) -> None:
-    """Wait until every worker has attached and built its model."""
+    """Wait until every worker has attached and built its model; with ``--progress``, say how
+    many have started every START_REPORT_S (oversubscribed, that takes minutes) and when all
+    have."""
+    t0 = last = time.monotonic()
     while len(progress.ready) < cfg.workers:
         wait_any([p.sentinel for p in procs], timeout=0.05)
         _drain(ctl, progress)
+        now = time.monotonic()
+        if cfg.progress and (now - last >= START_REPORT_S or len(progress.ready) == cfg.workers):
+            last = now
+            log.info(f"  started {len(progress.ready)}/{cfg.workers} workers ({now - t0:.1f} s)")
         for w, p in enumerate(procs):
             if p.exitcode is not None and w not in progress.ready:
                 _drain(ctl, progress)
@@ -452,7 +517,7 @@ class Evaluator:
 
     def __init__(self, cfg, shared: shm.SharedModel, ds, test_batches, run_dir, t0, n_train):
         self.cfg, self.shared, self.ds, self.test, self.run_dir = cfg, shared, ds, test_batches, run_dir
-        self.t0, self.n_train = t0, n_train
+        self.t0, self.updates_per_epoch = t0, updates_per_epoch(cfg, n_train)
         self.model = models.build(cfg.model, ds.input_shape, ds.num_classes)
         self.flat = torch.zeros(shared.params.size)
         shm.bind(shm._params(self.model), self.flat)
@@ -464,11 +529,14 @@ class Evaluator:
         self.rows: list = []
         self.last_flush = time.monotonic()
         self.last_train: dict = {}
-        self.samples_per_update = cfg.batch_size * cfg.accum_steps * (
-            cfg.workers if cfg.strategy == "sync" else 1)
+        self.last_updates = -1
 
     def snapshot(self, progress: "Progress", alive: int) -> None:
+        """Copy the weights, unless no update came since the last copy (the same row again)."""
         now = time.monotonic()
+        if self.shared.params.updates == self.last_updates:
+            return
+        self.last_updates = self.shared.params.updates
         state = (torch.from_numpy(self.shared.state.params()).clone()
                  if self.shared.state is not None else None)
         self.pending.append({"t": now - self.t0, "updates": self.shared.params.updates,
@@ -487,23 +555,26 @@ class Evaluator:
                 self.state.copy_(snap["state"])
             test = evaluate(self.model, self.test, cpu, self.cfg.amp,
                             Tally(self.ds.num_classes, cpu)).local()
-            if snap["train"] is not None:
-                tr = snap["train"]
-                self.last_train = {"train_loss": tr.loss, "train_accuracy": tr.accuracy,
-                                   "train_macro_f1": tr.macro_f1}
+            self.take_train(snap["train"])
             stats = self.shared.params.stats(-1)
-            row = {"time_s": snap["t"],
-                   "epoch": snap["updates"] * self.samples_per_update / self.n_train,
-                   "epochs": self.cfg.epochs, "updates": snap["updates"], **self.last_train,
-                   **test.as_dict("test"), "lr": snap["lr"],
-                   "staleness_mean": stats["staleness_mean"], "workers_alive": snap["alive"]}
+            epoch = snap["updates"] / self.updates_per_epoch  # exactly --epochs at the end
+            row = {"time_s": snap["t"], "epoch": epoch, "epochs": self.cfg.epochs,
+                   "updates": snap["updates"], **self.last_train, **test.as_dict("test"),
+                   "lr": snap["lr"], "staleness_mean": stats["staleness_mean"],
+                   "workers_alive": snap["alive"]}
             self.rows.append(row)
             self.run_dir.log_epoch(row)
-            log.info(f"{row['time_s']:7.2f} s  epoch {min(row['epoch'], self.cfg.epochs):5.2f}/"
+            log.info(f"{row['time_s']:7.2f} s  epoch {epoch:5.2f}/"
                      f"{self.cfg.epochs}  updates {row['updates']:>7}  test loss {test.loss:.4f} "
                      f"acc {100 * test.accuracy:5.2f}%")
         self.pending.clear()
         self.last_flush = time.monotonic()
+
+    def take_train(self, tr: Summary | None) -> None:
+        """The training metrics of the latest report (kept for the rows that follow)."""
+        if tr is not None:
+            self.last_train = {"train_loss": tr.loss, "train_accuracy": tr.accuracy,
+                               "train_macro_f1": tr.macro_f1}
 
 
 def _supervise(cfg, procs, progress: "Progress", ctl: Control, evaluator: Evaluator,
@@ -526,7 +597,16 @@ def _supervise(cfg, procs, progress: "Progress", ctl: Control, evaluator: Evalua
             evaluator.snapshot(progress, len(alive))
         if finished:
             evaluator.flush()
+            evaluator.take_train(progress.train_summary())  # reports after the last update
             return failed
+
+
+def _stop_applier(thread: threading.Thread | None, ctl: Control) -> None:
+    """async-deferred: let the applier finish the deposits in its queue, then end it."""
+    if thread is not None and thread.is_alive():
+        with contextlib.suppress(Exception):
+            ctl.filled.put(None)
+        thread.join(timeout=2)
 
 
 def _stop(procs) -> None:
