@@ -136,21 +136,22 @@ METRICS = ("test_accuracy", "test_macro_f1", "test_loss", "train_time_s")
 
 
 def aggregate(results: list[tasks.Result]) -> dict:
-    """Mean and standard deviation of each metric over the folds that finished."""
-    ok = [r.result for r in results if r.ok]
-    out = {}
-    for m in METRICS:
-        vals = [r[m] for r in ok]
-        out[m] = {"mean": statistics.mean(vals) if vals else None,
-                  "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-    return out
+    """Mean and standard deviation of each metric over the folds that finished, and of their
+    task times (``seconds``: what the table's rows show, training and evaluation)."""
+    ok = [r for r in results if r.ok]
+    columns = {m: [r.result[m] for r in ok] for m in METRICS}
+    columns["seconds"] = [r.seconds for r in ok]
+    return {m: {"mean": statistics.mean(vals) if vals else None,
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            for m, vals in columns.items()}
 
 
 def table(runs: dict[str, list[tasks.Result]]) -> str:
-    """The per-fold table (one column block per mode), then mean ± std."""
+    """The per-fold table (one column block per mode), then mean ± std over the folds that
+    finished. Time: the task's seconds, training and evaluation, as the rows."""
     modes = list(runs)
-    head = "| fold | " + " | ".join(f"{m} accuracy | {m} macro-F1 | {m} loss | {m} time (s)"
-                                    for m in modes) + " |"
+    head = "| fold | " + " | ".join(f"{m} accuracy | {m} macro-F1 | {m} loss | "
+                                    f"{m} task time (s)" for m in modes) + " |"
     lines = [head, "|---|" + "---|" * 4 * len(modes)]
     for i, name in enumerate(r.name for r in runs[modes[0]]):
         cells = []
@@ -166,7 +167,7 @@ def table(runs: dict[str, list[tasks.Result]]) -> str:
         fmt = lambda k, s, d: "n/a" if a[k]["mean"] is None else \
             f"{s * a[k]['mean']:.{d}f} ± {s * a[k]['std']:.{d}f}"  # noqa: E731
         cells += [fmt("test_accuracy", 100, 2) + "%", fmt("test_macro_f1", 1, 4),
-                  fmt("test_loss", 1, 4), fmt("train_time_s", 1, 2)]
+                  fmt("test_loss", 1, 4), fmt("seconds", 1, 2)]
     lines.append("| mean ± std | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -179,7 +180,7 @@ def kfold(cfg: KFoldConfig) -> dict:
     out = Path(cfg.out)
     if cfg.main:
         from .report import RunDir
-        RunDir(out).prepare()
+        RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
     parallel_mode = "serial" if cfg.serial else cfg.mode
     x, y, classes = _pooled(cfg)
     world = int(os.environ.get("HOROVOD_SIZE", "1"))

@@ -3,12 +3,14 @@
     python -m hvdsgd.lottery --workers 2                          # cnn on digits, 2 processes
     python -m hvdsgd.lottery --compare-serial                     # + serial run, speed-up, Amdahl
     python -m hvdsgd.lottery --sparsities 0.9,0.99 --reset-steps 0,50 --rounds 4
+    python -m hvdsgd.lottery --epochs 3                           # reset steps: 0, 20%, 80%
     horovodrun -np 2 -H localhost:2 --gloo python -m hvdsgd.lottery  # tickets spread over ranks
 
 Frankle et al., "Stabilizing the Lottery Ticket Hypothesis" (2019) and "Linear Mode
 Connectivity and the Lottery Ticket Hypothesis" (ICML 2020). The serial phase trains the dense
 model once from ``--seed`` on the training split of ``--dataset``, keeping its weights
-theta_k after each update k of ``--reset-steps`` (0: the initialisation) and its final weights.
+theta_k after each update k of ``--reset-steps`` (0: the initialisation; by default 0 and
+20% and 80% of its updates) and its final weights.
 Then every (sparsity s, reset step k) pair is a task (:mod:`hvdsgd.tasks`) that runs
 ``--rounds`` rounds of iterative magnitude pruning: prune the smallest-magnitude surviving
 conv and linear weights over the whole network (biases and norms are never pruned) so that
@@ -24,6 +26,7 @@ against sparsity, one line per reset step) and, with ``--compare-serial``, ``cpu
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -45,8 +48,9 @@ class LotteryConfig(tasks.TaskConfig):
 
     sparsities: str = _f("0.5,0.8,0.9,0.95", "final fractions of the conv/linear weights pruned, "
                          "each in (0, 1); one task per sparsity and reset step")
-    reset_steps: str = _f("0,20,100", "updates k of the dense run whose weights theta_k the "
-                          "survivors are reset to (0: the initialisation)")
+    reset_steps: str = _f("auto", "updates k of the dense run whose weights theta_k the "
+                          "survivors are reset to (0: the initialisation), like 0,20,100; auto: "
+                          "0 and 20%% and 80%% of the dense run's updates")
     rounds: int = _f(2, "pruning rounds per ticket; each prunes the same fraction of survivors")
     out: str = _f("runs/lottery", "run directory: tasks.jsonl, summary.json, accuracy.png, cpu.png")
     epochs: int = _f(5, "passes over the training set, of the dense run and of every round")
@@ -56,7 +60,9 @@ class LotteryConfig(tasks.TaskConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.sparsity_list, self.reset_list  # validate both lists
+        self.sparsity_list  # validates the list
+        if self.reset_steps != "auto":
+            self.reset_list  # validates the list
         if self.rounds < 1:
             raise UsageError(f"--rounds must be >= 1 (got {self.rounds})")
 
@@ -73,8 +79,10 @@ class LotteryConfig(tasks.TaskConfig):
 
     @property
     def reset_list(self) -> list[int]:
-        """``reset_steps`` parsed: distinct update counts >= 0, ascending."""
-        values = _numbers(self.reset_steps, int, "reset-steps", "update counts >= 0", "0,20,100")
+        """``reset_steps`` parsed: distinct update counts >= 0, ascending (``auto`` is
+        replaced by the steps it means first: :func:`resolve_reset_steps`)."""
+        values = _numbers(self.reset_steps, int, "reset-steps", "update counts >= 0",
+                          "0,20,100 (or auto)")
         if min(values) < 0:
             raise UsageError(f"--reset-steps must be >= 0 (got {min(values)}); 0 resets to the "
                              "initialisation")
@@ -89,6 +97,18 @@ def _numbers(text: str, kind: type, flag: str, what: str, example: str) -> list:
     if len(set(values)) < len(values):
         raise UsageError(f"--{flag} lists a value twice (got {text!r})")
     return values
+
+
+AUTO_RESETS = (0.0, 0.2, 0.8)  # --reset-steps auto: these fractions of the dense run's updates
+
+
+def resolve_reset_steps(cfg: LotteryConfig, updates: int) -> LotteryConfig:
+    """``cfg`` with ``--reset-steps auto`` replaced by 0 and :data:`AUTO_RESETS` of the dense
+    run's ``updates`` (rounded, each step once); an explicit list as it is."""
+    if cfg.reset_steps != "auto":
+        return cfg
+    steps = sorted({round(f * updates) for f in AUTO_RESETS})
+    return dataclasses.replace(cfg, reset_steps=",".join(map(str, steps)))
 
 
 def total_updates(cfg: TrainConfig, n_train: int) -> int:
@@ -352,8 +372,9 @@ def lottery(cfg: LotteryConfig) -> dict:
     out = Path(cfg.out)
     if main:
         from .report import RunDir
-        RunDir(out).prepare()
+        RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
     ds = _dataset(cfg)
+    cfg = resolve_reset_steps(cfg, total_updates(cfg, len(ds.train_y)))
     updates, n_weights = check_run(cfg, ds)
     world = int(os.environ.get("HOROVOD_SIZE", "1"))
     n_tasks = len(cfg.sparsity_list) * len(cfg.reset_list)

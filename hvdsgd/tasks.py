@@ -7,10 +7,13 @@ A :class:`Task` is a top-level function, its keyword arguments and its own seed.
 executes a list of them three ways, with the same results:
 
 - ``serial``: one after another in this process;
-- ``processes``: a pool of ``workers`` processes (forked where that is safe, else spawned);
-  a free worker takes the next task, so a slow task does not leave the others idle. When
-  the tasks do not divide evenly over the workers (5 folds on 2), each of the last ones is
-  split over two workers if it is ``splittable`` (:mod:`hvdsgd.pair`: exact, same bits);
+- ``processes``: a pool of ``workers`` processes (forked where that is safe, else forked
+  from a forkserver; :func:`start_method`); a free worker takes the next task, so a slow
+  task does not leave the others idle. When the tasks do not divide evenly over the workers
+  (5 folds on 2), each of the last ones is split over two workers if it is ``splittable``
+  (:mod:`hvdsgd.pair`: exact, same bits). Workers die with the process that started them,
+  whatever ends it; a worker that dies fails only the task it was running (reported with its
+  pid and exit status) and is replaced;
 - ``horovod`` (under ``horovodrun``): rank 0 hands out task indices over a socket as ranks
   ask for them (every rank, rank 0 included, runs tasks); the results are gathered on rank 0
   and broadcast back, so every rank ends with the same status.
@@ -21,21 +24,22 @@ task that raises is reported with its error and its inputs; the others complete.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Client, Listener, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .config import TrainConfig, _f
 from .errors import UsageError
@@ -94,18 +98,196 @@ def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str =
                   start - base, time.perf_counter() - start)
 
 
-_BARRIERS: list = []  # a pool worker's barriers for split tasks (inherited at its start)
+_BARRIERS: list = []  # a pool worker's barriers for split tasks (given at its start)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _pool_init(warm: Callable[..., Any] | None, warm_args: tuple, threads: int,
-               barriers: list = ()) -> None:
+def _die_with(main_pid: int) -> None:
+    """End this worker when the process that runs the pool ends, however it ends: the kernel
+    sends SIGKILL when the parent *thread* exits (``PR_SET_PDEATHSIG``), and a watchdog thread
+    waits on the pool's process itself, which is not the parent under a forkserver."""
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    threading.Thread(target=_watch, args=(main_pid,), daemon=True, name="hvdsgd-watchdog").start()
+
+
+def _watch(main_pid: int) -> None:
+    try:
+        fd = os.pidfd_open(main_pid)  # readable once that process has exited
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or Linux < 5.3): poll
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(main_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+    select.select([fd], [], [])
+    os._exit(1)
+
+
+def _worker(conn, main_pid: int, warm: Callable[..., Any] | None, warm_args: tuple,
+            threads: int, barriers: list) -> None:
+    """A pool process: start (torch, threads, ``warm``), say "ready", then run each job
+    ``(fn, args)`` it is sent and send back its Result, until it is sent None."""
+    _die_with(main_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
+    for sig in (signal.SIGTERM, signal.SIGHUP):   # a forked worker has the parent's handlers
+        signal.signal(sig, signal.SIG_DFL)
     _BARRIERS[:] = barriers
-    import torch  # every task needs it: import it before the first one is handed out
+    try:
+        import torch  # every task needs it: import it before the first one is handed out
 
-    torch.set_num_threads(threads)
-    if warm is not None:
-        warm(*warm_args)  # e.g. load and cache the data set once per worker
+        torch.set_num_threads(threads)
+        if warm is not None:
+            warm(*warm_args)  # e.g. load and cache the data set once per worker
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while (job := conn.recv()) is not None:
+        fn, args = job
+        conn.send(("result", fn(*args)))
+
+
+def _how(exitcode: int | None) -> str:
+    """How a process ended, from its exit code: 'killed by SIGKILL (exit -9)', 'exit status 9'."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name} (exit {exitcode})"
+    return f"exit status {exitcode}"
+
+
+@dataclass
+class _Job:
+    """What a pool worker runs: ``call = (fn, args)``, returning the Result of ``task``."""
+    key: tuple                      # (task index, half: None, 0 or 1)
+    task: Task
+    call: tuple
+    group: int | None = None        # the split task it is half of: the halves fail together
+
+
+class _Worker:
+    """One pool process, the parent's end of its pipe, and the job it is running."""
+
+    def __init__(self, ctx, init: tuple):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, *init), name="hvdsgd-task")
+        self.process.start()
+        child.close()
+        self.ready, self.job, self.since, self.stopped = False, None, 0.0, False
+
+    def give(self, job: _Job) -> None:
+        self.job, self.since = job, time.perf_counter()
+        self.conn.send(job.call)
+
+    def receive(self) -> tuple:
+        """Its next message; ("died", how) once it has exited."""
+        try:
+            if self.conn.poll():
+                return self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        self.process.join()
+        self.conn.close()
+        return "died", _how(self.process.exitcode)
+
+
+class _Pool:
+    """Worker processes that each run one job at a time, the next free one taking the next
+    job. A worker that dies fails its own job only (and the other half of a split task,
+    which would wait for it) and is replaced while jobs remain."""
+
+    def __init__(self, ctx, init: tuple, t0: float):
+        self.ctx, self.init, self.t0 = ctx, init, t0
+        self.workers: list[_Worker] = []
+
+    def start(self, n: int) -> None:
+        for _ in range(n):
+            self.workers.append(_Worker(self.ctx, self.init))
+
+    def run(self, jobs: list[_Job]) -> Iterator[tuple[_Job, Result]]:
+        """(job, its Result) for every job, as they finish."""
+        todo, spare, lost = deque(jobs), len(jobs), "none could start"
+        while self.workers and (todo or any(w.job for w in self.workers)):
+            for w in self.workers:
+                if w.ready and w.job is None and todo:
+                    job = todo.popleft()
+                    try:
+                        w.give(job)
+                    except OSError:
+                        pass  # it has just died: its sentinel says so next
+                    except Exception as e:  # a task that cannot be pickled, say
+                        w.job = None
+                        yield job, self._result(job, f"cannot hand it to a worker process "
+                                                     f"({type(e).__name__}: {e})")
+            ends = {**{w.conn: w for w in self.workers},
+                    **{w.process.sentinel: w for w in self.workers}}
+            for w in dict.fromkeys(ends[e] for e in wait(list(ends))):
+                kind, payload = w.receive()
+                if kind == "ready":
+                    w.ready = True
+                elif kind == "result":
+                    job, w.job = w.job, None
+                    yield job, payload
+                else:  # "error": its start raised; "died": it exited
+                    self.workers.remove(w)
+                    w.process.join()
+                    lost = f"pid {w.process.pid}: {payload}"
+                    if w.job is not None:
+                        yield w.job, self._died(w, payload)
+                        if w.job.group is not None:
+                            yield from self._stop_group(w.job.group, todo)
+                    if kind == "died" and todo and spare > 0:
+                        spare -= 1
+                        self.start(1)
+        for job in todo:
+            yield job, self._result(job, f"no worker process could run it ({lost})")
+
+    def _result(self, job: _Job, error: str, worker: str = "?", since: float | None = None
+                ) -> Result:
+        """The failed Result of ``job``; ``since``: when it was handed out."""
+        now = time.perf_counter()
+        since = now if since is None else since
+        return Result(job.task.name, False, None, error, job.task.inputs, worker,
+                      since - self.t0, now - since)
+
+    def _died(self, w: _Worker, how: str) -> Result:
+        from .pair import PARTNER_STOPPED
+        error = f"{PARTNER_STOPPED} (its worker process died)" if w.stopped else \
+            f"the worker process (pid {w.process.pid}) running it died: {how}"
+        return self._result(w.job, error, f"pid {w.process.pid}", w.since)
+
+    def _stop_group(self, group: int, todo: deque) -> Iterator[tuple[_Job, Result]]:
+        """The other half of a split task whose worker died: killed if it runs (it may wait
+        on a barrier that the dead process can no longer release), dropped if it waits."""
+        from .pair import PARTNER_STOPPED
+        for w in self.workers:
+            if w.job is not None and w.job.group == group:
+                w.stopped = True
+                w.process.kill()
+        for job in [j for j in todo if j.group == group]:
+            todo.remove(job)
+            yield job, self._result(job, f"{PARTNER_STOPPED} (its worker process died)")
+
+    def close(self, abort: bool) -> None:
+        """Stop every worker: after its last job, or at once (an error, Ctrl-C, SIGTERM)."""
+        for w in self.workers:
+            try:
+                w.process.kill() if abort else w.conn.send(None)
+            except OSError:
+                pass
+        for w in self.workers:
+            w.process.join(None if abort else 10)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.conn.close()
 
 
 class _Bar:
@@ -140,20 +322,48 @@ def run_serial(tasks: list[Task], threads: int, bar: _Bar) -> list[Result]:
     return out
 
 
-def start_method(requested: str = "auto") -> str:
-    """``auto``: fork where it is safe (Linux, no CUDA context in this process), else spawn.
+def check_method(method: str, threads: int) -> None:
+    """A start method that exists and, for ``fork``, one compute thread per task."""
+    if method not in START_METHODS:
+        raise UsageError(f"--start-method must be one of {', '.join(START_METHODS)} "
+                         f"(got {method!r})")
+    if method == "fork" and threads > 1:
+        raise UsageError(f"--start-method fork cannot run --task-threads {threads}: a worker "
+                         "forked after this process's OpenMP threads started hangs in its first "
+                         "parallel region; use --start-method forkserver (what auto picks)")
 
-    A forked worker starts in milliseconds with torch imported and the data in memory; a
-    spawned one re-imports torch (~2-4 s on a small machine). Forked workers set one compute
-    thread before any work, as PyTorch's DataLoader workers do.
+
+def start_method(requested: str = "auto", threads: int = 1) -> str:
+    """``auto``: fork where it is safe (Linux, no CUDA context here, one thread per task),
+    else forkserver.
+
+    A forked worker starts in milliseconds with torch imported and the data in memory. But
+    GNU OpenMP's thread pool does not survive a fork: once this process ran a parallel region
+    on several threads (loading the data, the dense run), a forked worker that runs one on
+    several threads waits forever for threads it does not have. One thread per task never
+    starts that pool. Otherwise workers fork from a forkserver, a fresh process that has only
+    imported torch and the tasks' modules (spawn would re-import torch in every worker,
+    ~2-4 s on a small machine).
     """
+    check_method(requested, threads)
     if requested != "auto":
         return requested
     import torch
-    if "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux" \
+    methods = multiprocessing.get_all_start_methods()
+    if threads == 1 and "fork" in methods and sys.platform == "linux" \
             and not torch.cuda.is_initialized():
         return "fork"
-    return "spawn"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _preload(fns: list[Callable]) -> list[str]:
+    """What a forkserver imports once for all its workers: torch, the hvdsgd modules this
+    process has imported and the modules defining ``fns``; not the main module (a worker runs
+    it as ``__mp_main__``, and runpy warns when it finds it imported already)."""
+    main = getattr(sys.modules["__main__"], "__spec__", None)
+    names = {n for n in sys.modules if n.partition(".")[0] == __name__.partition(".")[0]}
+    names |= {fn.__module__ for fn in fns}
+    return ["torch", *sorted(names - {"__main__", main.name if main else None})]
 
 
 def split_tail(tasks: list[Task], workers: int) -> list[int]:
@@ -184,47 +394,42 @@ def _merge_halves(owner: Result, helper: Result) -> Result:
 
 def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
                   warm: tuple | None = None, method: str = "auto") -> list[Result]:
-    """A process pool; each free worker takes the next task. ``warm``: (fn, args) run once
-    in each worker as it starts. The uneven tail is split (:func:`split_tail`)."""
+    """A pool of worker processes; each free worker takes the next task. ``warm``: (fn, args)
+    run once in each worker as it starts. The uneven tail is split (:func:`split_tail`)."""
     t0, results = time.perf_counter(), {}
-    ctx = multiprocessing.get_context(start_method(method))
     fn, args = warm or (None, ())
+    method = start_method(method, threads)
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_preload([t.fn for t in tasks] + ([fn] if fn else [])))
     tail = split_tail(tasks, workers)
     barriers = [ctx.Barrier(2) for _ in tail]
     halves: dict[int, dict[int, Result]] = {i: {} for i in tail}
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
-                                initargs=(fn, args, threads, barriers)) as pool:
-        # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
-        futures = {pool.submit(execute, t, threads, t0): (i, None)
-                   for i, t in enumerate(tasks) if i not in halves}
-        for b, i in enumerate(tail):  # submitted last: they start as the last whole tasks end
-            for role in (0, 1):
-                futures[pool.submit(_execute_half, tasks[i], threads, t0, b, role,
-                                    f"hvdsgd-pair-{os.getpid()}-{b}")] = (i, role)
-        try:
-            for fut in cf.as_completed(futures):
-                i, role = futures[fut]
-                try:
-                    r = fut.result()
-                except Exception as e:  # the worker process died (killed, out of memory)
-                    r = Result(tasks[i].name, False, None,
-                               f"the worker process running it died ({type(e).__name__}: {e})",
-                               tasks[i].inputs, "?", 0.0, 0.0)
-                if role is not None:
-                    halves[i][role] = r
-                    if len(halves[i]) < 2:
-                        continue
-                    r = _merge_halves(halves[i][0], halves[i][1])
-                    if r.ok:
-                        r.worker = f"{halves[i][0].worker} + {halves[i][1].worker}"
-                results[i] = r
-                bar.done(r)
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.terminate()  # Ctrl-C: do not wait for the running tasks
-            raise
+    # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
+    jobs = [_Job((i, None), t, (execute, (t, threads, t0)))
+            for i, t in enumerate(tasks) if i not in halves]
+    jobs += [_Job((i, role), tasks[i], (_execute_half, (tasks[i], threads, t0, b, role,
+                                                        f"hvdsgd-pair-{os.getpid()}-{b}")), b)
+             for b, i in enumerate(tail) for role in (0, 1)]  # last: as the whole tasks end
+    pool, finished = _Pool(ctx, (os.getpid(), fn, args, threads, barriers), t0), False
+    try:
+        pool.start(workers)
+        for job, r in pool.run(jobs):
+            i, role = job.key
+            if role is not None:
+                halves[i][role] = r
+                if len(halves[i]) < 2:
+                    continue
+                r = _merge_halves(halves[i][0], halves[i][1])
+                if r.ok:
+                    r.worker = f"{halves[i][0].worker} + {halves[i][1].worker}"
+            results[i] = r
+            bar.done(r)
+        finished = True
+    finally:
+        pool.close(abort=not finished)  # Ctrl-C, SIGTERM: do not wait for the running tasks
+        barriers.clear()  # their last references: semaphores released now, not at an exit
+        #                   that SIGTERM's one-line report skips (the tracker would warn)
     return [results[i] for i in range(len(tasks))]
 
 
@@ -316,6 +521,20 @@ def mode_for(workers: int, serial: bool) -> str:
     return "serial" if serial else "processes"
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def warn_oversubscribed(workers: int, threads: int) -> None:
+    """A warning when the workers' compute threads outnumber the cores."""
+    if workers * threads > cores():
+        log.warning(f"hvdsgd: warning: {workers} workers x {threads} thread(s) per task = "
+                    f"{workers * threads} compute threads on {cores()} cores: the tasks will "
+                    f"take turns and run slower; use --workers {max(1, cores() // threads)} or "
+                    "fewer --task-threads")
+
+
 def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: int = 1,
         progress: bool = True, warm: tuple | None = None,
         method: str = "auto") -> list[Result]:
@@ -325,8 +544,7 @@ def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: i
     ``fn``), such as loading the data set its tasks share. ``method``: the processes' start
     method (``auto``, ``fork``, ``spawn``, ``forkserver``; see :func:`start_method`).
     """
-    if method not in START_METHODS:
-        raise UsageError(f"unknown start method {method!r}; use one of {', '.join(START_METHODS)}")
+    check_method(method, threads)
     if mode not in MODES:
         raise UsageError(f"unknown task mode {mode!r}; use one of {', '.join(MODES)}")
     if workers < 1:
@@ -340,7 +558,9 @@ def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: i
         if mode == "serial":
             return run_serial(tasks, threads, bar)
         if mode == "processes":
-            return run_processes(tasks, min(workers, len(tasks)) or 1, threads, bar, warm, method)
+            workers = min(workers, len(tasks)) or 1
+            warn_oversubscribed(workers, threads)
+            return run_processes(tasks, workers, threads, bar, warm, method)
         return run_horovod(tasks, threads, bar)
     finally:
         bar.close()
@@ -371,8 +591,9 @@ class TaskConfig(TrainConfig):
 
     workers: int = _f(2, "task worker processes; a free one takes the next task")
     task_threads: int = _f(1, "compute threads per task (the same in every mode, so results match)")
-    start_method: str = _f("auto", "how task workers start: auto (fork where safe, else "
-                           "spawn), fork, spawn, forkserver")
+    start_method: str = _f("auto", "how task workers start: auto (fork with one thread per "
+                           "task, else forkserver), fork (one thread per task only), spawn, "
+                           "forkserver")
     serial: bool = _f(False, "run the tasks one after another in this process")
     compare_serial: bool = _f(False, "run the tasks serially and in parallel; report speed-up, "
                               "efficiency and CPU utilisation over time of both")
@@ -383,9 +604,7 @@ class TaskConfig(TrainConfig):
             raise UsageError(f"--task-threads must be >= 1 (got {self.task_threads})")
         if self.serial and self.compare_serial:
             raise UsageError("--serial and --compare-serial exclude each other; pick one")
-        if self.start_method not in START_METHODS:
-            raise UsageError(f"--start-method must be one of {', '.join(START_METHODS)} "
-                             f"(got {self.start_method!r})")
+        check_method(self.start_method, self.task_threads)
         if self.device == "cuda":
             raise UsageError("the tasks train on CPU, one thread each; drop --device cuda")
 

@@ -171,7 +171,7 @@ def test_lottery_cli_reports_accuracy_against_sparsity(tmp_path):
     assert s["wall_time_s"] == pytest.approx(s["serial_phase_s"] + s["parallel_phase_s"])
     assert len((tmp_path / "tasks.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (tmp_path / "cpu.png").exists()
+    assert not (tmp_path / "cpu.png").exists() and not (tmp_path / "metrics.jsonl").exists()
     assert "| sparsity | reached | k=0 | k=5 |" in proc.stdout and "| 80% | 80.00% |" in proc.stdout
 
 
@@ -244,11 +244,25 @@ def test_lottery_a_failing_ticket_is_reported_and_exits_nonzero(monkeypatch, cap
     (["--rounds", "0"], "--rounds must be >= 1 (got 0)"),
     (["--serial", "--compare-serial"], "--serial and --compare-serial exclude each other"),
     (["--start-method", "teleport"], "--start-method must be one of"),
+    (["--start-method", "fork", "--task-threads", "2"],
+     "--start-method fork cannot run --task-threads 2"),
 ])
 def test_bad_flags_are_one_clear_usage_error(args, message):
     with pytest.raises(UsageError) as e:
         lottery.parse_args(args, cls=lottery.LotteryConfig)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_default_reset_steps_follow_the_dense_run(tmp_path):
+    auto = lottery.LotteryConfig(model="mlp", epochs=1)
+    assert lottery.resolve_reset_steps(auto, 23).reset_list == [0, 5, 18]  # 0, 20%, 80%
+    assert lottery.resolve_reset_steps(auto, 2).reset_list == [0, 2]       # each step once
+    given = lottery.LotteryConfig(model="mlp", reset_steps="0,7")
+    assert lottery.resolve_reset_steps(given, 23) is given
+    s = lottery.lottery(lottery.LotteryConfig(model="mlp", epochs=1, sparsities="0.5", rounds=1,
+                                              serial=True, progress=False, out=str(tmp_path)))
+    assert s["reset_steps"] == [0, 5, 18] and s["dense"]["updates"] == 23 and not s["failed"]
+    assert s["config"]["reset_steps"] == "0,5,18"
 
 
 @pytest.mark.parametrize("args, message", [
