@@ -2,19 +2,28 @@
 
 Everything the user can get wrong (a flag, a file, a checkpoint, a diverging loss) raises
 :class:`UsageError`. Entry points wrap ``main`` in :func:`exit_on_usage_error`, which prints
-``hvdsgd: error: <message>`` once (rank 0 only under Horovod) and exits with status 2 on every
-rank, so no rank is left waiting in a collective.
+``hvdsgd: error: <message>`` once (rank 0 first under Horovod; another rank only if nobody stopped
+it) and exits with status 2 on every rank, so no rank is left waiting in a collective.
+
+Under horovodrun the launcher speaks for the job: a rank that is stopped (SIGTERM), or whose
+collective failed because a peer died, leaves without a word or a traceback, and horovodrun
+prints the one line ("rank 1 was lost (exit 137); stopping", "horovodrun: interrupted").
 """
 from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import sys
 import time
+from typing import NoReturn
 
 EXIT_USAGE = 2
-_GRACE_S = 3.0  # seconds the other ranks wait before exiting
+_GRACE_S = 3.0  # seconds a rank waits for horovodrun to stop it before it speaks itself
+# What a collective raises when a peer rank died or the job is being stopped.
+_PEER_LOST = re.compile(r"gloo|connection (reset|closed) by peer|broken pipe|"
+                        r"horovod has been shut down", re.I)
 
 
 class UsageError(Exception):
@@ -68,8 +77,34 @@ def _rank() -> int:
     return 0
 
 
+def _under_horovodrun() -> bool:
+    """Started by horovodrun, which reports a lost rank and a stopped job itself."""
+    return "HOROVOD_RANK" in os.environ
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective failed because another rank is gone, or horovodrun is stopping the job."""
+    return type(e).__name__ == "HorovodInternalError" or (
+        isinstance(e, (RuntimeError, ConnectionError)) and bool(_PEER_LOST.search(str(e))))
+
+
+def _leave(status: int, line: str | None, wait: bool) -> NoReturn:
+    """Exit with ``status`` (os._exit: Horovod's atexit shutdown can block while peers still
+    wait in a collective). With ``wait``, first give horovodrun a moment to stop this rank: then
+    it leaves quietly (another rank, or the launcher, has said why); else it prints ``line``."""
+    if wait:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+        time.sleep(_GRACE_S)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
+
+
 def exit_on_usage_error(main):
-    """Decorate an entry point: UsageError -> one line on rank 0, exit 2 on every rank."""
+    """Decorate an entry point: UsageError -> one line, exit 2 on every rank; SIGINT, SIGTERM,
+    SIGHUP -> one line, exit 128 + the signal; under horovodrun, a stopped rank or one that lost
+    a peer exits without a word (horovodrun reports it)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -80,24 +115,21 @@ def exit_on_usage_error(main):
         try:
             return main(*args, **kwargs)
         except UsageError as e:
-            if _rank() == 0:
-                print(f"hvdsgd: error: {e}", file=sys.stderr, flush=True)
-            else:
-                # horovodrun stops every rank when the first one exits: let rank 0 speak first,
-                # and leave quietly with the same status when horovodrun stops this one.
-                signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_USAGE))
-                time.sleep(_GRACE_S)
-            sys.stdout.flush()
-            # os._exit: skip Horovod's atexit shutdown, which can block while peers still
-            # wait in a collective; every rank reaches this point for the same error.
-            os._exit(EXIT_USAGE)
+            # Every rank meets the same error: rank 0 speaks first, and horovodrun stops the
+            # others when it exits. A rank alone with its error speaks after the grace time.
+            _leave(EXIT_USAGE, f"hvdsgd: error: {e}", wait=_rank() != 0)
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
-            if _rank() == 0:
-                what = "interrupted" if signum == signal.SIGINT else \
-                    f"stopped by {signal.Signals(signum).name}"
-                print(f"hvdsgd: {what}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(128 + signum)
+            what = "interrupted" if signum == signal.SIGINT else \
+                f"stopped by {signal.Signals(signum).name}"
+            quiet = _under_horovodrun() or _rank() != 0
+            _leave(128 + signum, None if quiet else f"hvdsgd: {what}", wait=False)
+        except Exception as e:
+            if not (_under_horovodrun() and _peer_lost(e)):
+                raise
+            # A peer died: horovodrun names it and stops this rank within the grace time.
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _leave(1, f"hvdsgd: error: rank {_rank()} lost contact with the other ranks "
+                      f"({reason})", wait=True)
 
     return wrapper

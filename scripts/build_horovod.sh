@@ -2,7 +2,9 @@
 # Build Horovod 0.28.1 from its PyPI sdist against the torch in $PYTHON's environment,
 # cache the wheel outside the repository, and install it.
 #
-#   scripts/build_horovod.sh [PYTHON]        (default: .venv/bin/python)
+#   scripts/build_horovod.sh [PYTHON]        (default: .venv/bin/python; make setup runs this)
+#   python -m hvdsgd.build_horovod           (after pip install: this script, shipped in the
+#                                             wheel as hvdsgd/build_horovod.sh, for that python)
 #
 # Why a script: 0.28.1 is Horovod's last release and asks CMake for C++14, while torch
 # 2.1-2.13 need C++17 and torch >= 2.14 needs C++20 (upstream fixed C++17 on master in
@@ -17,7 +19,7 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PATCH_LEVEL=5          # bump when the patches below change: it is part of the cache key
+PATCH_LEVEL=6          # bump when the patches below change: it is part of the cache key
 PYTHON=${1:-.venv/bin/python}
 say() { printf '[build_horovod] %s\n' "$*"; }
 die() { printf '[build_horovod] error: %s\n' "$*" >&2; exit 1; }
@@ -83,8 +85,14 @@ if [ -z "$wheel" ]; then
     "$src/horovod/torch/CMakeLists.txt"
 
   # Source patches, each checked to apply exactly once (an sdist that changed fails loudly):
-  # - horovodrun: a rank that exits non-zero ends the job with one line and that rank's exit
-  #   code, not a launcher traceback under the rank's own one-line error.
+  # - horovodrun speaks for a job that goes wrong, in one line, with no launcher traceback:
+  #   "horovodrun: rank 1 was lost (exit 137); stopping" for the first rank that died (by a
+  #   signal; "exited with status S" for another failure, and nothing for status 2, a usage
+  #   error the rank has reported itself); "horovodrun: interrupted" (exit 130) on Ctrl-C and
+  #   "horovodrun: stopped by SIGTERM" (143). The ranks it then stops are told by SIGTERM; a
+  #   rank's Gloo "Connection reset by peer" lines (Horovod's background loop logs them at
+  #   ERROR the moment a peer dies) are held and dropped when the job was being stopped. The
+  #   shell execs each rank, so no shell is left to add "Killed" or "Terminated".
   # - HOROVOD_WAKE_ON_ENQUEUE=1 (opt-in, set by hvdsgd on CPU): the background loop sleeps
   #   until its cycle ends *or* a tensor is enqueued, and does not sleep while tensors of its
   #   own wait for the other ranks. A long cycle then costs no latency, and an idle loop stops
@@ -106,6 +114,11 @@ patch("runner/launch.py",
       "        logging.basicConfig(level=logging.getLevelName(args.log_level))\n\n    _run(args)\n",
       "        logging.basicConfig(level=logging.getLevelName(args.log_level))\n\n"
       "    try:\n        _run(args)\n"
+      "    except JobStopped as e:  # hvdsgd: its one line is out already\n"
+      "        sys.exit(e.status)\n"
+      "    except KeyboardInterrupt:\n"
+      "        print('horovodrun: interrupted', file=sys.stderr)\n"
+      "        sys.exit(130)\n"
       "    except RuntimeError as e:\n"
       "        import re\n"
       "        m = re.search(r'Process name: (\\S+)\\nExit code: (-?\\d+)', str(e))\n"
@@ -113,6 +126,176 @@ patch("runner/launch.py",
       "        print(f'horovodrun: process {m[1]} exited with status {m[2]}; the job was stopped',\n"
       "              file=sys.stderr)\n"
       "        sys.exit(int(m[2]) if 0 < int(m[2]) < 256 else 1)\n")
+patch("runner/launch.py", "from horovod.runner.gloo_run import gloo_run, gloo_run_elastic\n",
+      "from horovod.runner.gloo_run import JobStopped, gloo_run, gloo_run_elastic\n")
+patch("runner/gloo_run.py", "import os\nimport signal\n", "import os\nimport re\nimport signal\n")
+patch("runner/gloo_run.py", "            shell='env',\n",
+      "            shell='exec env',  # hvdsgd: no shell left to print 'Killed' when a rank dies\n")
+patch("runner/gloo_run.py", "def create_slot_env_vars(slot_info):\n", '''class JobStopped(RuntimeError):
+    """hvdsgd: a job that ended early; horovodrun has printed its one line, exit with status."""
+
+    def __init__(self, line, status):
+        super().__init__(line)
+        self.status = status
+
+
+def _failure_line(rank, status):
+    """hvdsgd: the one line for the first rank that failed, or None when it spoke itself
+    (status 2: a usage error, reported by the rank as hvdsgd and argparse do)."""
+    if status == 2:
+        return None
+    if status > 128:
+        return f'horovodrun: rank {rank} was lost (exit {status}); stopping'
+    return f'horovodrun: rank {rank} exited with status {status}; stopping'
+
+
+class _HeldPeerLoss(object):
+    """hvdsgd: a rank's stderr, less Horovod's and Gloo's reports of a lost connection. Those are
+    held until the rank exits, then dropped if the job was being stopped (they only echo the loss
+    horovodrun reports in its one line) and written out otherwise."""
+    PATTERN = re.compile(r'background loop uncaught exception|gloo/transport|'
+                         r'Connection (reset|closed) by peer')
+
+    def __init__(self, stream):
+        self._stream, self._held = stream, []
+
+    def write(self, text):
+        if self.PATTERN.search(text):
+            self._held.append(text)
+        else:
+            self._stream.write(text)
+
+    def flush(self):
+        self._stream.flush()
+
+    def release(self, drop):
+        if not drop:
+            for text in self._held:
+                self._stream.write(text)
+            self._stream.flush()
+        self._held = []
+
+
+def create_slot_env_vars(slot_info):
+''')
+patch("runner/gloo_run.py",
+      "    terminate_all_event = None if settings.elastic else threading.Event()\n",
+      "    terminate_all_event = None if settings.elastic else threading.Event()\n"
+      "    first_failure = threading.Lock()  # hvdsgd: one line for the first rank that fails\n")
+patch("runner/gloo_run.py", """        try:
+            exit_code = safe_shell_exec.execute(command,
+                                                index=index,
+                                                stdout=stdout,
+                                                stderr=stderr,
+                                                events=all_events,
+                                                prefix_output_with_timestamp=settings.prefix_output_with_timestamp)
+            if exit_code != 0:
+                print('Process {idx} exit with status code {ec}.'.format(idx=index, ec=exit_code))
+        except Exception as e:
+            print('Exception happened during safe_shell_exec, exception '
+                  'message: {message}'.format(message=e))
+            exit_code = 1
+        finally:
+            if stdout_file:
+                stdout_file.close()
+            if stderr_file:
+                stderr_file.close()
+        if exit_code != 0 and terminate_all_event:
+            if not any(ev.is_set() for ev in all_events):
+                print('Terminating remaining workers after failure of Process {idx}.'.format(idx=index))
+            terminate_all_event.set()
+        return exit_code, time.time()
+""", """        stderr = _HeldPeerLoss(stderr or sys.stderr)
+        try:
+            exit_code = safe_shell_exec.execute(command,
+                                                index=index,
+                                                stdout=stdout,
+                                                stderr=stderr,
+                                                events=all_events,
+                                                prefix_output_with_timestamp=settings.prefix_output_with_timestamp)
+        except Exception as e:
+            print('Exception happened during safe_shell_exec, exception '
+                  'message: {message}'.format(message=e))
+            exit_code = 1
+        with first_failure:
+            stopped = any(ev.is_set() for ev in all_events)
+            if exit_code != 0 and terminate_all_event:
+                line = None if stopped else _failure_line(index, exit_code)
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+                terminate_all_event.set()
+            finished = time.time()  # the first failure is the one that printed its line
+        stderr.release(drop=stopped)
+        if stdout_file:
+            stdout_file.close()
+        if stderr_file:
+            stderr_file.close()
+        return exit_code, finished
+""")
+patch("runner/gloo_run.py", """    def set_event_on_signal(signum, frame):
+        event.set()
+""", """    def set_event_on_signal(signum, frame):
+        # hvdsgd: say so at once, in one line, then stop the ranks (they leave quietly)
+        if not event.is_set():
+            event.signum = signum
+            what = 'interrupted' if signum == signal.SIGINT else \\
+                f'stopped by {signal.Signals(signum).name}'
+            print(f'horovodrun: {what}', file=sys.stderr, flush=True)
+        event.set()
+""")
+patch("runner/gloo_run.py", """    for name, value in sorted(res.items(), key=lambda item: item[1][1]):
+        exit_code, timestamp = value
+        if exit_code != 0:
+            raise RuntimeError('Horovod detected that one or more processes exited with non-zero '
+                               'status, thus causing the job to be terminated. The first process '
+                               'to do so was:\\nProcess name: {name}\\nExit code: {code}\\n'
+                               .format(name=name, code=exit_code))
+
+
+def _get_min_start_hosts""", """    if event.is_set():
+        raise JobStopped('horovodrun was stopped', 128 + event.signum)
+    for name, value in sorted(res.items(), key=lambda item: item[1][1]):
+        exit_code, timestamp = value
+        if exit_code != 0:
+            raise JobStopped(f'rank {name} exited with status {exit_code}',
+                             exit_code if 0 < exit_code < 256 else 1)
+
+
+def _get_min_start_hosts""")
+patch("runner/common/util/safe_shell_exec.py", """    except psutil.NoSuchProcess:
+        return
+
+    # Terminate children gracefully.
+""", """    except psutil.NoSuchProcess:
+        return
+    try:
+        if p.cmdline()[:2] != ['/bin/sh', '-c']:
+            return _terminate_command(p)  # hvdsgd: the shell exec'd the command
+    except psutil.NoSuchProcess:
+        return
+
+    # Terminate children gracefully.
+""")
+patch("runner/common/util/safe_shell_exec.py", "def prefix_connection(", '''def _terminate_command(p):
+    """hvdsgd: p is the command itself (the shell exec'd it): TERM it, give it the grace time,
+    then KILL it and whatever it started. Its parent reaps it: never wait() here."""
+    try:
+        p.terminate()
+        deadline = time.time() + GRACEFUL_TERMINATION_TIME_S
+        while p.status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.05)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return
+        for proc in p.children(recursive=True) + [p]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+
+
+def prefix_connection(''')
 patch("common/tensor_queue.h", "namespace horovod {\nnamespace common {\n", """#include <condition_variable>
 
 namespace horovod {

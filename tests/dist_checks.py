@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hvdsgd import data, dist, models
 from hvdsgd.config import TrainConfig
+from hvdsgd.errors import UsageError, exit_on_usage_error
 from hvdsgd.engine import train_step
 from hvdsgd.metrics import Tally
 from hvdsgd.strategies.allreduce import Allreduce
@@ -117,6 +118,19 @@ def check_many_small_collectives():
         handles = [h.allreduce_async(x, name=f"small.{j}") for j in range(8)]
         for handle in handles:
             assert h.synchronize(handle).item() == (h.size() + 1) / 2  # the average of 1..size
+
+
+def check_usage_error_on_one_rank():
+    """Bad input on rank 1 alone (its --data-dir, say) while rank 0 waits for it in a collective:
+    rank 1 says so in one line (rank 0 has nothing to say), rank 0 leaves without a traceback, and
+    horovodrun adds nothing. The test checks the output; here every rank exits 2 or is stopped."""
+    @exit_on_usage_error
+    def main():
+        dist.init("cpu", threads=1)
+        if dist.rank() == 1:
+            raise UsageError("--data-dir /nonexistent does not exist on rank 1")
+        dist.hvd().allreduce(torch.ones(1), name="wait.for.rank.1")
+    main()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
 """Multi-rank behaviour under `horovodrun -np 2 -H localhost:2 --gloo` (CPU, loopback)."""
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from conftest import horovodrun
+from conftest import ROOT, horovodrun
 
 pytestmark = pytest.mark.dist
 
@@ -116,7 +125,7 @@ BAD = {
                                 "2 ranks but only 1 training"),
     "missing data dir": (["--dataset", "mnist", "--data-dir", "/nonexistent/hvdsgd"], "does not exist"),
     "truncated data file": (bad_mnist, "truncated or corrupt"),
-    "corrupt checkpoint": (corrupt_checkpoint, "corrupt or truncated"),
+    "corrupt checkpoint": (corrupt_checkpoint, "is corrupt, truncated or not a checkpoint"),
     "unwritable out": (file_in_the_way, "cannot write to --out"),
 }
 
@@ -154,3 +163,92 @@ def test_nan_loss_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path):
     assert "loss became nan" in line.lower() and "lower --lr" in line
     assert (out / "checkpoint.pt").read_bytes() == good
     assert not list(out.glob(".checkpoint*.tmp"))
+
+
+# --------------------------------------------------------------------------- a job that goes wrong
+
+def start_training(tmp_path, epochs=100):
+    """horovodrun -np 2 training an mlp, output in a file; returns (Popen, log path, --out)
+    once rank 0 has finished its first epoch."""
+    out, log = tmp_path / "run", tmp_path / "horovodrun.log"
+    exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [exe, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvdsgd.train",
+             "--model", "mlp", "--epochs", str(epochs), "--no-progress", "--out", str(out)],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while not re.search(r"epoch +1/", log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    return proc, log, out
+
+
+def rank_processes(out):
+    """The ranks' python processes of the run writing to ``out``, by rank."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(out) in (p.info["cmdline"] or []) and "hvdsgd.train" in p.info["cmdline"]:
+                found[int(p.environ()["HOROVOD_RANK"])] = p
+        except (psutil.Error, KeyError):
+            pass
+    return found
+
+
+def finish(proc, log, out):
+    """Wait for horovodrun; returns its exit status and every line not on a rank's stdout."""
+    try:
+        status = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        for p in rank_processes(out).values():
+            p.kill()
+    lines = log.read_text().splitlines()
+    return status, [l for l in lines if not re.match(r"\[\d+\]<stdout>:", l)]
+
+
+def test_bad_input_on_one_rank_is_that_ranks_one_line():
+    proc = horovodrun(2, "tests/dist_checks.py", "usage_error_on_one_rank", timeout=60,
+                      env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
+    said = [l for l in (proc.stdout + proc.stderr).splitlines()
+            if not re.match(r"\[\d+\]<stdout>:", l)]
+    assert said == ["[1]<stderr>:hvdsgd: error: --data-dir /nonexistent does not exist on rank 1"], said
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("lost", [0, 1])
+def test_a_lost_rank_is_reported_in_one_line(tmp_path, lost):
+    proc, log, out = start_training(tmp_path)
+    ranks = rank_processes(out)
+    assert sorted(ranks) == [0, 1], ranks
+    ranks[lost].kill()  # SIGKILL, as the OOM killer does
+    status, said = finish(proc, log, out)
+    # Nothing else: no Gloo "Connection reset by peer", no traceback, no shell "Killed".
+    assert said == [f"horovodrun: rank {lost} was lost (exit 137); stopping"], said
+    assert status == 137
+    assert not rank_processes(out)
+
+
+@pytest.mark.parametrize("sig,status,line", [(signal.SIGINT, 130, "horovodrun: interrupted"),
+                                             (signal.SIGTERM, 143, "horovodrun: stopped by SIGTERM")])
+def test_stopping_horovodrun_is_one_line_and_leaves_no_rank(tmp_path, sig, status, line):
+    proc, log, out = start_training(tmp_path)
+    proc.send_signal(sig)  # Ctrl-C reaches horovodrun only: the ranks run in their own session
+    assert finish(proc, log, out) == (status, [line])
+    assert not rank_processes(out)
+
+
+def test_a_rank_that_loses_its_peers_unstopped_says_so_in_one_line():
+    # No horovodrun stops it (a network failure, no rank died): after the grace time the rank
+    # names the lost connection in one line instead of a traceback.
+    code = ("from hvdsgd.errors import exit_on_usage_error\n"
+            "exit_on_usage_error(lambda: (_ for _ in ()).throw(RuntimeError(\n"
+            "    'gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer')))()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_RANK": "1"})
+    assert proc.stderr.splitlines() == [
+        "hvdsgd: error: rank 1 lost contact with the other ranks "
+        "(gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer)"], proc.stderr
+    assert proc.returncode == 1
