@@ -98,7 +98,39 @@ def _leave(status: int, line: str | None, wait: bool) -> NoReturn:
     if line:
         print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    _release_semaphores()
     os._exit(status)
+
+
+def _release_semaphores() -> None:
+    """Unlink this process's multiprocessing semaphores as a normal exit would: os._exit skips
+    their finalizers, and the resource tracker would then add a "leaked semaphore objects"
+    warning after the one line."""
+    from multiprocessing import synchronize, util
+    for f in list((util._finalizer_registry or {}).values()):
+        if getattr(f, "_callback", None) is synchronize.SemLock._cleanup:
+            f()
+
+
+def _interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or Terminated behind ``e``: a signal that lands inside an import or a
+    ``__set_name__`` comes out wrapped in another exception."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _stopped(e: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C or a stop signal: one line (none under horovodrun, which speaks for the job)."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = "interrupted" if signum == signal.SIGINT else \
+        f"stopped by {signal.Signals(signum).name}"
+    quiet = _under_horovodrun() or _rank() != 0
+    _leave(128 + signum, None if quiet else f"hvdsgd: {what}", wait=False)
 
 
 def exit_on_usage_error(main):
@@ -117,14 +149,15 @@ def exit_on_usage_error(main):
         except UsageError as e:
             # Every rank meets the same error: rank 0 speaks first, and horovodrun stops the
             # others when it exits. A rank alone with its error speaks after the grace time.
+            # Other launchers (torchrun, refused in one line) stop no one: only rank 0 speaks.
+            if _rank() != 0 and not _under_horovodrun():
+                _leave(EXIT_USAGE, None, wait=False)
             _leave(EXIT_USAGE, f"hvdsgd: error: {e}", wait=_rank() != 0)
         except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", signal.SIGINT)
-            what = "interrupted" if signum == signal.SIGINT else \
-                f"stopped by {signal.Signals(signum).name}"
-            quiet = _under_horovodrun() or _rank() != 0
-            _leave(128 + signum, None if quiet else f"hvdsgd: {what}", wait=False)
+            _stopped(e)
         except Exception as e:
+            if _interrupt_in(e) is not None:
+                _stopped(_interrupt_in(e))
             if not (_under_horovodrun() and _peer_lost(e)):
                 raise
             # A peer died: horovodrun names it and stops this rank within the grace time.
