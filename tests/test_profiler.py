@@ -338,6 +338,7 @@ DURATION_RANGE = "--duration must be > 0 and <= 31536000 seconds (got {}); e.g. 
     (["--duration", "1e300"], DURATION_RANGE.format("1e+300")),
     (["--duration", "0"], DURATION_RANGE.format("0.0")),
     (["--duration", "-2"], DURATION_RANGE.format("-2.0")),
+    (["--dur", "1"], "unrecognized arguments: --dur 1 (see --help)"),
 ])
 def test_cli_float_flags_must_be_finite_and_in_range(tmp_path, args, line):
     r = cli("--no-plot", "--out", str(tmp_path / "prof"), *args, timeout=20)

@@ -38,6 +38,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     p = _Parser(prog="python -m hvdsgd.profiler", description=__doc__.split("\n\n")[0],
+                allow_abbrev=False,
                 usage="%(prog)s [options] -- COMMAND [ARGS...]  |  %(prog)s [options] --duration S")
     p.add_argument("--interval", type=float, default=0.1, metavar="S",
                    help=f"seconds between samples, at most {MAX_INTERVAL_S:.0f} (default: 0.1)")
