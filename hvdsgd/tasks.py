@@ -605,8 +605,12 @@ class TaskConfig(TrainConfig):
         if self.serial and self.compare_serial:
             raise UsageError("--serial and --compare-serial exclude each other; pick one")
         check_method(self.start_method, self.task_threads)
-        if self.device == "cuda":
-            raise UsageError("the tasks train on CPU, one thread each; drop --device cuda")
+        if self.device == "cuda" or self.gpu >= 0:
+            raise UsageError("the tasks train on CPU, one thread each; drop --device cuda / --gpu")
+        for flag in ("resume", "tensorboard", "keep_checkpoints"):
+            if getattr(self, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} applies to python -m hvdsgd.train; "
+                                 "a sweep's tasks keep no checkpoints or event files: drop it")
 
     @property
     def mode(self) -> str:

@@ -246,6 +246,9 @@ def test_lottery_a_failing_ticket_is_reported_and_exits_nonzero(monkeypatch, cap
     (["--start-method", "teleport"], "--start-method must be one of"),
     (["--start-method", "fork", "--task-threads", "2"],
      "--start-method fork cannot run --task-threads 2"),
+    (["--resume"], "--resume applies to python -m hvdsgd.train"),
+    (["--tensorboard"], "--tensorboard applies to python -m hvdsgd.train"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
 ])
 def test_bad_flags_are_one_clear_usage_error(args, message):
     with pytest.raises(UsageError) as e:
