@@ -67,14 +67,16 @@ class Exchange:
         self.link, self.n = link, n_grad
         per_parity = 2 * n_grad + 1 + max_logits
         size = 2 * per_parity * 4
+        from multiprocessing import resource_tracker
         if link.role == 0:
             self.shm = shared_memory.SharedMemory(name=link.name, create=True, size=size)
         link.wait()  # the owner has created it
         if link.role == 1:
             self.shm = shared_memory.SharedMemory(name=link.name)
-            # Python < 3.13 registers an attached segment too; only its creator unlinks it.
-            from multiprocessing import resource_tracker
-            resource_tracker.unregister(self.shm._name, "shared_memory")
+        # Python < 3.13 registers every segment with the resource tracker, which warns of a
+        # leak at exit when a worker was killed. The owner unlinks it in close(), and the pool
+        # (hvdsgd.tasks.unlink_segments) unlinks what a killed owner left.
+        resource_tracker.unregister(self.shm._name, "shared_memory")
         flat = torch.from_numpy(np.ndarray((2, per_parity), dtype=np.float32, buffer=self.shm.buf))
         self.grads = flat[:, :2 * n_grad].view(2, 2, n_grad)     # [parity, role, n]
         self.loss = flat[:, 2 * n_grad]                            # [parity]

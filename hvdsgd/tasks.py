@@ -430,7 +430,19 @@ def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
         pool.close(abort=not finished)  # Ctrl-C, SIGTERM: do not wait for the running tasks
         barriers.clear()  # their last references: semaphores released now, not at an exit
         #                   that SIGTERM's one-line report skips (the tracker would warn)
+        unlink_segments([f"hvdsgd-pair-{os.getpid()}-{b}" for b in range(len(tail))])
     return [results[i] for i in range(len(tasks))]
+
+
+def unlink_segments(names: list[str]) -> None:
+    """Unlink the shared-memory segments of split tasks whose owner was killed before it
+    could (``hvdsgd.pair.Exchange``); a segment already gone is fine."""
+    from multiprocessing.shared_memory import _posixshmem
+    for name in names:
+        try:
+            _posixshmem.shm_unlink("/" + name)
+        except FileNotFoundError:
+            pass
 
 
 # --------------------------------------------------------------------------- horovod

@@ -50,6 +50,29 @@ def pair_die(x: int, die_role: int, pid_file: str, pair=None) -> dict | None:
     return {"x": x}
 
 
+def pair_segment_die(x: int, pid_file: str, pair=None) -> dict | None:
+    """A splittable task whose owner half creates the pair's segment, then SIGKILLs itself."""
+    if pair is not None:
+        from hvdsgd.pair import Exchange
+        Exchange(pair, 16, 16)
+        if pair.role == 0:
+            Path(pid_file).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        pair.wait()
+        return None
+    return {"x": x}
+
+
+def test_a_killed_owner_leaves_no_segment_and_no_tracker_warning(tmp_path, capfd):
+    ts = [tasks.Task(f"t{i}", pair_segment_die, {"x": i, "pid_file": str(tmp_path / "pid")},
+                     splittable=True) for i in range(3)]
+    results = tasks.run(ts, "processes", workers=2, progress=False)
+    assert [r.ok for r in results] == [True, True, False]
+    assert not list(Path("/dev/shm").glob(f"hvdsgd-pair-{os.getpid()}-*"))
+    time.sleep(1)  # a worker's resource tracker would warn of the killed owner's segment now
+    assert "leaked shared_memory" not in capfd.readouterr().err
+
+
 # ------------------------------------------------------- more than one thread per task
 
 SCRIPT = f"""
