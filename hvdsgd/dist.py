@@ -56,10 +56,8 @@ def hvd(required: bool = True):
         return None
     _hvd, e = _import_horovod()
     if _hvd is None:
-        if required or under_horovodrun():
-            raise UsageError(f"horovod.torch is not importable ({e}); build it with "
-                             "`python -m hvdsgd.build_horovod` (or `make setup` in a checkout)")
-        return None
+        raise UsageError(f"horovod.torch is not importable ({e}); build it with "
+                         "`python -m hvdsgd.build_horovod` (or `make setup` in a checkout)")
     return _hvd
 
 

@@ -81,6 +81,7 @@ class RunDir:
         self.tensorboard = tensorboard
         self._lock: int | None = None
         self._writer = None
+        self._rows = 0  # rows given to TensorBoard (the step of rows without a whole epoch)
 
     @property
     def metrics_file(self) -> Path:
@@ -181,7 +182,6 @@ class RunDir:
                 raise UsageError("--tensorboard needs the tensorboard package: pip install "
                                  "tensorboard") from None
             self._writer = SummaryWriter(log_dir=str(self.path))
-            self._rows = 0
         epoch = row.get("epoch")
         step = epoch if isinstance(epoch, int) else self._rows
         self._rows += 1

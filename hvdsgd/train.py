@@ -249,9 +249,10 @@ def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
     state = checkpoint.load(path, ident)
     done, source = state["epoch"], report.RunDir(path.parent)
     if done >= cfg.epochs and (done > cfg.epochs or (path.parent / "summary.json").exists()):
+        more = cfg.epochs if cfg.epochs < done else done  # read --epochs as "this many more"
         raise UsageError(f"{path} has trained {done} epochs and --epochs is {cfg.epochs}, which "
                          f"counts every epoch (the {done} included); to train more, pass "
-                         f"--epochs {done + max(1, cfg.epochs if cfg.epochs < done else done)}")
+                         f"--epochs {done + more}")
     rows = [r for r in source.read_metrics() if r["epoch"] <= done]
     before = (sum(r.get("train_samples", 0) for r in rows),
               sum(r.get("epoch_time_s", 0.0) for r in rows))
