@@ -88,6 +88,9 @@ class TrainConfig:
     overwrite: bool = _f(False, "start over in an --out that holds an earlier run's results "
                          "(deleting them)")
     checkpoint: bool = _f(True, "save a checkpoint in --out after every epoch")
+    commit_every: int = _f(50, "elastic runs (horovodrun --min-np/--max-np): steps between "
+                           "in-memory commits of the training state; a lost rank costs at most "
+                           "this many steps redone (every epoch end commits too)")
     keep_checkpoints: bool = _f(False, "also keep each epoch's checkpoint as checkpoint-epochN.pt")
     dry_run: bool = _f(False, "one epoch of two batches, to check the set-up quickly")
     progress: bool = _f(True, "show a progress bar on rank 0")
@@ -114,7 +117,7 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("on_worker_failure", self.on_worker_failure, FAILURE_MODES)
         for name in ("epochs", "batch_size", "accum_steps", "num_classes", "synthetic_samples",
-                     "workers", "shards"):
+                     "workers", "shards", "commit_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
         if not 2 <= self.num_classes <= MAX_CLASSES:

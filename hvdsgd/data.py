@@ -319,6 +319,42 @@ class ShardSampler:
 
 
 
+class EpochSampler:
+    """Rank ``rank``'s share of an epoch over ``n`` samples, shuffled by ``seed + epoch``.
+
+    The order is ``DistributedSampler``'s (the same permutation, padding and stride), and an
+    epoch can go on from its middle: the first ``done`` samples of the permutation (over all
+    ranks) are skipped and the rest split over the ranks of the moment (``set_world``). Elastic
+    training moves ``done`` on after every step, so after a reset the samples not yet trained
+    are split over the new set of ranks: none skipped, none repeated.
+    """
+
+    def __init__(self, n: int, rank: int, size: int, seed: int):
+        self.n, self.seed, self.epoch, self.done = n, seed, 0, 0
+        self.set_world(rank, size)
+
+    def set_world(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.done = epoch, 0
+
+    def __len__(self) -> int:
+        return math.ceil((self.n - self.done) / self.size)
+
+    def order(self) -> torch.Tensor:
+        """This rank's indices for the rest of the epoch, as a tensor (what Batches takes)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        rest = torch.randperm(self.n, generator=g)[self.done:]
+        total = len(self) * self.size  # padded with the first samples, so every rank has as many
+        if total > len(rest):
+            rest = torch.cat([rest, rest.repeat(math.ceil(total / len(rest)))[:total - len(rest)]])
+        return rest[self.rank:total:self.size]
+
+    def __iter__(self):
+        return iter(self.order().tolist())
+
+
 class Batches:
     """One rank's batches of ``(x, y)`` from in-memory tensors.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 from typing import Callable, TypeVar
 
 import torch
@@ -78,6 +79,18 @@ def check_launcher(prog: str = "python -m hvdsgd.train") -> None:
                          f"Horovod; launch with: horovodrun -np {n} {prog} ...")
 
 
+def elastic() -> bool:
+    """An elastic launch (horovodrun --min-np/--max-np/--host-discovery-script): Horovod sets
+    HOROVOD_ELASTIC=1 for its workers, whose world may shrink and grow while they train."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1" and under_horovodrun()
+
+
+def set_threads(threads: int = 0) -> None:
+    """Compute threads: ``threads``, or this host's cores shared by the ranks it runs."""
+    h = library()
+    torch.set_num_threads(threads or max(1, cpu_count() // (h.local_size() if h else 1)))
+
+
 def init_library():
     """``hvd.init()`` (idempotent) with a patient Gloo timeout; returns ``horovod.torch``, or
     None for one plain process without Horovod installed."""
@@ -111,7 +124,7 @@ def init(device: str = "auto", threads: int = 0, gpu: int = -1) -> torch.device:
         os.environ.setdefault("HOROVOD_WAIT_SLEEP_US", "50")
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
     h = init_library()
-    local_rank, local_size = (h.local_rank(), h.local_size()) if h is not None else (0, 1)
+    local_rank = h.local_rank() if h is not None else 0
     if (device == "cuda" or gpu >= 0) and not torch.cuda.is_available():
         raise UsageError(f"{'--gpu %d' % gpu if gpu >= 0 else '--device cuda'} but no CUDA GPU "
                          "is visible; use --device cpu")
@@ -130,8 +143,7 @@ def init(device: str = "auto", threads: int = 0, gpu: int = -1) -> torch.device:
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")
-    # Horovod: share this host's cores between the ranks it runs.
-    torch.set_num_threads(threads or max(1, cpu_count() // local_size))
+    set_threads(threads)  # Horovod: share this host's cores between the ranks it runs
     return dev
 
 
@@ -145,6 +157,11 @@ def size() -> int:
     """The number of ranks (1 before ``init``)."""
     h = library()
     return h.size() if h is not None else 1
+
+
+def host() -> str:
+    """The host this rank runs on, as the launcher named it (``-H``), else the hostname."""
+    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
 
 
 def is_main() -> bool:
@@ -186,11 +203,11 @@ def agree(fn: Callable[[], T], name: str) -> T:
     except UsageError as e:
         error = str(e)
     if size() > 1:
-        errors = hvd().allgather_object(error, name=name)
+        errors = hvd().allgather_object(error and (error, host()), name=name)
         bad = [(r, e) for r, e in enumerate(errors) if e is not None]
         if bad:
-            r, e = bad[0]
-            raise UsageError(e if r == 0 else f"rank {r}: {e}")
+            r, (e, where) = bad[0]
+            raise UsageError(e if r == 0 else f"rank {r} on {where}: {e}")
     elif error is not None:
         raise UsageError(error)
     return result  # type: ignore[return-value]

@@ -10,12 +10,32 @@ Everything else (autocast, accumulation, metrics, the NaN guard) lives here once
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Protocol
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .metrics import Tally
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what it goes on from (after an elastic reset, rank 0's is
+    broadcast to every rank)."""
+
+    epoch: int = 0            # epochs finished
+    step: int = 0             # steps done in the current epoch
+    done: int = 0             # samples of the current epoch trained, over all ranks
+    partial: Any = None       # the current epoch's training metrics up to the last commit
+    samples: int = 0          # training samples of the finished epochs (padding excluded)
+    seconds: float = 0.0      # their training time
+    epoch_start: float = field(default_factory=time.time)  # wall clock at the epoch's start
+    began: float = field(default_factory=time.time)        # wall clock at the run's start
+    world: int = 1            # ranks since the last (re)start
+    started: bool = False     # --resume read and --out prepared
+    resets: list = field(default_factory=list)  # one record per reset, for the summary
 
 
 class Updater(Protocol):
@@ -74,8 +94,10 @@ def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n
 
 
 def train_epoch(model, batches, updater: Updater, device, amp: str, accum_steps: int,
-                tally: Tally, progress=None, max_steps: int | None = None) -> int:
-    """One pass over ``batches`` in steps of ``accum_steps`` micro-batches; returns steps."""
+                tally: Tally, progress=None, max_steps: int | None = None,
+                after_step: Callable[[int], None] | None = None) -> int:
+    """One pass over ``batches`` in steps of ``accum_steps`` micro-batches; returns steps.
+    ``after_step(n)``, if given, follows every step of ``n`` samples (elastic commits)."""
     model.train()
     steps = 0
     for group in grouped(batches, accum_steps):
@@ -83,6 +105,8 @@ def train_epoch(model, batches, updater: Updater, device, amp: str, accum_steps:
         steps += 1
         if progress is not None:
             progress.update(len(group))
+        if after_step is not None:
+            after_step(sum(len(y) for _, y in group))
         if max_steps is not None and steps >= max_steps:
             break
     return steps

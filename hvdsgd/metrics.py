@@ -50,6 +50,12 @@ class Tally:
         flat = dist.allreduce_sum(torch.cat([self.loss[None], self.confusion]), name=name).cpu()
         return Summary(flat[0].item(), flat[1:].view(self.k, self.k).long())
 
+    def clear(self) -> None:
+        """Back to zero (an elastic commit has taken the sums so far)."""
+        self._pending = []
+        self.loss.zero_()
+        self.confusion.zero_()
+
     def local(self) -> "Summary":
         """This process's tally alone, summarised (no collective)."""
         self.flush()
@@ -60,9 +66,17 @@ class Summary:
     """Metrics of a reduced tally."""
 
     def __init__(self, loss_sum: float, confusion: torch.Tensor):
-        self.confusion = confusion
+        self.loss_sum, self.confusion = loss_sum, confusion
         self.count = int(confusion.sum())
         self.loss = loss_sum / max(1, self.count)
+
+    def __add__(self, other: "Summary | None") -> "Summary":
+        """Both parts of an epoch together (``None`` is nothing)."""
+        if other is None:
+            return self
+        return Summary(self.loss_sum + other.loss_sum, self.confusion + other.confusion)
+
+    __radd__ = __add__
 
     @property
     def accuracy(self) -> float:

@@ -16,19 +16,20 @@ the checkpoint included. One plain process (no horovodrun) does not use Horovod 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint, data, dist, models, report
 from .config import RESUME_OUT, SHARED_STRATEGIES, TrainConfig, parse_args
-from .engine import evaluate, seed, train_epoch
+from .engine import Progress, evaluate, seed, train_epoch
 from .errors import UsageError, exit_on_usage_error
 from .metrics import Tally
 from .strategies.allreduce import Allreduce
@@ -108,8 +109,9 @@ def train(cfg: TrainConfig) -> dict:
         return train_shared(cfg)
     t_start = time.perf_counter()
     device = dist.init(cfg.device, cfg.threads, cfg.gpu)
-    rank, size, main = dist.rank(), dist.size(), dist.is_main()
-    setup_logging(main)
+    rank, size = dist.rank(), dist.size()
+    elastic = dist.elastic()  # horovodrun --min-np/--max-np: ranks may come and go
+    setup_logging(dist.is_main())
     if cfg.amp == "auto":
         cfg.amp = "fp16" if device.type == "cuda" else "bf16"
     if cfg.amp == "fp16" and device.type != "cuda":
@@ -117,8 +119,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.dry_run:
         cfg.epochs = 1
 
-    # Data: every rank loads it; a failure on any rank stops them all with one message.
-    ds = dist.agree(lambda: load_data(cfg), name="load_data")
+    # Data: every rank loads it; a failure on any rank stops them all with one message. (An
+    # elastic rank fails alone and Horovod goes on without its host: no collective may come
+    # before hvd.elastic.run, where ranks that join later could not match it.)
+    ds = load_data(cfg) if elastic else dist.agree(lambda: load_data(cfg), name="load_data")
     n_train, n_test = len(ds.train_y), len(ds.test_y)
     if size > min(n_train, n_test):
         raise UsageError(f"{size} ranks but only {n_train} training / {n_test} test samples; "
@@ -138,96 +142,120 @@ def train(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
 
     # Horovod: each rank trains on its own shard, reshuffled every epoch.
-    sampler = DistributedSampler(range(n_train), num_replicas=size, rank=rank, shuffle=True,
-                                 seed=cfg.seed)
+    sampler = data.EpochSampler(n_train, rank, size, cfg.seed)
     train_batches = data.Batches(ds.train_x, ds.train_y, cfg.batch_size, sampler, device,
                                  cfg.loader_workers, pin, cfg.channels_last)
     test_batches = data.Batches(ds.test_x, ds.test_y, cfg.test_batch_size or max(256, cfg.batch_size),
                                 data.shard(n_test, rank, size), device, 0, pin, cfg.channels_last)
-    steps_per_epoch = math.ceil(len(train_batches) / cfg.accum_steps)
-    strategy = Allreduce(cfg, model, device, steps_per_epoch)
 
-    # Run directory and resume: rank 0 reads and writes, every rank learns the outcome.
+    def steps_per_epoch(ranks: int) -> int:
+        return math.ceil(math.ceil(math.ceil(n_train / ranks) / cfg.batch_size) / cfg.accum_steps)
+
+    strategy = Allreduce(cfg, model, device, steps_per_epoch(size), broadcast=not elastic)
     run = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
     ckpt_path = run.path / checkpoint.NAME
     ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
-    start_epoch, before = 0, (0, 0.0)  # epochs, and (samples, seconds) trained before resuming
-    history = None  # the metrics of a run continued from another directory
-    if cfg.resume:
-        state, history, before = dist.on_main(lambda: resume(cfg, run, ident), name="resume")
-        model.load_state_dict(state["model"])
-        strategy.load_state_dict(state["strategy"])
-        start_epoch = state["epoch"]
-    try:
-        dist.on_main(lambda: run.prepare(start_epoch if cfg.resume else None, cfg.overwrite, history),
-                     name="prepare_out")
 
+    def start(p) -> None:
+        """Rank 0 reads --resume and prepares --out; every rank learns the outcome."""
+        history = None  # the metrics of a run continued from another directory
+        if cfg.resume:
+            state, history, (p.samples, p.seconds) = dist.on_main(
+                lambda: resume(cfg, run, ident), name="resume")
+            model.load_state_dict(state["model"])
+            strategy.load_state_dict(state["strategy"])
+            p.epoch = state["epoch"]
+        dist.on_main(lambda: run.prepare(p.epoch if cfg.resume else None, cfg.overwrite, history),
+                     name="prepare_out")
         log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
                  f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
                  f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
                  f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
                  f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
                  f"{torch.get_num_threads()} thread(s)/rank"
-                 + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
+                 + (f", elastic (commit every {cfg.commit_every} steps)" if elastic else "")
+                 + (f", resuming after epoch {p.epoch}" if p.epoch else ""))
+        p.started, p.epoch_start = True, time.time()
 
+    def fit(state) -> dict:
+        """Every epoch from where ``state.progress`` stands, then the summary. An elastic run
+        re-enters here after every reset, with the state of the last commit."""
+        p = state.progress
+        if not p.started:
+            start(p)
+            if elastic:
+                state.commit()
         row, test = {}, None
-        train_samples, train_time = before
-        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
-        with report.profiled(cfg, run.path, device.type, device.index,
-                             rank if size > 1 else None) as prof:
-            for epoch in range(start_epoch, cfg.epochs):
-                # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
-                seed(cfg.seed + 1000 * epoch + rank, device)
-                sampler.set_epoch(epoch)
-                bar = progress_bar(cfg, len(train_batches), epoch)
-                tally = Tally(ds.num_classes, device)
-                t0 = time.perf_counter()
-                train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
-                            bar, max_steps=2 if cfg.dry_run else None)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                epoch_time = time.perf_counter() - t0
-                if bar is not None:
-                    bar.close()
-                # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
-                tr = tally.reduce(name=f"train_metrics.{epoch}")
-                if not math.isfinite(tr.loss):
-                    raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
-                                     f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
-                                     f"(the last good checkpoint is kept)")
-                test = evaluate(model, test_batches, device, cfg.amp,
-                                Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
-                # The sampler pads every rank's shard to the same length; those repeats are not
-                # more samples (1,437 digits are 1,437 however many ranks see them).
-                seen = min(tr.count, n_train)
-                train_samples += seen
-                train_time += epoch_time
-                row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
-                       "train_samples": seen,
-                       **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
-                       "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
-                       "samples_per_sec_per_rank": tr.count / epoch_time / size,
-                       "epoch_time_s": epoch_time, "world_size": size}
-                log.info(epoch_line(row))
+        for epoch in range(p.epoch, cfg.epochs):
+            # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
+            seed(cfg.seed + 1000 * epoch + dist.rank(), device)
+            sampler.set_epoch(epoch)
+            sampler.done = p.done  # an elastic run may go on from the middle of the epoch
+            bar = progress_bar(cfg, len(train_batches), epoch)
+            tally = Tally(ds.num_classes, device)
 
-                def record(epoch=epoch, row=row):
-                    run.log_epoch(row)
-                    if cfg.checkpoint and not cfg.dry_run:
-                        state = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
-                                 "strategy": strategy.state_dict(), "config": cfg.to_dict()}
-                        checkpoint.save(ckpt_path, state)
-                        if cfg.keep_checkpoints:
-                            checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", state)
-                # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
-                dist.on_main(record, name=f"record.{epoch}")
+            def after_step(samples: int) -> None:  # elastic: where the epoch stands, committed
+                p.step += 1
+                p.done = min(n_train, p.done + samples * dist.size())
+                if p.step % cfg.commit_every == 0:
+                    # Horovod: the metrics so far are summed now, as a rank may be lost later.
+                    p.partial = tally.reduce(name=f"train_metrics.{epoch}.{p.step}") + p.partial
+                    tally.clear()
+                    state.commit()
 
-        if test is None:  # resumed a finished run: evaluate once so the summary is complete
+            train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
+                        bar, max_steps=2 if cfg.dry_run else None,
+                        after_step=after_step if elastic else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_time = time.time() - p.epoch_start
+            if bar is not None:
+                bar.close()
+            # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
+            tr = tally.reduce(name=f"train_metrics.{epoch}") + p.partial
+            if not math.isfinite(tr.loss):
+                raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
+                                 f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
+                                 f"(the last good checkpoint is kept)")
+            test = evaluate(model, test_batches, device, cfg.amp,
+                            Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
+            # The sampler pads every rank's shard to the same length; those repeats are not
+            # more samples (1,437 digits are 1,437 however many ranks see them).
+            seen = min(tr.count, n_train)
+            row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
+                   "train_samples": seen,
+                   **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
+                   "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
+                   "samples_per_sec_per_rank": tr.count / epoch_time / dist.size(),
+                   "epoch_time_s": epoch_time, "world_size": dist.size()}
+            log.info(epoch_line(row))
+            p.epoch, p.step, p.done, p.partial = epoch + 1, 0, 0, None
+            p.samples, p.seconds = p.samples + seen, p.seconds + epoch_time
+            if elastic:
+                state.save()  # the epoch is done: a rank lost while recording it redoes nothing
+
+            def record(epoch=epoch, row=row):
+                run.log_epoch(row)
+                if cfg.checkpoint and not cfg.dry_run:
+                    saved = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
+                             "strategy": strategy.state_dict(), "config": cfg.to_dict()}
+                    checkpoint.save(ckpt_path, saved)
+                    if cfg.keep_checkpoints:
+                        checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", saved)
+            # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
+            dist.on_main(record, name=f"record.{epoch}")
+            p.epoch_start = time.time()
+            if elastic:
+                state.commit()
+
+        if test is None:  # resumed a finished run (or reset after the last epoch): evaluate
             test = evaluate(model, test_batches, device, cfg.amp,
                             Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
-        summary = report.summary(cfg, ds.name, strategy.name, size, n_params, test, row, train_samples,
-                                 train_time, time.perf_counter() - t_start, device.type,
-                                 torch.get_num_threads(), **report.profile_figures(prof))
-        summary["train_samples"] = train_samples
+        extra = {"elastic": {"commit_every": cfg.commit_every, "resets": p.resets}} if elastic else {}
+        summary = report.summary(cfg, ds.name, strategy.name, dist.size(), n_params, test, row,
+                                 p.samples, p.seconds, time.perf_counter() - t_start, device.type,
+                                 torch.get_num_threads(), **report.profile_figures(prof), **extra)
+        summary["train_samples"] = p.samples
 
         def finish():
             run.write_summary(summary)
@@ -236,6 +264,33 @@ def train(cfg: TrainConfig) -> dict:
         log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
                  f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
         return summary
+
+    try:
+        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
+        with report.profiled(cfg, run.path, device.type, device.index,
+                             rank if size > 1 else None) as prof:
+            if not elastic:
+                return fit(SimpleNamespace(progress=Progress(world=size)))
+            from . import elastic as hvd_elastic
+
+            def on_reset(event: dict) -> None:
+                """The new world: its ranks, threads, shards, learning rate and buckets."""
+                new_rank, new_size = dist.rank(), dist.size()
+                setup_logging(dist.is_main())
+                dist.set_threads(cfg.threads)
+                sampler.set_world(new_rank, new_size)
+                test_batches.sampler = data.shard(n_test, new_rank, new_size)
+                p = state.progress
+                strategy.resize(new_size, steps_per_epoch(new_size), p.epoch + p.done / n_train)
+                if dist.is_main():
+                    with contextlib.suppress(UsageError):
+                        run.lock()  # rank 0 may be a new process now; the old one is gone
+                log.info(f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
+                         f"epoch {event['epoch']} at step {event['step']} "
+                         f"({event['steps_redone']} steps redone)")
+
+            state = hvd_elastic.TrainState(model, strategy, Progress(world=size), on_reset)
+            return hvd_elastic.run(fit, state)
     finally:
         run.close()  # the lock and TensorBoard; also when training stops early
 
@@ -262,6 +317,10 @@ def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
 
 def train_shared(cfg: TrainConfig) -> dict:
     """HOGWILD and the parameter-server policies: one process that spawns the workers."""
+    if dist.elastic():
+        raise UsageError(f"--strategy {cfg.strategy} runs on one host and cannot be elastic; "
+                         f"run it as one plain process: python -m hvdsgd.train --strategy "
+                         f"{cfg.strategy} --workers N")
     if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
         raise UsageError(f"--strategy {cfg.strategy} starts its own --workers processes; run it "
                          f"as one plain process: python -m hvdsgd.train --strategy {cfg.strategy} "

@@ -1,7 +1,7 @@
 """Synchronous data-parallel SGD: Horovod ring-allreduce of the gradients every step.
 
 The Horovod recipe (Sergeev & Del Balso 2018; horovod/examples/pytorch): scale the learning
-rate by the world size with a linear warm-up, broadcast parameters and optimizer state from
+rate by the world size with a linear warm-up, broadcast the parameters from
 rank 0, and start the allreduces from backward hooks while the backward pass runs.
 
 - GPU (and ``--adasum``): ``hvd.DistributedOptimizer``, per-tensor allreduces that Horovod
@@ -119,6 +119,10 @@ class GradientBuckets:
                 self.flats[i].copy_(self.compression.decompress(tensor, ctx))
             if self.postscale != 1.0:
                 self.flats[i].mul_(self.postscale)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the step's allreduces (done, or dead with an elastic run's old world)."""
         self._handles.clear()
         self._left = list(self._sizes)
 
@@ -134,48 +138,92 @@ class Allreduce:
     name = "allreduce"
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, broadcast: bool = True):
         hvd = dist.library()  # None: one plain process, no Horovod
         self.cfg, self.model = cfg, model
         if cfg.adasum and (hvd is None or not (hvd.mpi_enabled() or (
                 device.type == "cuda" and hvd.nccl_built()))):
             raise UsageError("--adasum needs Horovod with MPI (CPU) or NCCL (GPU), and this run "
                              "has neither (Gloo has no Adasum); drop --adasum")
-        # Horovod: scale the learning rate by the number of ranks (Adasum adapts by itself).
-        self.world_scale = 1.0 if cfg.adasum or hvd is None else float(hvd.size())
-        optimizer = make_optimizer(cfg, model, cfg.lr * self.world_scale)
-        self.buckets, self.loss_scale, self.distributed = None, 1.0, False
+        size = hvd.size() if hvd is not None else 1
+        optimizer = make_optimizer(cfg, model, cfg.lr * self._scale(size))
+        self.buckets, self.distributed = None, False
         if hvd is None:
             self.optimizer = optimizer
         else:
-            # Horovod: start every rank from rank 0's weights and optimizer state.
-            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            if broadcast:  # (an elastic run's state broadcasts them at every (re)start instead)
+                # Horovod: start every rank from rank 0's weights. The optimizer has no state
+                # yet, and --resume hands every rank rank 0's; hvd.broadcast_optimizer_state
+                # would create it with a zero-gradient step, which moves the weights by the
+                # weight decay (and an elastic run would not match a fixed one).
+                hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             # Horovod: average gradients with ring-allreduce; fp16 compression halves the bytes.
             compression = hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none
-            predivide = cfg.gradient_predivide_factor
             if device.type == "cpu" and not cfg.adasum:
                 # CPU: per-tensor allreduces only contend with the backward pass when every core
                 # computes; a flat bucket is one negotiation and one in-place allreduce, and the
                 # first one still overlaps the rest of the backward pass on large models.
                 self.optimizer = optimizer
-                pre = predivide or hvd.size()  # the buckets sum: 1/pre, then pre/N, averages
-                self.buckets = GradientBuckets(model, cfg.bucket_mb * 2**20, compression,
-                                               postscale=pre / hvd.size())
-                self.loss_scale = 1.0 / pre
+                self.buckets = GradientBuckets(model, cfg.bucket_mb * 2**20, compression)
             else:
                 self.optimizer = hvd.DistributedOptimizer(
                     optimizer, named_parameters=model.named_parameters(), compression=compression,
                     backward_passes_per_step=cfg.accum_steps,
                     op=hvd.Adasum if cfg.adasum else hvd.Average,
-                    gradient_predivide_factor=predivide or 1.0)
+                    gradient_predivide_factor=cfg.gradient_predivide_factor or 1.0)
                 self.distributed = True
         self._passes, self._synced = 0, False
-        self.scheduler = schedule.build(
-            self.optimizer, cfg.scheduler, total_steps=cfg.epochs * steps_per_epoch,
-            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), world_scale=self.world_scale)
+        self._set_world(size)
+        self.scheduler = self._schedule(steps_per_epoch)
         # fp16 autocast needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+
+    def _scale(self, size: int) -> float:
+        # Horovod: scale the learning rate by the number of ranks (Adasum adapts by itself).
+        return 1.0 if self.cfg.adasum or dist.library() is None else float(size)
+
+    def _set_world(self, size: int) -> None:
+        """The factors that depend on the number of ranks: the learning-rate scale, and the
+        CPU buckets' loss scale and post-allreduce scale."""
+        self.world_scale, self.loss_scale = self._scale(size), 1.0
+        if self.buckets:
+            pre = self.cfg.gradient_predivide_factor or size  # the buckets sum: 1/pre, then
+            self.buckets.postscale = pre / size               # pre/N, is the average
+            self.loss_scale = 1.0 / pre
+
+    def _schedule(self, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        for group in self.optimizer.param_groups:  # the peak rate of this world size
+            group["lr"] = group["initial_lr"] = self.cfg.lr * self.world_scale
+        return schedule.build(
+            self.optimizer, self.cfg.scheduler, total_steps=self.cfg.epochs * steps_per_epoch,
+            warmup_steps=round(self.cfg.warmup_epochs * steps_per_epoch),
+            world_scale=self.world_scale)
+
+    def resize(self, size: int, steps_per_epoch: int, epochs_done: float) -> None:
+        """After an elastic reset to ``size`` ranks: drop the half-done step (its allreduces
+        died with the old world), re-scale the gradient average and the learning rate (the
+        Horovod recipe), and lay the schedule over the new steps per epoch at the same point
+        of training (``epochs_done``, fractional)."""
+        if self.buckets:
+            self.buckets.reset()
+            self.buckets.zero_()
+        else:
+            if self.distributed:  # Horovod: forget the old world's pending handles
+                self.optimizer._handles.clear()
+                self.optimizer.set_backward_passes_per_step(self.cfg.accum_steps)
+            self.optimizer.zero_grad()
+        self._passes, self._synced = 0, False
+        self._set_world(size)
+        self.scheduler = self._schedule(steps_per_epoch)
+        self._goto(round(epochs_done * steps_per_epoch))
+
+    def _goto(self, step: int) -> None:
+        """Put the schedule at optimizer step ``step`` with this run's peak rate."""
+        self.scheduler.last_epoch = step
+        peak = self.cfg.lr * self.world_scale
+        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = peak * factor(step)
 
     @property
     def lr(self) -> float:
@@ -225,12 +273,8 @@ class Allreduce:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         # This run's --lr, --epochs and world size set the rate from here on; with the same
         # flags this recomputes exactly the rate that was saved.
-        peak = self.cfg.lr * self.world_scale
-        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["lr"] = peak * factor(self.scheduler.last_epoch)
+        self._goto(state["scheduler"]["last_epoch"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,234 @@
+"""Elastic training: `horovodrun --min-np/--max-np --host-discovery-script` around hvdsgd.train.
+
+The hosts are two names of this machine (localhost and 127.0.0.1): Horovod's elastic driver
+counts them as two hosts, so the discovery script can drop one or add it, and a rank on
+127.0.0.1 can be killed while the other host goes on.
+"""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from conftest import ROOT
+from hvdsgd import checkpoint, data
+
+HOSTS = ("localhost", "127.0.0.1")
+EXE = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
+
+
+# ------------------------------------------------------------------------------ the sampler
+
+@pytest.mark.parametrize("n", [1437, 10, 7])
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_epoch_sampler_is_distributed_samplers_order(n, size):
+    for rank in range(size):
+        reference = DistributedSampler(range(n), num_replicas=size, rank=rank, shuffle=True, seed=7)
+        reference.set_epoch(3)
+        ours = data.EpochSampler(n, rank, size, seed=7)
+        ours.set_epoch(3)
+        assert list(ours) == list(reference)
+        assert len(ours) == len(reference)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (2, 3), (4, 3), (1, 4)])
+def test_the_rest_of_an_epoch_is_split_over_the_new_ranks(before, after):
+    """After a reset at ``done`` samples, the new ranks together train exactly the samples the
+    old ranks had not: none skipped, none repeated (beyond the padding of the last step)."""
+    n, seed, epoch = 1437, 3, 5
+    full = data.EpochSampler(n, 0, 1, seed)
+    full.set_epoch(epoch)
+    order = full.order().tolist()
+    for done in (0, 64 * before, 320, n - 5):
+        rest = []
+        for rank in range(after):
+            s = data.EpochSampler(n, 0, before, seed)
+            s.set_epoch(epoch)
+            s.done = done
+            s.set_world(rank, after)
+            rest += s.order().tolist()
+        per = math.ceil((n - done) / after)
+        assert len(rest) == per * after
+        assert sorted(set(rest)) == sorted(order[done:])  # every sample left, and no other
+        assert len(rest) - len(set(rest)) == per * after - (n - done)  # only the padding repeats
+
+
+# ----------------------------------------------------------------------------- elastic runs
+
+def discovery(tmp_path, *hosts):
+    """A discovery script printing the hosts in ``tmp_path/hosts`` (1 slot each)."""
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\ncat {tmp_path / 'hosts'}\n")
+    script.chmod(0o755)
+    set_hosts(tmp_path, *hosts)
+    return script
+
+
+def set_hosts(tmp_path, *hosts):
+    tmp = tmp_path / "hosts.tmp"
+    tmp.write_text("".join(f"{h}:1\n" for h in hosts))
+    tmp.replace(tmp_path / "hosts")
+
+
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left():
+    """A failing test leaves no horovodrun and no rank behind."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for host in HOSTS:
+        while (p := rank_on(host)) is not None:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS[:2], elastic=True):
+    """horovodrun (elastic unless told otherwise) of tests/elastic_rank.py; returns the Popen."""
+    ranks = tmp_path / "ranks"
+    ranks.mkdir(exist_ok=True)
+    if elastic:
+        how = ["--min-np", str(min_np), "--max-np", str(max_np),
+               "--host-discovery-script", str(discovery(tmp_path, *hosts))]
+        if len(hosts) == 1:
+            # Horovod finds the hosts' common network interface by probing two of them; an
+            # elastic job that starts on one host must name the interface.
+            how += ["--network-interface", "lo"]
+    else:
+        how = ["-H", ",".join(f"{h}:1" for h in hosts)]
+    log = open(tmp_path / "horovodrun.log", "w")
+    STARTED.append(subprocess.Popen(
+        [EXE, "-np", str(np_), *how, "--gloo", sys.executable, "tests/elastic_rank.py",
+         "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1", *flags],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+             "HVDSGD_TEST_RANKS": str(ranks)}))
+    return STARTED[-1]
+
+
+def wait_for(tmp_path, proc, pattern, timeout=120):
+    log = tmp_path / "horovodrun.log"
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def finish(tmp_path, proc, timeout=300):
+    """Wait for horovodrun; returns (status, the lines it printed, the ranks' reports)."""
+    try:
+        status = proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    text = (tmp_path / "horovodrun.log").read_text()
+    lines = [re.sub(r"^\[\d+\]<std(out|err)>:", "", l) for l in text.splitlines()]
+    reports = [json.loads(f.read_text()) for f in (tmp_path / "ranks").glob("*.json")]
+    return status, lines, reports
+
+
+def rank_on(host):
+    """The rank process that horovodrun started on ``host``."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "tests/elastic_rank.py" in (p.info["cmdline"] or []) and \
+                    p.environ().get("HOROVOD_HOSTNAME") == host:
+                return p
+        except psutil.Error:
+            pass
+    return None
+
+
+def summary(tmp_path):
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def metrics(tmp_path):
+    return [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.dist
+def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path):
+    commit = 8
+    proc = launch(tmp_path, 2, ["--epochs", "5", "--commit-every", str(commit)])
+    wait_for(tmp_path, proc, r"epoch +1/5")
+    time.sleep(0.5)  # into epoch 2
+    set_hosts(tmp_path, HOSTS[0])  # the discovery script drops the host ...
+    rank_on(HOSTS[1]).kill()       # ... whose rank dies (SIGKILL, as the OOM killer does)
+    status, lines, reports = finish(tmp_path, proc)
+    assert status == 0, "\n".join(lines[-30:])
+    s = summary(tmp_path)
+    [reset] = s["elastic"]["resets"]
+    assert (reset["cause"], reset["from"], reset["to"]) == ("rank lost", 2, 1)
+    assert 0 <= reset["steps_redone"] <= commit and reset["step"] % commit == 0
+    said = [l for l in lines if l.startswith("rank lost:")]
+    assert said == [f"rank lost: 2 -> 1 ranks; resuming epoch {reset['epoch']} at step "
+                    f"{reset['step']} ({reset['steps_redone']} steps redone)"], lines
+    assert s["world_size"] == 1 and s["test_accuracy"] >= 0.97, s["test_accuracy"]
+    rows = metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    # Every epoch trained each sample once, the one cut by the reset included.
+    assert all(r["train_samples"] == 1437 for r in rows), [r["train_samples"] for r in rows]
+    assert [r["world_size"] for r in rows][-1] == 1
+    assert not any("Traceback" in l or "Connection reset" in l for l in lines), lines
+    assert len(reports) == 1 and reports[0]["size"] == 1
+
+
+@pytest.mark.dist
+def test_a_host_added_mid_run_joins_and_every_rank_ends_identical(tmp_path):
+    proc = launch(tmp_path, 1, ["--epochs", "4", "--commit-every", "5"], hosts=HOSTS[:1])
+    wait_for(tmp_path, proc, r"epoch +1/4")
+    set_hosts(tmp_path, *HOSTS)
+    status, lines, reports = finish(tmp_path, proc)
+    assert status == 0, "\n".join(lines[-30:])
+    [reset] = summary(tmp_path)["elastic"]["resets"]
+    assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == \
+        ("host added", 1, 2, 0)
+    assert summary(tmp_path)["world_size"] == 2
+    assert sorted(r["host"] for r in reports) == sorted(HOSTS)
+    assert len({r["digest"] for r in reports}) == 1, reports  # identical parameters
+    rows = metrics(tmp_path)
+    assert rows[0]["world_size"] == 1 and rows[-1]["world_size"] == 2
+    assert all(r["train_samples"] == 1437 for r in rows)
+
+
+@pytest.mark.dist
+def test_an_elastic_run_without_a_fault_equals_the_fixed_run(tmp_path):
+    flags = ["--epochs", "2", "--commit-every", "3"]
+    for name, elastic in (("fixed", False), ("elastic", True)):
+        where = tmp_path / name
+        where.mkdir()
+        status, lines, reports = finish(where, launch(where, 2, flags, elastic=elastic))
+        assert status == 0, "\n".join(lines[-30:])
+        assert len({r["digest"] for r in reports}) == 1
+    # Bitwise: the commits copy and sum metrics, but never touch a weight or the data order.
+    fixed, elastic = (torch.load(tmp_path / n / "run" / checkpoint.NAME, weights_only=True)
+                      for n in ("fixed", "elastic"))
+    for key, value in fixed["model"].items():
+        assert torch.equal(value, elastic["model"][key]), key
+    assert "elastic" in summary(tmp_path / "elastic") and "elastic" not in summary(tmp_path / "fixed")
+
+
+def test_shared_buffer_strategies_refuse_an_elastic_launch():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvdsgd.train", "--strategy", "hogwild", "--dry-run"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_ELASTIC": "1", "HOROVOD_RANK": "0",
+             "HOROVOD_SIZE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "hvdsgd: error: --strategy hogwild runs on one host and cannot be elastic; run it as "
+        "one plain process: python -m hvdsgd.train --strategy hogwild --workers N"], proc.stderr
