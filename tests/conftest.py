@@ -19,16 +19,22 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def mnist_dir(tmp_path):
-    """A small MNIST in the original idx format: 60 train / 20 test images of 28x28."""
-    raw = tmp_path / "MNIST" / "raw"
+def write_mnist(root: Path) -> Path:
+    """A small MNIST under ``root/MNIST/raw`` in the original idx format: 60 train / 20 test
+    images of 28x28; returns ``root`` (the --data-dir)."""
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 60), ("t10k", 20)):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    """A small MNIST in the original idx format: 60 train / 20 test images of 28x28."""
+    return write_mnist(tmp_path)
 
 
 @pytest.fixture
@@ -76,3 +82,137 @@ def _gpu_gate(request):
         if os.environ.get("HVDSGD_TEST_GPU") == "1":
             pytest.fail("HVDSGD_TEST_GPU=1 but no CUDA GPU is visible")
         pytest.skip("needs an NVIDIA GPU (HVDSGD_TEST_GPU=1 makes this a failure)")
+
+
+# ----------------------------------------------------------------------- simulated hosts
+
+SIM_HOSTS_SCRIPT = ROOT / "scripts" / "sim_hosts.sh"
+
+
+def sim_hosts_script(state: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``scripts/sim_hosts.sh ARGS`` with its state in ``state``."""
+    return subprocess.run([str(SIM_HOSTS_SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HVDSGD_SIM_DIR": str(state)})
+
+
+class SimHosts:
+    """Simulated hosts from ``scripts/sim_hosts.sh``: sshd on 127.0.0.2, 127.0.0.3, ... that
+    horovodrun reaches through real ssh (see the script). ``hosts``: their addresses;
+    ``ssh_args``: horovodrun's --ssh-port and --ssh-identity-file for them; ``local_dir``: the
+    one host-local directory (what a test puts there on 127.0.0.1 is missing on every
+    simulated host); ``port``, ``identity``: the ssh port and key."""
+
+    def __init__(self, state: Path):
+        self.state = state
+        self._read()
+
+    def _read(self) -> None:
+        env = dict(line.split("=", 1) for line in (self.state / "env").read_text().splitlines()
+                   if "=" in line)
+        self.hosts = env["SIM_HOSTS"].split(",")
+        self.port = int(env["SIM_SSH_PORT"])
+        self.identity = env["SIM_SSH_KEY"]
+        self.local_dir = Path(env["SIM_LOCAL_DIR"])
+        self.ssh_args = ["--ssh-port", str(self.port), "--ssh-identity-file", self.identity]
+
+    def up(self, n: int) -> None:
+        """Resize to ``n`` hosts, 127.0.0.2 .. 127.0.0.(n+1): the missing ones start, the
+        extra ones stop with everything they run; the port and key stay. The fixture is shared
+        by the session: a test that resizes puts it back to 2 when it ends."""
+        proc = sim_hosts_script(self.state, "up", str(n))
+        if proc.returncode != 0:
+            raise RuntimeError(f"sim_hosts.sh up {n}: {proc.stderr.strip()}")
+        self._read()
+
+    def command(self, spec: str | None, *args: str, np_: int | None = None, flags=(),
+                nic: str | None = "lo", python: bool = True) -> list[str]:
+        """``horovodrun -np N [-H spec] --gloo <ssh args> [--network-interface nic] FLAGS
+        [python] ARGS``. N defaults to the slots in ``spec``. ``nic=None`` lets Horovod find the
+        interfaces itself: an ssh round trip per host, about 2.5 s (cached for an hour per host
+        set and port); ``lo`` skips it. ``flags`` go to horovodrun (--min-np, --host-discovery-
+        script ...); ``python=False`` runs ARGS as the command instead of ``python ARGS``."""
+        exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
+        if np_ is None:
+            np_ = sum(int(h.rpartition(":")[2]) for h in spec.split(","))  # type: ignore[union-attr]
+        cmd = [exe, "-np", str(np_), *(["-H", spec] if spec else []), "--gloo", *self.ssh_args,
+               *(["--network-interface", nic] if nic else []), *flags]
+        return cmd + ([sys.executable] if python else []) + list(args)
+
+    @staticmethod
+    def env(env=None) -> dict[str, str]:
+        """The launch environment (horovodrun passes it to every rank): the repository on
+        PYTHONPATH, unbuffered output; the caller's own ssh session variables left out, so a
+        rank on a simulated host sees the ones its sshd set."""
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "SSH_AUTH_SOCK")}
+        return {**base, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+
+    def popen(self, spec: str | None, *args: str, np_: int | None = None, flags=(),
+              nic: str | None = "lo", python: bool = True, env=None, cwd=None,
+              **kwargs) -> subprocess.Popen:
+        """Start horovodrun (see :meth:`command`) and return the Popen; ``kwargs`` go to Popen
+        (stdout=, stderr=, text=, preexec_fn= ...). The caller waits for it and stops it."""
+        return subprocess.Popen(self.command(spec, *args, np_=np_, flags=flags, nic=nic,
+                                             python=python),
+                                cwd=cwd or ROOT, env=self.env(env), **kwargs)
+
+    def horovodrun(self, spec: str | None, *args: str, np_: int | None = None, flags=(),
+                   nic: str | None = "lo", python: bool = True, timeout: float = 240, env=None,
+                   cwd=None, **kwargs) -> subprocess.CompletedProcess:
+        """Run horovodrun (see :meth:`command`) to its end; a CompletedProcess with text stdout
+        and stderr. Past ``timeout`` horovodrun is stopped (SIGTERM: it stops its ranks, here
+        and on the simulated hosts) and TimeoutExpired is raised."""
+        proc = self.popen(spec, *args, np_=np_, flags=flags, nic=nic, python=python, env=env,
+                          cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=20)
+            finally:
+                proc.kill()
+            raise
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if proc.returncode != 0:
+            key = [l for l in (out + err).splitlines()
+                   if re.search(r"error|exception|timed? ?out|terminated|signal|abort|ssh", l, re.I)]
+            print(f"horovodrun -H {spec} exited {proc.returncode}; first lines naming an error:",
+                  *key[:40], sep="\n")
+        return result
+
+    def ssh(self, host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run a shell command on a simulated host through ssh, as horovodrun does."""
+        return subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                               "-p", str(self.port), "-i", self.identity, host, command],
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def sim_hosts_unavailable(up: subprocess.CompletedProcess) -> None:
+    """`scripts/sim_hosts.sh up` failed: skip with its reason, or fail when
+    HVDSGD_TEST_MULTIHOST=1."""
+    why = (up.stderr.strip().splitlines() or [f"exit status {up.returncode}"])[-1]
+    if os.environ.get("HVDSGD_TEST_MULTIHOST") == "1":
+        pytest.fail(f"HVDSGD_TEST_MULTIHOST=1 but the simulated hosts did not start: {why}")
+    pytest.skip(f"simulated hosts unavailable ({why}); HVDSGD_TEST_MULTIHOST=1 makes this a "
+                "failure")
+
+
+@pytest.fixture(scope="session")
+def sim_hosts(tmp_path_factory):
+    """Two simulated hosts (127.0.0.2, 127.0.0.3) for the session: ``scripts/sim_hosts.sh up 2``
+    on first use, ``down`` at the end. Skips, with the script's reason, when sshd cannot start;
+    fails instead when HVDSGD_TEST_MULTIHOST=1."""
+    state = tmp_path_factory.mktemp("sim-hosts")
+    try:
+        up = sim_hosts_script(state, "up", "2")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        up = subprocess.CompletedProcess([], 1, "", f"sim_hosts: {e}")
+    try:
+        if up.returncode != 0:
+            sim_hosts_unavailable(up)
+        yield SimHosts(state)
+    finally:
+        sim_hosts_script(state, "down", timeout=120)
+
