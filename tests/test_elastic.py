@@ -1,8 +1,9 @@
 """Elastic training: `horovodrun --min-np/--max-np --host-discovery-script` around hvdsgd.train.
 
-The hosts are two names of this machine (localhost and 127.0.0.1): Horovod's elastic driver
-counts them as two hosts, so the discovery script can drop one or add it, and a rank on
-127.0.0.1 can be killed while the other host goes on.
+A lost rank and an added host run on simulated hosts: this machine (127.0.0.1) and 127.0.0.2,
+an sshd of its own through which Horovod starts that host's rank (the `sim_hosts` fixture).
+The fault-free comparison uses two names of this machine (localhost and 127.0.0.1), which
+Horovod's elastic driver counts as two hosts.
 """
 import json
 import math
@@ -22,7 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 from conftest import ROOT
 from hvdsgd import checkpoint, data
 
-HOSTS = ("localhost", "127.0.0.1")
+HOSTS = ("localhost", "127.0.0.1")  # two names of this machine
+SIM = ("127.0.0.1", "127.0.0.2")     # this machine and a simulated host, reached through ssh
 EXE = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
 
 
@@ -91,14 +93,15 @@ def _no_job_left():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    for host in HOSTS:
+    for host in {*HOSTS, *SIM}:
         while (p := rank_on(host)) is not None:
             p.kill()
             p.wait(timeout=10)
 
 
-def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS[:2], elastic=True):
-    """horovodrun (elastic unless told otherwise) of tests/elastic_rank.py; returns the Popen."""
+def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS, elastic=True, sim=None):
+    """horovodrun (elastic unless told otherwise) of tests/elastic_rank.py, through ``sim``'s
+    ssh when given; returns the Popen."""
     ranks = tmp_path / "ranks"
     ranks.mkdir(exist_ok=True)
     if elastic:
@@ -110,13 +113,15 @@ def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS[:2], elastic=Tr
             how += ["--network-interface", "lo"]
     else:
         how = ["-H", ",".join(f"{h}:1" for h in hosts)]
+    if sim is not None:
+        how += sim.ssh_args
     log = open(tmp_path / "horovodrun.log", "w")
     STARTED.append(subprocess.Popen(
         [EXE, "-np", str(np_), *how, "--gloo", sys.executable, "tests/elastic_rank.py",
          "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1", *flags],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-             "HVDSGD_TEST_RANKS": str(ranks)}))
+        env={**(sim.env() if sim else os.environ), "PYTHONPATH": str(ROOT),
+             "PYTHONUNBUFFERED": "1", "HVDSGD_TEST_RANKS": str(ranks)}))
     return STARTED[-1]
 
 
@@ -160,14 +165,15 @@ def metrics(tmp_path):
     return [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.dist
-def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path):
+@pytest.mark.multihost
+def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
     commit = 8
-    proc = launch(tmp_path, 2, ["--epochs", "5", "--commit-every", str(commit)])
+    proc = launch(tmp_path, 2, ["--epochs", "5", "--commit-every", str(commit)], hosts=SIM,
+                  sim=sim_hosts)
     wait_for(tmp_path, proc, r"epoch +1/5")
     time.sleep(0.5)  # into epoch 2
-    set_hosts(tmp_path, HOSTS[0])  # the discovery script drops the host ...
-    rank_on(HOSTS[1]).kill()       # ... whose rank dies (SIGKILL, as the OOM killer does)
+    set_hosts(tmp_path, SIM[0])  # the discovery script drops the host ...
+    rank_on(SIM[1]).kill()       # ... whose rank dies (SIGKILL, as the OOM killer does)
     status, lines, reports = finish(tmp_path, proc)
     assert status == 0, "\n".join(lines[-30:])
     s = summary(tmp_path)
@@ -182,26 +188,29 @@ def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     # Every epoch trained each sample once, the one cut by the reset included.
     assert all(r["train_samples"] == 1437 for r in rows), [r["train_samples"] for r in rows]
-    assert [r["world_size"] for r in rows][-1] == 1
+    assert rows[0]["world_size"] == 2 and rows[-1]["world_size"] == 1
     assert not any("Traceback" in l or "Connection reset" in l for l in lines), lines
-    assert len(reports) == 1 and reports[0]["size"] == 1
+    assert [r["host"] for r in reports] == [SIM[0]] and reports[0]["size"] == 1
 
 
-@pytest.mark.dist
-def test_a_host_added_mid_run_joins_and_every_rank_ends_identical(tmp_path):
-    proc = launch(tmp_path, 1, ["--epochs", "4", "--commit-every", "5"], hosts=HOSTS[:1])
+@pytest.mark.multihost
+def test_a_host_added_mid_run_joins_and_every_rank_ends_identical(tmp_path, sim_hosts):
+    # A constant rate shows the Horovod recipe at work: the peak is --lr x ranks.
+    proc = launch(tmp_path, 1, ["--epochs", "4", "--commit-every", "5", "--scheduler", "constant",
+                                "--warmup-epochs", "0", "--lr", "0.01"], hosts=SIM[:1], sim=sim_hosts)
     wait_for(tmp_path, proc, r"epoch +1/4")
-    set_hosts(tmp_path, *HOSTS)
+    set_hosts(tmp_path, *SIM)
     status, lines, reports = finish(tmp_path, proc)
     assert status == 0, "\n".join(lines[-30:])
     [reset] = summary(tmp_path)["elastic"]["resets"]
     assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == \
         ("host added", 1, 2, 0)
     assert summary(tmp_path)["world_size"] == 2
-    assert sorted(r["host"] for r in reports) == sorted(HOSTS)
+    assert sorted(r["host"] for r in reports) == sorted(SIM)
     assert len({r["digest"] for r in reports}) == 1, reports  # identical parameters
     rows = metrics(tmp_path)
     assert rows[0]["world_size"] == 1 and rows[-1]["world_size"] == 2
+    assert rows[0]["lr"] == pytest.approx(0.01) and rows[-1]["lr"] == pytest.approx(0.02)
     assert all(r["train_samples"] == 1437 for r in rows)
 
 
