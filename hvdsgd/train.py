@@ -285,9 +285,10 @@ def train(cfg: TrainConfig) -> dict:
                 if dist.is_main():
                     with contextlib.suppress(UsageError):
                         run.lock()  # rank 0 may be a new process now; the old one is gone
+                redone = event["steps_redone"]
                 log.info(f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
                          f"epoch {event['epoch']} at step {event['step']} "
-                         f"({event['steps_redone']} steps redone)")
+                         f"({redone} step{'s' * (redone != 1)} redone)")
 
             state = hvd_elastic.TrainState(model, strategy, Progress(world=size), on_reset)
             return hvd_elastic.run(fit, state)
