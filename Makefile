@@ -45,7 +45,7 @@ test: setup
 
 # Every bench/ script, in full (bench/results/, then the README's Results section from them), or
 # in its reduced form (BENCH_OUT, default bench/results: *-quick.* files, never in the README).
-BENCH     := throughput scaling techniques strategies hogwild occupancy kfold lottery
+BENCH     := throughput scaling techniques strategies hogwild occupancy kfold lottery elastic
 BENCH_OUT ?= bench/results
 # SETUP= skips the set-up (the test suite runs bench-quick with its own Python: PY=...)
 SETUP     ?= setup

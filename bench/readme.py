@@ -51,6 +51,11 @@ SECTIONS = [
     ("lottery", "Lottery tickets in parallel",
      "Iterative magnitude pruning with late resetting, each (sparsity, reset point) a task: "
      "serially and over worker processes, against Amdahl's law for the measured serial fraction."),
+    ("elastic", "Elastic training: the cost of commits, and a lost rank",
+     "The same 2-rank run fixed-size and elastic (`horovodrun --min-np 1 --max-np 2 "
+     "--host-discovery-script`), launches interleaved: samples/s against `--commit-every`, with "
+     "each commit's parts timed inside the ranks; then a rank SIGKILLed mid-epoch while the "
+     "discovery script drops its host: seconds to training resumed on the other, steps redone."),
 ]
 
 

@@ -6,7 +6,8 @@
 Horovod sets ``HOROVOD_ELASTIC=1`` for the workers of such a launch, and ``hvdsgd.train``
 then trains through :class:`TrainState`: the model, the strategy's state (optimizer,
 scheduler, AMP scaler) and the :class:`Progress` (epoch, position in it, metrics so far) are
-committed to memory every ``--commit-every`` steps and at every epoch end.
+committed to memory every ``--commit-every`` steps and at every epoch end. A commit costs
+one collective: the check for host changes rides in the allreduce of the metrics so far.
 
 - A rank is lost: the others fail in their next collective, roll back to the last commit
   (at most ``--commit-every`` steps redone), and go on as soon as Horovod has re-formed the
@@ -27,6 +28,8 @@ from typing import Callable
 
 import torch
 from horovod.common.elastic import State
+from horovod.common.exceptions import HostsUpdatedInterrupt
+from horovod.runner.elastic.worker import HostUpdateResult
 
 from . import dist
 from .engine import Progress
@@ -60,6 +63,30 @@ class TrainState(State):
         self.model.load_state_dict(model)
         self.strategy.load_state_dict(strategy)
         self.progress = progress
+
+    def host_view(self) -> torch.Tensor:
+        """Rank 0's (last checked, latest, kinds) of the host changes the driver announced, as
+        float64; zeros on the other ranks, so the sum over ranks is rank 0's view. Upstream's
+        ``check_host_updates`` broadcasts the same with ``broadcast_object`` (a pickle and two
+        broadcasts); summed inside an allreduce that runs anyway, it costs nothing."""
+        prev = latest = self._last_updated_timestamp
+        kinds = HostUpdateResult.no_update
+        while not self._host_messages.empty():
+            timestamp, update = self._host_messages.get()
+            if timestamp > latest:
+                latest, kinds = timestamp, kinds | update
+        view = [prev, latest, int(kinds)] if dist.rank() == 0 else [0, 0, 0]
+        return torch.tensor(view, dtype=torch.float64)
+
+    def check_host_updates(self, summed: torch.Tensor | None = None) -> None:
+        """Raise ``HostsUpdatedInterrupt`` on every rank at once if hosts were added or removed.
+        ``summed``: the sum over ranks of ``host_view()``; None reduces it here."""
+        if summed is None:
+            # Horovod: rank 0's view of the host changes, the same on every rank.
+            summed = dist.allreduce_sum(self.host_view(), name="hvdsgd.elastic.hosts")
+        prev, self._last_updated_timestamp, kinds = summed.tolist()
+        if self._last_updated_timestamp > prev:
+            raise HostsUpdatedInterrupt(HostUpdateResult(int(kinds)) == HostUpdateResult.removed)
 
     def sync(self) -> None:
         """Every rank takes rank 0's state (at the start, and after every reset)."""

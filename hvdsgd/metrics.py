@@ -44,11 +44,17 @@ class Tally:
         pred = torch.cat(logits).argmax(1)
         self.confusion += torch.bincount(y * self.k + pred, minlength=self.k * self.k).double()
 
-    def reduce(self, name: str) -> "Summary":
-        """Sum over all ranks (one allreduce) and summarise."""
+    def reduce(self, name: str, extra: torch.Tensor | None = None) -> "Summary":
+        """Sum over all ranks (one allreduce) and summarise. ``extra`` (float64 values) is
+        summed in the same allreduce; the sum comes back as the summary's ``extra``."""
         self.flush()
-        flat = dist.allreduce_sum(torch.cat([self.loss[None], self.confusion]), name=name).cpu()
-        return Summary(flat[0].item(), flat[1:].view(self.k, self.k).long())
+        parts = [self.loss[None], self.confusion]
+        if extra is not None:
+            parts.append(extra.to(self.loss))
+        flat = dist.allreduce_sum(torch.cat(parts), name=name).cpu()
+        n = 1 + self.k * self.k
+        return Summary(flat[0].item(), flat[1:n].view(self.k, self.k).long(),
+                       flat[n:] if extra is not None else None)
 
     def clear(self) -> None:
         """Back to zero (an elastic commit has taken the sums so far)."""
@@ -65,8 +71,9 @@ class Tally:
 class Summary:
     """Metrics of a reduced tally."""
 
-    def __init__(self, loss_sum: float, confusion: torch.Tensor):
-        self.loss_sum, self.confusion = loss_sum, confusion
+    def __init__(self, loss_sum: float, confusion: torch.Tensor,
+                 extra: torch.Tensor | None = None):
+        self.loss_sum, self.confusion, self.extra = loss_sum, confusion, extra
         self.count = int(confusion.sum())
         self.loss = loss_sum / max(1, self.count)
 

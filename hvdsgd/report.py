@@ -32,15 +32,22 @@ OUTPUTS = RESULTS + ("curves.png", "confusion.png", "cpu.png", "accuracy.png", "
                      "profile*.json", "profile*.png", "events.out.tfevents.*")
 
 
-def profiled(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
+def profiler(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
              rank: int | None = None):
     """``--profile``: this process's sampler (its own GPU, matched by UUID; its process tree's
-    CPU use) writing into ``out``, or a context that does nothing."""
+    CPU use) writing into ``out``, not yet started; None without ``--profile``."""
     if not cfg.profile:
-        return contextlib.nullcontext()
+        return None
     from .profiler import Profiler  # imports nothing of training
     return Profiler(out, cfg.profile_interval, cuda_ordinal=cuda_ordinal, rank=rank,
                     gpu=device == "cuda")
+
+
+def profiled(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
+             rank: int | None = None):
+    """``profiler`` as a context that starts and stops it (or does nothing)."""
+    prof = profiler(cfg, out, device, cuda_ordinal, rank)
+    return contextlib.nullcontext() if prof is None else prof
 
 
 def profile_figures(prof) -> dict[str, Any]:

@@ -154,6 +154,8 @@ def train(cfg: TrainConfig) -> dict:
     strategy = Allreduce(cfg, model, device, steps_per_epoch(size), broadcast=not elastic)
     run = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
     ckpt_path = run.path / checkpoint.NAME
+    # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
+    prof = report.profiler(cfg, run.path, device.type, device.index, rank if size > 1 else None)
     ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
 
     def start(p) -> None:
@@ -185,6 +187,8 @@ def train(cfg: TrainConfig) -> dict:
             start(p)
             if elastic:
                 state.commit()
+        if prof is not None and prof.started is None:
+            prof.start()  # once --out is prepared: a new run clears an old run's profile files
         row, test = {}, None
         for epoch in range(p.epoch, cfg.epochs):
             # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
@@ -197,11 +201,14 @@ def train(cfg: TrainConfig) -> dict:
             def after_step(samples: int) -> None:  # elastic: where the epoch stands, committed
                 p.step += 1
                 p.done = min(n_train, p.done + samples * dist.size())
-                if p.step % cfg.commit_every == 0:
-                    # Horovod: the metrics so far are summed now, as a rank may be lost later.
-                    p.partial = tally.reduce(name=f"train_metrics.{epoch}.{p.step}") + p.partial
+                if p.step % cfg.commit_every == 0 and p.done < n_train:  # (the end commits)
+                    # Horovod: the metrics so far are summed now, as a rank may be lost later;
+                    # rank 0's view of host changes rides in the same allreduce.
+                    now = tally.reduce(f"train_metrics.{epoch}.{p.step}", state.host_view())
+                    p.partial = now + p.partial
                     tally.clear()
-                    state.commit()
+                    state.save()
+                    state.check_host_updates(now.extra)
 
             train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
                         bar, max_steps=2 if cfg.dry_run else None,
@@ -212,7 +219,8 @@ def train(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.close()
             # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
-            tr = tally.reduce(name=f"train_metrics.{epoch}") + p.partial
+            now = tally.reduce(f"train_metrics.{epoch}", state.host_view() if elastic else None)
+            tr = now + p.partial
             if not math.isfinite(tr.loss):
                 raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
                                  f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
@@ -245,9 +253,12 @@ def train(cfg: TrainConfig) -> dict:
             # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
             dist.on_main(record, name=f"record.{epoch}")
             p.epoch_start = time.time()
-            if elastic:
-                state.commit()
+            if elastic:  # the epoch's commit
+                state.save()
+                state.check_host_updates(now.extra)
 
+        if prof is not None:
+            prof.stop()  # its summary goes into ours
         if test is None:  # resumed a finished run (or reset after the last epoch): evaluate
             test = evaluate(model, test_batches, device, cfg.amp,
                             Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
@@ -266,33 +277,32 @@ def train(cfg: TrainConfig) -> dict:
         return summary
 
     try:
-        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
-        with report.profiled(cfg, run.path, device.type, device.index,
-                             rank if size > 1 else None) as prof:
-            if not elastic:
-                return fit(SimpleNamespace(progress=Progress(world=size)))
-            from . import elastic as hvd_elastic
+        if not elastic:
+            return fit(SimpleNamespace(progress=Progress(world=size)))
+        from . import elastic as hvd_elastic
 
-            def on_reset(event: dict) -> None:
-                """The new world: its ranks, threads, shards, learning rate and buckets."""
-                new_rank, new_size = dist.rank(), dist.size()
-                setup_logging(dist.is_main())
-                dist.set_threads(cfg.threads)
-                sampler.set_world(new_rank, new_size)
-                test_batches.sampler = data.shard(n_test, new_rank, new_size)
-                p = state.progress
-                strategy.resize(new_size, steps_per_epoch(new_size), p.epoch + p.done / n_train)
-                if dist.is_main():
-                    with contextlib.suppress(UsageError):
-                        run.lock()  # rank 0 may be a new process now; the old one is gone
-                redone = event["steps_redone"]
-                log.info(f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
-                         f"epoch {event['epoch']} at step {event['step']} "
-                         f"({redone} step{'s' * (redone != 1)} redone)")
+        def on_reset(event: dict) -> None:
+            """The new world: its ranks, threads, shards, learning rate and buckets."""
+            new_rank, new_size = dist.rank(), dist.size()
+            setup_logging(dist.is_main())
+            dist.set_threads(cfg.threads)
+            sampler.set_world(new_rank, new_size)
+            test_batches.sampler = data.shard(n_test, new_rank, new_size)
+            p = state.progress
+            strategy.resize(new_size, steps_per_epoch(new_size), p.epoch + p.done / n_train)
+            if dist.is_main():
+                with contextlib.suppress(UsageError):
+                    run.lock()  # rank 0 may be a new process now; the old one is gone
+            redone = event["steps_redone"]
+            log.info(f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
+                     f"epoch {event['epoch']} at step {event['step']} "
+                     f"({redone} step{'s' * (redone != 1)} redone)")
 
-            state = hvd_elastic.TrainState(model, strategy, Progress(world=size), on_reset)
-            return hvd_elastic.run(fit, state)
+        state = hvd_elastic.TrainState(model, strategy, Progress(world=size), on_reset)
+        return hvd_elastic.run(fit, state)
     finally:
+        if prof is not None:
+            prof.stop()  # the samples so far, also when training stops early
         run.close()  # the lock and TensorBoard; also when training stops early
 
 

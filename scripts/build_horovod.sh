@@ -19,7 +19,7 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PATCH_LEVEL=6          # bump when the patches below change: it is part of the cache key
+PATCH_LEVEL=7          # bump when the patches below change: it is part of the cache key
 PYTHON=${1:-.venv/bin/python}
 say() { printf '[build_horovod] %s\n' "$*"; }
 die() { printf '[build_horovod] error: %s\n' "$*" >&2; exit 1; }
@@ -101,6 +101,20 @@ if [ -z "$wheel" ]; then
   #   spins for N microseconds, then sleeps N microseconds between polls. Stock Horovod spins
   #   on sched_yield, which on a host with a rank per core takes the core from the background
   #   thread doing the very allreduce being waited for.
+  # - The rendezvous server clears a scope (global, local_HOST, cross_N: the ranks' Gloo ports)
+  #   once all its ranks have finished it, and forgets only that scope's finished ranks. Stock
+  #   Horovod forgot every scope's, so a scope whose last rank came after another scope completed
+  #   was never cleared, and hvd.init() after hvd.shutdown() could read a peer's stale port:
+  #   "Connection refused" or a Gloo connect timeout (the flake upstream PR #2839 saw in
+  #   test_horovod_reinit). tests/test_rendezvous.py reproduces it.
+  # - An unreachable host is one line from horovodrun, ending with ssh's reason and the ssh
+  #   command that must work without a password (stock: ssh's text and a 13-line traceback).
+  # - Under an elastic launch, a rank that outlived a reset exits 0; the Gloo "Connection reset
+  #   by peer" lines it logged when the peer died are dropped with its held stderr.
+  # - A process set's Gloo device uses the global context's interface (HOROVOD_GLOO_IFACE, set
+  #   by horovodrun). Stock Horovod left it empty there, so Gloo looked up the host's own name,
+  #   and on a host whose name does not resolve (a container missing from DNS) hvd.init()
+  #   segfaulted in gloo::transport::tcp::lookupAddrForHostname (it checks rv != -1, not 0).
   "$PYTHON" - "$src/horovod" <<'PY'
 import sys
 root = sys.argv[1]
@@ -225,7 +239,8 @@ patch("runner/gloo_run.py", """        try:
                     print(line, file=sys.stderr, flush=True)
                 terminate_all_event.set()
             finished = time.time()  # the first failure is the one that printed its line
-        stderr.release(drop=stopped)
+        # hvdsgd: a rank that outlived an elastic reset has nothing to say about the lost peer
+        stderr.release(drop=stopped or (settings.elastic and exit_code == 0))
         if stdout_file:
             stdout_file.close()
         if stderr_file:
@@ -262,6 +277,44 @@ def _get_min_start_hosts""", """    if event.is_set():
 
 
 def _get_min_start_hosts""")
+patch("runner/launch.py", """        if exit_code != 0:
+            print('ssh not successful for host {host}:\\n{msg_output}'
+                  .format(host=host_addresses[index],
+                          msg_output=output_msg))
+""", """        if exit_code != 0:
+            # hvdsgd: one line per host, ending with ssh's own last word on why
+            why = [l.strip() for l in output_msg.splitlines()
+                   if l.strip() and not l.startswith('Warning: Permanently added')]
+            why = why[-1] if why else f'ssh exited with status {exit_code}'
+            check = ' '.join(['ssh'] + (['-p', str(ssh_port)] if ssh_port else []) +
+                             (['-i', ssh_identity_file] if ssh_identity_file else []) +
+                             [host_addresses[index], 'true'])
+            print(f'horovodrun: cannot ssh to {host_addresses[index]} ({why}); this must work '
+                  f'without a password: {check}', file=sys.stderr, flush=True)
+""")
+patch("runner/launch.py", "            raise RuntimeError('could not connect to some hosts via ssh')\n",
+      "            raise JobStopped('could not connect to some hosts via ssh', 1)  # hvdsgd: said above\n")
+patch("common/gloo/gloo_context.cc", """  attr device_attr;
+  device_attr.iface = gloo_iface_;
+  device_attr.ai_family = AF_UNSPEC;
+  auto dev = CreateDevice(device_attr);
+
+  global_ctx = global_context.ctx;
+""", """  attr device_attr;
+  gloo_iface_ = global_context.gloo_iface_;  // hvdsgd: the global context's interface
+  device_attr.iface = gloo_iface_;
+  device_attr.ai_family = AF_UNSPEC;
+  auto dev = CreateDevice(device_attr);
+
+  global_ctx = global_context.ctx;
+""")
+patch("runner/http/http_server.py", """                        self.server.cache.get(scope, {}).clear()
+                        self.server.finished_list.clear()
+""", """                        self.server.cache.get(scope, {}).clear()
+                        # hvdsgd: forget this scope's finished ranks only (clearing every
+                        # scope's left the others uncleared: a re-init read stale ports)
+                        del self.server.finished_list[scope]
+""")
 patch("runner/common/util/safe_shell_exec.py", """    except psutil.NoSuchProcess:
         return
 

@@ -120,6 +120,23 @@ def check_many_small_collectives():
             assert h.synchronize(handle).item() == (h.size() + 1) / 2  # the average of 1..size
 
 
+def check_tally_carries_extra_values():
+    """Values summed in the metrics' allreduce (an elastic commit's view of host changes) come
+    back summed, and the metrics are the same as without them."""
+    dist.init("cpu", threads=1)
+    r, size = dist.rank(), dist.size()
+    tallies = [Tally(3, torch.device("cpu")) for _ in range(2)]
+    for t in tallies:
+        t.add(torch.tensor(0.5 + r), torch.eye(3)[[r % 3, 1, 2]], torch.tensor([0, 1, r % 3]))
+    plain = tallies[0].reduce("tally.plain")
+    extra = torch.tensor([7.0, 0.0, r + 1.0], dtype=torch.float64) if r == 0 else \
+        torch.tensor([0.0, 0.0, r + 1.0], dtype=torch.float64)
+    both = tallies[1].reduce("tally.extra", extra)
+    assert plain.extra is None and both.extra.tolist() == [7.0, 0.0, size * (size + 1) / 2]
+    assert both.loss_sum == plain.loss_sum and torch.equal(both.confusion, plain.confusion)
+    assert plain.count == 3 * size
+
+
 def check_usage_error_on_one_rank():
     """Bad input on rank 1 alone (its --data-dir, say) while rank 0 waits for it in a collective:
     rank 1 says so in one line (rank 0 has nothing to say), rank 0 leaves without a traceback, and

@@ -116,13 +116,31 @@ def check_lottery(out: Path) -> None:
     assert (out / "lottery-quick.png").read_bytes()[:8] == PNG
 
 
+def check_elastic(out: Path) -> None:
+    result = json.loads((out / "elastic-quick.json").read_text())
+    assert result["config"]["commit_default"] == 50  # hvdsgd.config's --commit-every
+    assert [r["commit_every"] for r in result["elastic"]] == [5, 50]
+    for r in result["elastic"]:
+        assert r["samples_per_sec"][0] > 0 and r["ratio"][0] > 0
+        # Each commit's parts were timed inside the ranks, and more commits cost more.
+        assert r["reduce_ms"][0] > 0 and r["save_ms"][0] > 0 and r["hosts_ms"][0] > 0
+    five, fifty = result["elastic"]
+    assert five["commit_share"][0] > fifty["commit_share"][0] > 0
+    [lost] = result["lost_rank"]
+    assert lost["world_size"] == 1 and 0 <= lost["steps_redone"] <= 50
+    assert 0 < lost["detected_s"] <= lost["resumed_s"] <= lost["first_step_s"] < 60
+    md = (out / "elastic-quick.md").read_text()
+    assert "| elastic (default) | 50 | 4 |" in md and "| 50 | 2, " in md
+
+
 @pytest.mark.dist
 def test_make_bench_quick_runs_every_script(tmp_path):
     proc = subprocess.run(["make", "--no-print-directory", "bench-quick", "SETUP=",
                            f"PY={sys.executable}", f"BENCH_OUT={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for script in ("throughput", "scaling", "techniques", "strategies", "hogwild", "kfold", "lottery"):
+    for script in ("throughput", "scaling", "techniques", "strategies", "hogwild", "kfold", "lottery",
+                   "elastic"):
         globals()[f"check_{script}"](tmp_path)
     check_occupancy(tmp_path, proc.stdout)
     for md in tmp_path.glob("*-quick.md"):  # what bench/readme.py reads: "`COMMAND` on MACHINE"

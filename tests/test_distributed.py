@@ -29,7 +29,8 @@ def error_lines(proc):
 
 
 @pytest.mark.parametrize("check", ["identical_parameters", "gradient_average", "accumulation",
-                                   "bucket_views", "many_small_collectives"])
+                                   "bucket_views", "many_small_collectives",
+                                   "tally_carries_extra_values"])
 def test_allreduce_checks(check):
     # A 10 s Gloo timeout: a rank that hangs fails the check quickly instead of after 120 s.
     proc = horovodrun(2, "tests/dist_checks.py", check, timeout=120,
@@ -167,19 +168,19 @@ def test_nan_loss_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------- a job that goes wrong
 
-def start_training(tmp_path, epochs=100):
+def start_training(tmp_path, epochs=100, flags=("--no-progress",), ready=r"epoch +1/"):
     """horovodrun -np 2 training an mlp, output in a file; returns (Popen, log path, --out)
-    once rank 0 has finished its first epoch."""
+    once the log shows ``ready`` (by default: rank 0 has finished its first epoch)."""
     out, log = tmp_path / "run", tmp_path / "horovodrun.log"
     exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [exe, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvdsgd.train",
-             "--model", "mlp", "--epochs", str(epochs), "--no-progress", "--out", str(out)],
+             "--model", "mlp", "--epochs", str(epochs), *flags, "--out", str(out)],
             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 60
-    while not re.search(r"epoch +1/", log.read_text()):
+    while not re.search(ready, log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
     return proc, log, out
@@ -229,6 +230,52 @@ def test_a_lost_rank_is_reported_in_one_line(tmp_path, lost):
     assert said == [f"horovodrun: rank {lost} was lost (exit 137); stopping"], said
     assert status == 137
     assert not rank_processes(out)
+
+
+@pytest.mark.parametrize("lost", [0, 1])
+def test_a_rank_lost_mid_epoch_stops_the_job_within_60_s_and_resume_finishes_it(tmp_path, lost):
+    from hvdsgd import checkpoint, models
+    from hvdsgd.config import parse_args
+    from hvdsgd.train import load_data
+    # 2 samples a rank a step: an epoch takes ~1 s, so the kill lands inside epoch 2, after
+    # rank 0 checkpointed epoch 1 (it does so before any rank starts epoch 2).
+    steps = ("--batch-size", "2", "--log-interval", "20")
+    flags = ("--model", "mlp", "--epochs", "3", *steps)
+    proc, log, out = start_training(tmp_path, 3, steps, ready=r"epoch 2/3: \d+/")
+    ranks = rank_processes(out)
+    assert sorted(ranks) == [0, 1], ranks
+    ranks[lost].kill()  # SIGKILL, as the OOM killer does
+    killed = time.monotonic()
+    while rank_processes(out) or proc.poll() is None:
+        assert time.monotonic() - killed < 120, "ranks still running 120 s after the kill"
+        time.sleep(0.05)
+    gone = time.monotonic() - killed
+    print(f"rank {lost} SIGKILLed mid-epoch: the last rank and horovodrun gone {gone:.2f} s later")
+    status, said = finish(proc, log, out)
+    assert said == [f"horovodrun: rank {lost} was lost (exit 137); stopping"], said
+    assert status == 137 and gone <= 60, gone
+    text = log.read_text()
+    assert re.search(r"epoch +1/3 +train loss", text), text[-2000:]
+    assert not re.search(r"epoch +2/3 +train loss", text), "the kill came after epoch 2 ended"
+
+    # The last checkpoint loads, for the identity train checks on --resume.
+    cfg = parse_args(list(flags))
+    ds = load_data(cfg)
+    ident = checkpoint.identity(cfg, models.build(cfg.model, ds.input_shape, ds.num_classes),
+                                ds.input_shape, ds.num_classes)
+    state = checkpoint.load(out / "checkpoint.pt", ident)
+    assert state["epoch"] == 1
+
+    # --resume on 2 ranks again finishes the run: epochs 2 and 3, each recorded once.
+    proc, _ = run_train(tmp_path, *flags, "--resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resuming after epoch 1" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["world_size"] == 2
+    assert summary["train_samples"] == 3 * 1437  # every epoch of digits' 1,437, none twice
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
 
 
 @pytest.mark.parametrize("sig,status,line", [(signal.SIGINT, 130, "horovodrun: interrupted"),

@@ -168,9 +168,10 @@ def metrics(tmp_path):
 @pytest.mark.multihost
 def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
     commit = 8
-    proc = launch(tmp_path, 2, ["--epochs", "5", "--commit-every", str(commit)], hosts=SIM,
+    # 8 epochs: after 5, one rank reaches 97.5% but a run with a reset 96.9% (CI, once).
+    proc = launch(tmp_path, 2, ["--epochs", "8", "--commit-every", str(commit)], hosts=SIM,
                   sim=sim_hosts)
-    wait_for(tmp_path, proc, r"epoch +1/5")
+    wait_for(tmp_path, proc, r"epoch +1/8")
     time.sleep(0.5)  # into epoch 2
     set_hosts(tmp_path, SIM[0])  # the discovery script drops the host ...
     rank_on(SIM[1]).kill()       # ... whose rank dies (SIGKILL, as the OOM killer does)
@@ -186,7 +187,7 @@ def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
                     f"{'s' * (reset['steps_redone'] != 1)} redone)"], lines
     assert s["world_size"] == 1 and s["test_accuracy"] >= 0.97, s["test_accuracy"]
     rows = metrics(tmp_path)
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
     # Every epoch trained each sample once, the one cut by the reset included.
     assert all(r["train_samples"] == 1437 for r in rows), [r["train_samples"] for r in rows]
     assert rows[0]["world_size"] == 2 and rows[-1]["world_size"] == 1

@@ -61,6 +61,7 @@ class Profiler:
         self.csv_path, self.json_path, self.png_path = (
             self.out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
         self.summary: dict[str, Any] | None = None
+        self.started: str | None = None  # when start() ran (ISO 8601, UTC); None before
         self.unsupported: dict[str, str] = {}
         self.warnings: list[str] = []
         self._gpus: list[GpuSampler] = []
@@ -86,7 +87,7 @@ class Profiler:
         columns = ["wall_time", "elapsed_s"]
         columns += [g.prefix + c for g in self._gpus for c in COLUMNS] + self._cpu.columns()
         self._csv = CsvLog(self.csv_path, columns)
-        self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._t0 = self._last_tick = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="hvdsgd-profiler", daemon=True)
         self._thread.start()
@@ -199,7 +200,7 @@ class Profiler:
         unsupported = dict(self.unsupported)
         for g in self._gpus:
             unsupported.update({g.prefix + k: why for k, why in g.unsupported.items()})
-        return {"started": self._started, "interval_s": self.interval,
+        return {"started": self.started, "interval_s": self.interval,
                 "devices": [g.info for g in self._gpus],
                 **summarize(self.csv_path, raw, self.idle_below),
                 "unsupported": unsupported,
