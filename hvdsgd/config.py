@@ -88,7 +88,7 @@ class TrainConfig:
     overwrite: bool = _f(False, "start over in an --out that holds an earlier run's results "
                          "(deleting them)")
     checkpoint: bool = _f(True, "save a checkpoint in --out after every epoch")
-    commit_every: int = _f(50, "elastic runs (horovodrun --min-np/--max-np): steps between "
+    commit_every: int = _f(100, "elastic runs (horovodrun --min-np/--max-np): steps between "
                            "in-memory commits of the training state; a lost rank costs at most "
                            "this many steps redone (every epoch end commits too)")
     keep_checkpoints: bool = _f(False, "also keep each epoch's checkpoint as checkpoint-epochN.pt")

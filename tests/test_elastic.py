@@ -243,3 +243,22 @@ def test_shared_buffer_strategies_refuse_an_elastic_launch():
     assert proc.stderr.splitlines() == [
         "hvdsgd: error: --strategy hogwild runs on one host and cannot be elastic; run it as "
         "one plain process: python -m hvdsgd.train --strategy hogwild --workers N"], proc.stderr
+
+
+def test_host_discovery_runs_the_script_without_a_python_middleman(tmp_path, monkeypatch):
+    # Horovod's elastic driver runs the script every second; stock Horovod went through
+    # safe_shell_exec, which spawns a Python process per call (bench/elastic.py: its CPU cost).
+    from horovod.runner.common.util import safe_shell_exec
+    from horovod.runner.elastic.discovery import HostDiscoveryScript
+
+    def spawn(*args, **kwargs):
+        raise AssertionError("the discovery script went through safe_shell_exec")
+    monkeypatch.setattr(safe_shell_exec, "execute", spawn)
+    script = tmp_path / "discover.sh"
+    script.write_text("#!/bin/sh\necho host1:2\necho host2\n")
+    script.chmod(0o755)
+    assert HostDiscoveryScript(str(script), 3).find_available_hosts_and_slots() == \
+        {"host1": 2, "host2": 3}
+    script.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(RuntimeError, match="Exit code: 3"):
+        HostDiscoveryScript(str(script), 3).find_available_hosts_and_slots()
