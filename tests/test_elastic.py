@@ -216,6 +216,22 @@ def test_a_host_added_mid_run_joins_and_every_rank_ends_identical(tmp_path, sim_
     assert all(r["train_samples"] == 1437 for r in rows)
 
 
+@pytest.mark.multihost
+def test_a_host_removed_mid_run_leaves_quietly_and_the_rest_goes_on(tmp_path, sim_hosts):
+    proc = launch(tmp_path, 2, ["--epochs", "4", "--commit-every", "5"], hosts=SIM, sim=sim_hosts)
+    wait_for(tmp_path, proc, r"epoch +1/4")
+    set_hosts(tmp_path, SIM[0])  # the discovery script no longer lists 127.0.0.2; its rank lives
+    status, lines, reports = finish(tmp_path, proc)
+    print("\n".join(lines))
+    assert status == 0, "\n".join(lines[-30:])
+    [reset] = summary(tmp_path)["elastic"]["resets"]
+    assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == \
+        ("host removed", 2, 1, 0)
+    assert all(r["train_samples"] == 1437 for r in metrics(tmp_path))
+    assert [r["host"] for r in reports] == [SIM[0]]
+    assert not any("Traceback" in l or "terminate called" in l for l in lines), lines
+
+
 @pytest.mark.dist
 def test_an_elastic_run_without_a_fault_equals_the_fixed_run(tmp_path):
     flags = ["--epochs", "2", "--commit-every", "3"]
