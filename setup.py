@@ -6,6 +6,7 @@ and ships ``scripts/build_horovod.sh`` inside the package as ``hvdsgd/build_horo
     pip install --no-build-isolation .      # into an environment with torch (and Horovod)
     HVDSGD_NATIVE=1 pip install ...         # -march=native kernels; CMAKE_ARGS is honoured
 """
+
 import os
 import re
 import subprocess
@@ -44,7 +45,9 @@ class CMakeBuild(build_ext):
         build = Path(self.build_temp) / ext.name
         build.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cmake", ext.sourcedir, *args], cwd=build, check=True)
-        subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 1)], cwd=build, check=True)
+        subprocess.run(
+            ["cmake", "--build", ".", "-j", str(os.cpu_count() or 1)], cwd=build, check=True
+        )
 
 
 class BuildPy(build_py):
@@ -54,8 +57,10 @@ class BuildPy(build_py):
     def run(self) -> None:
         super().run()
         if not self.editable_mode:
-            self.copy_file(str(ROOT / "scripts" / "build_horovod.sh"),
-                           str(Path(self.build_lib) / "hvdsgd" / "build_horovod.sh"))
+            self.copy_file(
+                str(ROOT / "scripts" / "build_horovod.sh"),
+                str(Path(self.build_lib) / "hvdsgd" / "build_horovod.sh"),
+            )
 
 
 setup(

@@ -1,4 +1,5 @@
 """What every bench script reports with: mean ± spread, the machine, and the results files."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
 def parser(doc: str, quick: str) -> argparse.ArgumentParser:
     """A bench script's argparse: the docstring's first paragraph, defaults shown in help,
     ``--quick`` (the reduced form, described by ``quick``) and ``--out`` (the results folder)."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help=f"a reduced form: {quick}")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     return p
@@ -45,6 +47,7 @@ def horovodrun(np_: int, *args: str) -> list[str]:
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     """Lay out, write and close a matplotlib figure (every bench plot ends this way)."""
     import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -58,11 +61,16 @@ def machine(gpu: bool = True) -> dict:
     if gpu:
         try:
             import torch
+
             name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         except Exception:  # a broken driver is "no GPU" for the record
             name = None
-    return {"cores": cores, "cpu": platform.processor() or platform.machine(), "gpu": name,
-            "description": f"{cores} cores ({platform.machine()}), " + (name or "no GPU")}
+    return {
+        "cores": cores,
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": name,
+        "description": f"{cores} cores ({platform.machine()}), " + (name or "no GPU"),
+    }
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -82,5 +90,6 @@ def write_results(out: str | Path, name: str, results: dict, md: str) -> Path:
         name += "-gpu"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(
-        f"`{results['command']}` on {results['machine']['description']}\n\n{md.strip()}\n")
+        f"`{results['command']}` on {results['machine']['description']}\n\n{md.strip()}\n"
+    )
     return out / name

@@ -47,6 +47,7 @@ The machine is shared and noisy: ± is 1.96 x the standard deviation over the re
 single runs fall). Every launch is killed, with its ranks, on the way out, interrupted or not.
 Writes ``bench/results/elastic[-quick].{json,md}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,14 +69,14 @@ RANK_REPORT = "HVDSGD_BENCH_ELASTIC_REPORT"  # where rank 0 of a --rank launch w
 
 # ------------------------------------------------------------------- inside a rank (--rank)
 
+
 def rank_main(argv: list[str]) -> None:
     """``python -m hvdsgd.train ARGV`` with commit and reset timings; rank 0 writes them to
     ``$HVDSGD_BENCH_ELASTIC_REPORT``."""
     sys.path.insert(0, str(ROOT))
     from hvdsgd import dist, engine, metrics, train
 
-    t = {"flush": [], "reduce": [], "save": [], "hosts": [], "restore": [], "reset": [],
-         "step": []}
+    t = {"flush": [], "reduce": [], "save": [], "hosts": [], "restore": [], "reset": [], "step": []}
     if os.environ.get("HOROVOD_ELASTIC") == "1":
         from hvdsgd import elastic
 
@@ -90,6 +91,7 @@ def rank_main(argv: list[str]) -> None:
                     return fn(*args, **kwargs)
                 finally:
                     t[key].append(time.perf_counter() - start)
+
             setattr(cls, name, wrapper)
 
         # A mid-epoch commit: train_metrics.EPOCH.STEP allreduce, then save + host check. The
@@ -104,10 +106,15 @@ def rank_main(argv: list[str]) -> None:
                 self.flush()
                 t["flush"].append(time.perf_counter() - start)
             return reduce(self, name, *args)
+
         metrics.Tally.reduce = flushed_reduce
         timed(elastic.TrainState, "save", "save")
         timed(elastic.TrainState, "check_host_updates", "hosts")
-        restore, reset, step = elastic.TrainState.restore, elastic.TrainState.reset, engine.train_step
+        restore, reset, step = (
+            elastic.TrainState.restore,
+            elastic.TrainState.reset,
+            engine.train_step,
+        )
 
         def on_restore(self):  # a collective failed: the rank is rolled back
             t["restore"].append(time.time())
@@ -162,11 +169,30 @@ class Launch:
         self.report = where / "rank0.json"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [exe, "-np", "2", *how, "--gloo", sys.executable, str(Path(__file__).resolve()),
-                 "--rank", *flags, "--out", str(where / "run")],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-                     RANK_REPORT: str(self.report)})
+                [
+                    exe,
+                    "-np",
+                    "2",
+                    *how,
+                    "--gloo",
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--rank",
+                    *flags,
+                    "--out",
+                    str(where / "run"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+                env={
+                    **os.environ,
+                    "PYTHONPATH": str(ROOT),
+                    "PYTHONUNBUFFERED": "1",
+                    RANK_REPORT: str(self.report),
+                },
+            )
         self.started = time.perf_counter()
 
     def set_hosts(self, *hosts: str) -> None:
@@ -180,8 +206,10 @@ class Launch:
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:
                 cmd = p.cmdline()
-                if cmd[1:3] == [str(Path(__file__).resolve()), "--rank"] and \
-                        p.environ().get("HOROVOD_HOSTNAME") == host:
+                if (
+                    cmd[1:3] == [str(Path(__file__).resolve()), "--rank"]
+                    and p.environ().get("HOROVOD_HOSTNAME") == host
+                ):
                     return p
             except psutil.Error:
                 pass
@@ -207,13 +235,19 @@ class Launch:
         run = self.where / "run"
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         timings = json.loads(self.report.read_text()) if self.report.exists() else {}
-        return {"summary": json.loads((run / "summary.json").read_text()), "rows": rows,
-                "timings": timings, "launch_s": launch_s}
+        return {
+            "summary": json.loads((run / "summary.json").read_text()),
+            "rows": rows,
+            "timings": timings,
+            "launch_s": launch_s,
+        }
 
     def fail(self, why: str):
         self.stop()
-        sys.exit(f"bench/elastic.py: the launch in {self.where} failed ({why}):\n"
-                 + self.log.read_text()[-3000:])
+        sys.exit(
+            f"bench/elastic.py: the launch in {self.where} failed ({why}):\n"
+            + self.log.read_text()[-3000:]
+        )
 
     def stop(self) -> None:
         """SIGKILL horovodrun and everything under it (frozen first, so nothing new starts)."""
@@ -260,19 +294,28 @@ def stop_all() -> None:
 
 # ---------------------------------------------------------------------------- measurements
 
+
 def throughput(r: dict, steps: int) -> dict:
     """Samples/s and ms per step over the epochs after the first, and the commit timings."""
     rows = r["rows"][1:]
     samples = sum(x["samples_per_sec"] * x["epoch_time_s"] for x in rows)
     seconds = sum(x["epoch_time_s"] for x in rows)
-    out = {"samples_per_sec": samples / seconds, "step_ms": 1000 * seconds / (len(rows) * steps),
-           "launch_s": r["launch_s"], "wall_time_s": r["summary"]["wall_time_s"]}
+    out = {
+        "samples_per_sec": samples / seconds,
+        "step_ms": 1000 * seconds / (len(rows) * steps),
+        "launch_s": r["launch_s"],
+        "wall_time_s": r["summary"]["wall_time_s"],
+    }
     t = r["timings"]
     if t.get("save"):
         # One mid-epoch commit: its metrics allreduce, then save (deep copies) and host check.
         parts = {"reduce_ms": t["reduce"], "save_ms": t["save"], "hosts_ms": t["hosts"]}
-        out.update({k: 1000 * sum(v) / len(v) if v else 0.0
-                    for k, v in {**parts, "flush_ms": t["flush"]}.items()})
+        out.update(
+            {
+                k: 1000 * sum(v) / len(v) if v else 0.0
+                for k, v in {**parts, "flush_ms": t["flush"]}.items()
+            }
+        )
         out["commit_ms"] = out["reduce_ms"] + out["save_ms"] + out["hosts_ms"]
         # Every commit's parts (epoch ends included) over the training time of every epoch.
         train_s = sum(x["epoch_time_s"] for x in r["rows"])
@@ -291,7 +334,7 @@ def lost_rank(where: Path, flags: list[str], commit: int) -> dict:
         job.fail(f"no rank on {HOSTS[1]}")
     job.set_hosts(HOSTS[0])  # the discovery script drops the host ...
     killed = time.time()
-    victim.kill()            # ... whose rank dies
+    victim.kill()  # ... whose rank dies
     r = job.finish()
     resets = r["summary"]["elastic"]["resets"]
     if [(e["cause"], e["from"], e["to"]) for e in resets] != [("rank lost", 2, 1)]:
@@ -299,14 +342,22 @@ def lost_rank(where: Path, flags: list[str], commit: int) -> dict:
     [event], t = resets, r["timings"]
     began = t["reset"][0]["began"]
     after = [x for x in r["rows"] if x["epoch"] > event["epoch"]]  # whole epochs on 1 rank
-    rate = (sum(x["samples_per_sec"] * x["epoch_time_s"] for x in after)
-            / sum(x["epoch_time_s"] for x in after))
-    return {"commit_every": commit, "steps_redone": event["steps_redone"], "epoch": event["epoch"],
-            "step": event["step"], "resumed_s": began + event["time_s"] - killed,
-            "detected_s": t["restore"][0] - killed, "first_step_s": t["step"][0] - killed,
-            "wall_time_s": r["summary"]["wall_time_s"], "launch_s": r["launch_s"],
-            "samples_per_sec_after": rate,
-            "world_size": r["summary"]["world_size"]}
+    rate = sum(x["samples_per_sec"] * x["epoch_time_s"] for x in after) / sum(
+        x["epoch_time_s"] for x in after
+    )
+    return {
+        "commit_every": commit,
+        "steps_redone": event["steps_redone"],
+        "epoch": event["epoch"],
+        "step": event["step"],
+        "resumed_s": began + event["time_s"] - killed,
+        "detected_s": t["restore"][0] - killed,
+        "first_step_s": t["step"][0] - killed,
+        "wall_time_s": r["summary"]["wall_time_s"],
+        "launch_s": r["launch_s"],
+        "samples_per_sec_after": rate,
+        "world_size": r["summary"]["world_size"],
+    }
 
 
 def discovery_cost(where: Path, calls: int = 10) -> dict:
@@ -315,8 +366,10 @@ def discovery_cost(where: Path, calls: int = 10) -> dict:
     Python middleman per call), measured back to back; the children's CPU included."""
     import io
     import resource
+
     from horovod.runner.common.util import safe_shell_exec
     from horovod.runner.elastic.discovery import HostDiscoveryScript
+
     script = where / "discover.sh"
     script.write_text("#!/bin/sh\necho localhost:1\n")
     script.chmod(0o755)
@@ -327,8 +380,11 @@ def discovery_cost(where: Path, calls: int = 10) -> dict:
         for _ in range(calls):
             fn()
         after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        return 1000 * sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime
-                          for a, b in zip(after, before)) / calls
+        return (
+            1000
+            * sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+            / calls
+        )
 
     hvdsgd = cpu_ms(lambda: HostDiscoveryScript(str(script), 1).find_available_hosts_and_slots())
     stock = cpu_ms(lambda: safe_shell_exec.execute(str(script), stdout=io.StringIO()))
@@ -342,57 +398,82 @@ def render(res: dict) -> str:
         return f"{scale * v[0]:,.{digits}f} ± {scale * v[1]:,.{digits}f}"
 
     fixed = res["fixed"]
-    out = [f"mlp on synthetic 1x28x28 data ({cfg['samples']:,} samples), 2 ranks x batch "
-           f"{cfg['batch']} ({cfg['steps']} steps per rank per epoch), 1 thread per rank, "
-           f"{cfg['epochs']} epochs (the first left out of the timing); fixed-size and elastic "
-           f"launches interleaved, {cfg['repeats']} pair(s); ± 1.96 x std.", "",
-           "| run | commit every (steps) | mid-epoch commits / epoch | samples/s | × fixed "
-           "| ms / step | ms / commit (allreduce + copies + host check) | commits' share of "
-           "training time |", "|---|---|---|---|---|---|---|---|",
-           f"| fixed size | - | - | {pm(fixed['samples_per_sec'], 0)} | 1 | "
-           f"{pm(fixed['step_ms'])} | - | - |"]
+    out = [
+        f"mlp on synthetic 1x28x28 data ({cfg['samples']:,} samples), 2 ranks x batch "
+        f"{cfg['batch']} ({cfg['steps']} steps per rank per epoch), 1 thread per rank, "
+        f"{cfg['epochs']} epochs (the first left out of the timing); fixed-size and elastic "
+        f"launches interleaved, {cfg['repeats']} pair(s); ± 1.96 x std.",
+        "",
+        "| run | commit every (steps) | mid-epoch commits / epoch | samples/s | × fixed "
+        "| ms / step | ms / commit (allreduce + copies + host check) | commits' share of "
+        "training time |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| fixed size | - | - | {pm(fixed['samples_per_sec'], 0)} | 1 | "
+        f"{pm(fixed['step_ms'])} | - | - |",
+    ]
     for row in res["elastic"]:
         c = row["commit_every"]
         name = "elastic (default)" if c == default else "elastic"
         ratio = pm(row["ratio"], 3) if c == default else f"{row['ratio'][0]:.3f}"
-        ms = (f"{row['commit_ms'][0]:.2f} ({row['reduce_ms'][0]:.2f} + {row['save_ms'][0]:.2f} "
-              f"+ {row['hosts_ms'][0]:.2f})")
-        out.append(f"| {name} | {c} | {(cfg['steps'] - 1) // c} | {pm(row['samples_per_sec'], 0)} | "
-                   f"{ratio} | {pm(row['step_ms'])} | {ms} | {100 * row['commit_share'][0]:.1f}% |")
+        ms = (
+            f"{row['commit_ms'][0]:.2f} ({row['reduce_ms'][0]:.2f} + {row['save_ms'][0]:.2f} "
+            f"+ {row['hosts_ms'][0]:.2f})"
+        )
+        out.append(
+            f"| {name} | {c} | {(cfg['steps'] - 1) // c} | {pm(row['samples_per_sec'], 0)} | "
+            f"{ratio} | {pm(row['step_ms'])} | {ms} | {100 * row['commit_share'][0]:.1f}% |"
+        )
     d = next(r for r in res["elastic"] if r["commit_every"] == default)
-    out += ["", f"At the default `--commit-every {default}`: elastic / fixed samples/s "
-            f"{pm(d['ratio'], 3)} (target >= 0.98); the commits themselves take "
-            f"{100 * d['commit_share'][0]:.1f}% of the training time."]
+    out += [
+        "",
+        f"At the default `--commit-every {default}`: elastic / fixed samples/s "
+        f"{pm(d['ratio'], 3)} (target >= 0.98); the commits themselves take "
+        f"{100 * d['commit_share'][0]:.1f}% of the training time.",
+    ]
     if d["ratio"][1] > 0.02:
-        out[-1] += (f" The end-to-end ratio's spread (± {d['ratio'][1]:.3f}: launches on a shared, "
-                    "busy machine) is wider than the 2% it should resolve; the commits' share, "
-                    "timed inside the same runs, is the figure that decides.")
+        out[-1] += (
+            f" The end-to-end ratio's spread (± {d['ratio'][1]:.3f}: launches on a shared, "
+            "busy machine) is wider than the 2% it should resolve; the commits' share, "
+            "timed inside the same runs, is the figure that decides."
+        )
 
     disc = res["discovery"]
-    out += ["", f"Horovod's elastic driver runs the discovery script once a second for the whole "
-            f"job: {disc['cpu_ms']:.1f} ms of CPU a run with hvdsgd's build, against "
-            f"{disc['stock_cpu_ms']:.1f} ms the stock way (a Python middleman spawned per run), "
-            f"i.e. {disc['cpu_ms'] / 10:.2f}% against {disc['stock_cpu_ms'] / 10:.1f}% of a core "
-            f"taken from the ranks."]
+    out += [
+        "",
+        f"Horovod's elastic driver runs the discovery script once a second for the whole "
+        f"job: {disc['cpu_ms']:.1f} ms of CPU a run with hvdsgd's build, against "
+        f"{disc['stock_cpu_ms']:.1f} ms the stock way (a Python middleman spawned per run), "
+        f"i.e. {disc['cpu_ms'] / 10:.2f}% against {disc['stock_cpu_ms'] / 10:.1f}% of a core "
+        f"taken from the ranks.",
+    ]
 
     runs = res["lost_rank"]
-    out += ["", "| commit every | killed in epoch, step | steps redone | lost -> rolled back (s) "
-            "| -> ring re-formed (s) | -> first step (s) | samples/s after, 1 rank "
-            "| run time (s) |", "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| commit every | killed in epoch, step | steps redone | lost -> rolled back (s) "
+        "| -> ring re-formed (s) | -> first step (s) | samples/s after, 1 rank "
+        "| run time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for k in runs:
-        out.append(f"| {k['commit_every']} | {k['epoch']}, {k['step'] + k['steps_redone']} | "
-                   f"{k['steps_redone']} | {k['detected_s']:.2f} | {k['resumed_s']:.2f} | "
-                   f"{k['first_step_s']:.2f} | {k['samples_per_sec_after']:,.0f} | "
-                   f"{k['wall_time_s']:.1f} |")
+        out.append(
+            f"| {k['commit_every']} | {k['epoch']}, {k['step'] + k['steps_redone']} | "
+            f"{k['steps_redone']} | {k['detected_s']:.2f} | {k['resumed_s']:.2f} | "
+            f"{k['first_step_s']:.2f} | {k['samples_per_sec_after']:,.0f} | "
+            f"{k['wall_time_s']:.1f} |"
+        )
     lost = res["lost_summary"]
-    out += ["", f"A rank's death to training resumed on the other (ring re-formed): "
-            f"{pm(lost['resumed_s'])} s, first step done {pm(lost['first_step_s'])} s "
-            f"({lost['n']} run(s)); steps redone at most `--commit-every` in every run: "
-            f"{'yes' if lost['redone_within_commit'] else 'NO'}. Run time with the lost rank "
-            f"{pm(lost['wall_time_s'], 1)} s against {pm(d['wall_time_s'], 1)} s without "
-            f"(the rest of it on 1 rank, at {pm(lost['samples_per_sec_after'], 0)} samples/s "
-            f"against {pm(fixed['samples_per_sec'], 0)} for 2 ranks on {res['machine']['cores']} "
-            "cores)."]
+    out += [
+        "",
+        f"A rank's death to training resumed on the other (ring re-formed): "
+        f"{pm(lost['resumed_s'])} s, first step done {pm(lost['first_step_s'])} s "
+        f"({lost['n']} run(s)); steps redone at most `--commit-every` in every run: "
+        f"{'yes' if lost['redone_within_commit'] else 'NO'}. Run time with the lost rank "
+        f"{pm(lost['wall_time_s'], 1)} s against {pm(d['wall_time_s'], 1)} s without "
+        f"(the rest of it on 1 rank, at {pm(lost['samples_per_sec_after'], 0)} samples/s "
+        f"against {pm(fixed['samples_per_sec'], 0)} for 2 ranks on {res['machine']['cores']} "
+        "cores).",
+    ]
     return "\n".join(out)
 
 
@@ -402,52 +483,92 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=12800, help="synthetic training samples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per rank")
     p.add_argument("--repeats", type=int, default=3, help="fixed/elastic pairs at the default")
-    p.add_argument("--commits", default="5,20,50,200",
-                   help="other --commit-every values, one elastic launch each")
+    p.add_argument(
+        "--commits",
+        default="5,20,50,200",
+        help="other --commit-every values, one elastic launch each",
+    )
     p.add_argument("--kills", type=int, default=3, help="lost-rank runs at the default")
-    p.add_argument("--kill-commits", default="5,200",
-                   help="other --commit-every values for one lost-rank run each")
+    p.add_argument(
+        "--kill-commits",
+        default="5,200",
+        help="other --commit-every values for one lost-rank run each",
+    )
     p.add_argument("--seed", type=int, default=42, help="seed of every run")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.repeats, args.commits, args.kills, args.kill_commits = 3, 1, "5", 1, ""
     if args.repeats < 1 or args.kills < 1:
-        p.error("--repeats and --kills must be at least 1: the ratio and the resume time need a run")
+        p.error(
+            "--repeats and --kills must be at least 1: the ratio and the resume time need a run"
+        )
     if args.epochs < 3:
         p.error("--epochs must be at least 3: the first is warm-up, the rank is lost in the second")
     sys.path.insert(0, str(ROOT))
     from hvdsgd.config import TrainConfig
+
     default = TrainConfig.commit_every
     commits = [int(c) for c in args.commits.split(",") if c and int(c) != default]
     kill_commits = [int(c) for c in args.kill_commits.split(",") if c]
     steps = math.ceil(math.ceil(args.samples / 2) / args.batch_size)
-    flags = ["--model", "mlp", "--dataset", "synthetic", "--input-shape",
-             "1,28,28", "--synthetic-samples", str(args.samples), "--batch-size",
-             str(args.batch_size), "--epochs", str(args.epochs), "--seed", str(args.seed),
-             "--scheduler", "constant", "--warmup-epochs", "0", "--threads", "1",
-             "--no-progress", "--no-checkpoint", "--overwrite"]
+    flags = [
+        "--model",
+        "mlp",
+        "--dataset",
+        "synthetic",
+        "--input-shape",
+        "1,28,28",
+        "--synthetic-samples",
+        str(args.samples),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+        "--scheduler",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-checkpoint",
+        "--overwrite",
+    ]
     n = 2 * args.repeats + len(commits) + args.kills + len(kill_commits)
-    print(f"elastic: mlp, synthetic 1x28x28 x {args.samples}, 2 ranks x {args.batch_size} "
-          f"({steps} steps/epoch), {args.epochs} epochs, --commit-every {default} (default) "
-          f"and {commits}; {args.kills + len(kill_commits)} lost-rank run(s): {n} launches",
-          flush=True)
+    print(
+        f"elastic: mlp, synthetic 1x28x28 x {args.samples}, 2 ranks x {args.batch_size} "
+        f"({steps} steps/epoch), {args.epochs} epochs, --commit-every {default} (default) "
+        f"and {commits}; {args.kills + len(kill_commits)} lost-rank run(s): {n} launches",
+        flush=True,
+    )
 
     def stop(signum, frame):  # SIGTERM: the finally below still kills every launch
         raise SystemExit(f"bench/elastic.py: stopped by signal {signum}")
+
     signal.signal(signal.SIGTERM, stop)
     fixed, elastic, lost = [], {c: [] for c in [default, *commits]}, []
     try:
         with tempfile.TemporaryDirectory(prefix="hvdsgd-elastic-") as tmp:
+
             def timed(name: str, commit: int | None) -> dict:
                 extra = ["--commit-every", str(commit)] if commit else []
-                r = throughput(launch(Path(tmp) / name, flags + extra, commit is not None)
-                               .finish(), steps)
+                r = throughput(
+                    launch(Path(tmp) / name, flags + extra, commit is not None).finish(), steps
+                )
                 stop_all()
                 what = f"elastic, commit every {commit:>3}" if commit else "fixed size"
-                more = (f", {r['commit_ms']:.2f} ms/commit ({100 * r['commit_share']:.1f}% of "
-                        f"training)" if commit else "")
-                print(f"  {what:<26} {r['samples_per_sec']:>8,.0f} samples/s, "
-                      f"{r['step_ms']:.2f} ms/step{more}, launch {r['launch_s']:.1f} s", flush=True)
+                more = (
+                    f", {r['commit_ms']:.2f} ms/commit ({100 * r['commit_share']:.1f}% of training)"
+                    if commit
+                    else ""
+                )
+                print(
+                    f"  {what:<26} {r['samples_per_sec']:>8,.0f} samples/s, "
+                    f"{r['step_ms']:.2f} ms/step{more}, launch {r['launch_s']:.1f} s",
+                    flush=True,
+                )
                 return r
 
             for rep in range(args.repeats):
@@ -461,17 +582,23 @@ def main(argv=None) -> None:
                     for c in commits:
                         elastic[c].append(timed(f"{rep}-{c}", c))
             disc = discovery_cost(Path(tmp))
-            print(f"  discovery script: {disc['cpu_ms']:.1f} ms of CPU a run (stock Horovod: "
-                  f"{disc['stock_cpu_ms']:.1f} ms), once a second", flush=True)
+            print(
+                f"  discovery script: {disc['cpu_ms']:.1f} ms of CPU a run (stock Horovod: "
+                f"{disc['stock_cpu_ms']:.1f} ms), once a second",
+                flush=True,
+            )
             for i, c in enumerate([default] * args.kills + kill_commits):
                 k = lost_rank(Path(tmp) / f"lost-{i}-{c}", flags, c)
                 stop_all()
                 lost.append(k)
-                print(f"  lost rank, commit every {c:>3}: killed at epoch {k['epoch']} step "
-                      f"{k['step'] + k['steps_redone']}, {k['steps_redone']} steps redone; "
-                      f"rolled back {k['detected_s']:.2f} s, resumed {k['resumed_s']:.2f} s, "
-                      f"first step {k['first_step_s']:.2f} s after the kill; run "
-                      f"{k['wall_time_s']:.1f} s", flush=True)
+                print(
+                    f"  lost rank, commit every {c:>3}: killed at epoch {k['epoch']} step "
+                    f"{k['step'] + k['steps_redone']}, {k['steps_redone']} steps redone; "
+                    f"rolled back {k['detected_s']:.2f} s, resumed {k['resumed_s']:.2f} s, "
+                    f"first step {k['first_step_s']:.2f} s after the kill; run "
+                    f"{k['wall_time_s']:.1f} s",
+                    flush=True,
+                )
     finally:
         stop_all()
 
@@ -483,24 +610,46 @@ def main(argv=None) -> None:
     for c in sorted(elastic):
         row = {"commit_every": c, **agg(elastic[c]), "runs": elastic[c]}
         if c == default:  # pair by pair: each elastic run over the fixed run beside it
-            row["ratio"] = mean_spread([e["samples_per_sec"] / f["samples_per_sec"]
-                                        for e, f in zip(elastic[c], fixed)])
+            row["ratio"] = mean_spread(
+                [e["samples_per_sec"] / f["samples_per_sec"] for e, f in zip(elastic[c], fixed)]
+            )
         else:
             row["ratio"] = (row["samples_per_sec"][0] / base["samples_per_sec"][0], 0.0)
         rows.append(row)
     at_default = [k for k in lost if k["commit_every"] == default]
     lost_summary = {
         "n": len(at_default),
-        **{k: mean_spread([x[k] for x in at_default])
-           for k in ("resumed_s", "detected_s", "first_step_s", "wall_time_s",
-                     "samples_per_sec_after")},
-        "redone_within_commit": all(k["steps_redone"] <= k["commit_every"] for k in lost)}
-    config = {**vars(args), "commit_default": default, "commits": commits,
-              "kill_commits": kill_commits, "steps": steps, "batch": args.batch_size,
-              "flags": flags}
-    results = {"command": command_line("elastic.py", argv), "machine": machine(gpu=False),
-               "config": config, "fixed": {**base, "runs": fixed}, "elastic": rows,
-               "lost_rank": lost, "lost_summary": lost_summary, "discovery": disc}
+        **{
+            k: mean_spread([x[k] for x in at_default])
+            for k in (
+                "resumed_s",
+                "detected_s",
+                "first_step_s",
+                "wall_time_s",
+                "samples_per_sec_after",
+            )
+        },
+        "redone_within_commit": all(k["steps_redone"] <= k["commit_every"] for k in lost),
+    }
+    config = {
+        **vars(args),
+        "commit_default": default,
+        "commits": commits,
+        "kill_commits": kill_commits,
+        "steps": steps,
+        "batch": args.batch_size,
+        "flags": flags,
+    }
+    results = {
+        "command": command_line("elastic.py", argv),
+        "machine": machine(gpu=False),
+        "config": config,
+        "fixed": {**base, "runs": fixed},
+        "elastic": rows,
+        "lost_rank": lost,
+        "lost_summary": lost_summary,
+        "discovery": disc,
+    }
     md = render(results)
     print("\n" + md)
     write_results(args.out, "elastic-quick" if args.quick else "elastic", results, md)

@@ -22,6 +22,7 @@
 
 Writes ``bench/results/hogwild.json`` and ``hogwild.md``.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 POLICIES = ("hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred")
 
@@ -49,6 +49,7 @@ def fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 # ---------------------------------------------------------------------------- kernel
+
 
 def bench_kernel(sizes: list[int], repeats: int, inner: int) -> list[dict]:
     """``inner`` / n calls per timing (at least 3): about the same bytes for every size."""
@@ -64,8 +65,10 @@ def bench_kernel(sizes: list[int], repeats: int, inner: int) -> list[dict]:
         pt, gt = torch.from_numpy(p), torch.from_numpy(g)
         pt_param = torch.nn.Parameter(pt)  # shares p's memory
         pt_param.grad = gt
-        opts = {"torch foreach": torch.optim.SGD([pt_param], lr=1e-6, momentum=0.9, foreach=True),
-                "torch fused": torch.optim.SGD([pt_param], lr=1e-6, momentum=0.9, fused=True)}
+        opts = {
+            "torch foreach": torch.optim.SGD([pt_param], lr=1e-6, momentum=0.9, foreach=True),
+            "torch fused": torch.optim.SGD([pt_param], lr=1e-6, momentum=0.9, fused=True),
+        }
         variants = {
             # name: (function, bytes per parameter)
             "hvdsgd sgd": (lambda: _C.sgd_step(p, g, 1e-6), 12),
@@ -94,12 +97,15 @@ def bench_kernel(sizes: list[int], repeats: int, inner: int) -> list[dict]:
         row["momentum_over_torch_foreach"] = m["hvdsgd sgd+momentum"] / m["torch foreach"]
         row["momentum_over_torch_fused"] = m["hvdsgd sgd+momentum"] / m["torch fused"]
         rows.append(row)
-        print(f"  kernel n={n:,}: " + ", ".join(f"{k} {fmt(v)} GB/s" for k, v in results.items()),
-              flush=True)
+        print(
+            f"  kernel n={n:,}: " + ", ".join(f"{k} {fmt(v)} GB/s" for k, v in results.items()),
+            flush=True,
+        )
     return rows
 
 
 # ----------------------------------------------------- reference HOGWILD (mnist_hogwild)
+
 
 def _reference_worker(w, workers, model, x, y, cfg, ready, start, counts, begins, ends):
     """pytorch/examples mnist_hogwild's ``train``: a torch.optim.SGD over shared parameters."""
@@ -111,8 +117,9 @@ def _reference_worker(w, workers, model, x, y, cfg, ready, start, counts, begins
     torch.set_num_threads(1)
     sampler = ShardSampler(len(y), w, workers, cfg["seed"])
     batches = data.Batches(x, y, cfg["batch_size"], sampler, torch.device("cpu"))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                          weight_decay=cfg["weight_decay"])
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+    )
     with ready.get_lock():
         ready.value += 1
     start.wait()
@@ -145,9 +152,25 @@ def run_reference(workers: int, cfg: dict, eval_interval: float) -> dict:
     ready, start = ctx.Value("i", 0), ctx.Event()
     counts = ctx.Array("q", workers, lock=False)
     begins, ends = ctx.Array("d", workers, lock=False), ctx.Array("d", workers, lock=False)
-    procs = [ctx.Process(target=_reference_worker, args=(w, workers, model, ds.train_x, ds.train_y,
-                                                         cfg, ready, start, counts, begins, ends))
-             for w in range(workers)]
+    procs = [
+        ctx.Process(
+            target=_reference_worker,
+            args=(
+                w,
+                workers,
+                model,
+                ds.train_x,
+                ds.train_y,
+                cfg,
+                ready,
+                start,
+                counts,
+                begins,
+                ends,
+            ),
+        )
+        for w in range(workers)
+    ]
     for p in procs:
         p.start()
     test = data.Batches(ds.test_x, ds.test_y, 512, range(len(ds.test_y)), torch.device("cpu"))
@@ -170,32 +193,70 @@ def run_reference(workers: int, cfg: dict, eval_interval: float) -> dict:
         with torch.no_grad():
             for p, v in zip(model.parameters(), params):
                 p.copy_(v)
-        acc = evaluate(model, test, torch.device("cpu"), "off", Tally(10, torch.device("cpu"))).local().accuracy
+        acc = (
+            evaluate(model, test, torch.device("cpu"), "off", Tally(10, torch.device("cpu")))
+            .local()
+            .accuracy
+        )
         if reached is None and acc >= 0.97:
             reached = min(t, elapsed)
     aggregate = sum(c / (e - b) for c, b, e in zip(counts[:], begins[:], ends[:]))
-    return {"samples_per_sec": sum(counts[:]) / elapsed, "aggregate_samples_per_sec": aggregate,
-            "test_accuracy": acc, "time_to_97_s": reached}
+    return {
+        "samples_per_sec": sum(counts[:]) / elapsed,
+        "aggregate_samples_per_sec": aggregate,
+        "test_accuracy": acc,
+        "time_to_97_s": reached,
+    }
 
 
 def run_hvdsgd(strategy: str, workers: int, cfg: dict, eval_interval: float, tmp: Path) -> dict:
     out = tmp / f"{strategy}-{workers}"
-    cmd = [sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--strategy", strategy,
-           "--workers", str(workers), "--epochs", str(cfg["epochs"]),
-           "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
-           "--momentum", str(cfg["momentum"]), "--weight-decay", str(cfg["weight_decay"]),
-           "--scheduler", "constant", "--warmup-epochs", "0", "--seed", str(cfg["seed"]),
-           "--eval-interval", str(eval_interval), "--no-progress", "--no-checkpoint",
-           "--overwrite", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hvdsgd.train",
+        "--model",
+        "mlp",
+        "--strategy",
+        strategy,
+        "--workers",
+        str(workers),
+        "--epochs",
+        str(cfg["epochs"]),
+        "--batch-size",
+        str(cfg["batch_size"]),
+        "--lr",
+        str(cfg["lr"]),
+        "--momentum",
+        str(cfg["momentum"]),
+        "--weight-decay",
+        str(cfg["weight_decay"]),
+        "--scheduler",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--seed",
+        str(cfg["seed"]),
+        "--eval-interval",
+        str(eval_interval),
+        "--no-progress",
+        "--no-checkpoint",
+        "--overwrite",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     if proc.returncode != 0:
         sys.exit(f"bench/hogwild.py: {' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    return {"samples_per_sec": s["samples_per_sec"],
-            "aggregate_samples_per_sec": s["aggregate_samples_per_sec"],
-            "test_accuracy": s["test_accuracy"],
-            "time_to_97_s": s["time_to_accuracy_s"]["0.97"],
-            "staleness_mean": s["staleness_mean"], "staleness_p95": s["staleness_p95"]}
+    return {
+        "samples_per_sec": s["samples_per_sec"],
+        "aggregate_samples_per_sec": s["aggregate_samples_per_sec"],
+        "test_accuracy": s["test_accuracy"],
+        "time_to_97_s": s["time_to_accuracy_s"]["0.97"],
+        "staleness_mean": s["staleness_mean"],
+        "staleness_p95": s["staleness_p95"],
+    }
 
 
 def _agg(runs: list[dict]) -> dict:
@@ -219,15 +280,26 @@ def bench_e2e(workers_list, repeats, cfg, eval_interval, tmp) -> list[dict]:
     for workers in workers_list:
         runs = {"hvdsgd": [], "reference": []}
         for rep in range(repeats):
-            for kind in (("hvdsgd", "reference") if rep % 2 == 0 else ("reference", "hvdsgd")):
-                r = (run_hvdsgd("hogwild", workers, cfg, eval_interval, tmp) if kind == "hvdsgd"
-                     else run_reference(workers, cfg, eval_interval))
+            for kind in ("hvdsgd", "reference") if rep % 2 == 0 else ("reference", "hvdsgd"):
+                r = (
+                    run_hvdsgd("hogwild", workers, cfg, eval_interval, tmp)
+                    if kind == "hvdsgd"
+                    else run_reference(workers, cfg, eval_interval)
+                )
                 runs[kind].append(r)
-                print(f"  e2e {workers} worker(s) {kind:>9}: {r['samples_per_sec']:8.0f} samples/s "
-                      f"(aggregate {r['aggregate_samples_per_sec']:8.0f}), "
-                      f"acc {100 * r['test_accuracy']:.2f}%, 97% at {r['time_to_97_s']}", flush=True)
-        rows.append({"workers": workers, "hvdsgd": _agg(runs["hvdsgd"]),
-                     "reference": _agg(runs["reference"])})
+                print(
+                    f"  e2e {workers} worker(s) {kind:>9}: {r['samples_per_sec']:8.0f} samples/s "
+                    f"(aggregate {r['aggregate_samples_per_sec']:8.0f}), "
+                    f"acc {100 * r['test_accuracy']:.2f}%, 97% at {r['time_to_97_s']}",
+                    flush=True,
+                )
+        rows.append(
+            {
+                "workers": workers,
+                "hvdsgd": _agg(runs["hvdsgd"]),
+                "reference": _agg(runs["reference"]),
+            }
+        )
     one = next((r for r in rows if r["workers"] == 1), None)
     for r in rows:
         for key, tag in (("samples_per_sec", ""), ("aggregate_samples_per_sec", "_aggregate")):
@@ -244,15 +316,19 @@ def bench_policies(workers, repeats, cfg, eval_interval, tmp) -> list[dict]:
         for policy in POLICIES if rep % 2 == 0 else reversed(POLICIES):
             r = run_hvdsgd(policy, workers, cfg, eval_interval, tmp)
             runs[policy].append(r)
-            print(f"  policy {policy:>14}: {r['samples_per_sec']:8.0f} samples/s, acc "
-                  f"{100 * r['test_accuracy']:.2f}%, 97% at {r['time_to_97_s']}, staleness "
-                  f"{r['staleness_mean']:.2f}", flush=True)
+            print(
+                f"  policy {policy:>14}: {r['samples_per_sec']:8.0f} samples/s, acc "
+                f"{100 * r['test_accuracy']:.2f}%, 97% at {r['time_to_97_s']}, staleness "
+                f"{r['staleness_mean']:.2f}",
+                flush=True,
+            )
     for policy in POLICIES:
         rows.append({"policy": policy, **_agg(runs[policy])})
     return rows
 
 
 # ------------------------------------------------------------------------------ main
+
 
 def main(argv=None) -> None:
     p = parser(__doc__, "small sizes, 1 repeat")
@@ -266,20 +342,36 @@ def main(argv=None) -> None:
     if args.quick:
         args.sizes, args.repeats, args.workers, args.epochs = "100000", 1, "1,2", 3
     parts = args.parts.split(",")
-    cfg = {"epochs": args.epochs, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
-           "weight_decay": 1e-4, "seed": 42}
+    cfg = {
+        "epochs": args.epochs,
+        "batch_size": 64,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "seed": 42,
+    }
     info = machine(gpu=False)
-    print(f"hogwild: {info['cores']} cores, CPU only; {args.repeats} interleaved repeats", flush=True)
+    print(
+        f"hogwild: {info['cores']} cores, CPU only; {args.repeats} interleaved repeats", flush=True
+    )
     results: dict = {"machine": info, "config": cfg}
     with tempfile.TemporaryDirectory() as tmp:
         if "kernel" in parts:
-            results["kernel"] = bench_kernel([int(s) for s in args.sizes.split(",")], args.repeats,
-                                             inner=200_000_000)
+            results["kernel"] = bench_kernel(
+                [int(s) for s in args.sizes.split(",")], args.repeats, inner=200_000_000
+            )
         if "e2e" in parts:
-            results["e2e"] = bench_e2e([int(w) for w in args.workers.split(",")], args.repeats,
-                                       cfg, args.eval_interval, Path(tmp))
+            results["e2e"] = bench_e2e(
+                [int(w) for w in args.workers.split(",")],
+                args.repeats,
+                cfg,
+                args.eval_interval,
+                Path(tmp),
+            )
         if "policies" in parts:
-            results["policies"] = bench_policies(2, args.repeats, cfg, args.eval_interval, Path(tmp))
+            results["policies"] = bench_policies(
+                2, args.repeats, cfg, args.eval_interval, Path(tmp)
+            )
     md = render(results, args)
     print("\n" + md)
     results["command"] = command_line("hogwild.py", argv)
@@ -294,38 +386,60 @@ def render(results: dict, args) -> str:
             for name, v in r["gbps"].items():
                 lines.append(f"| {r['n']:,} | {name} | {fmt(v, digits=2)} |")
         lines.append("")
-        lines.append("| parameters | hvdsgd / numpy p -= lr*g | hvdsgd / numpy one pass "
-                     "| hvdsgd+momentum / torch foreach | hvdsgd+momentum / torch fused |")
+        lines.append(
+            "| parameters | hvdsgd / numpy p -= lr*g | hvdsgd / numpy one pass "
+            "| hvdsgd+momentum / torch foreach | hvdsgd+momentum / torch fused |"
+        )
         lines.append("|---|---|---|---|---|")
         for r in results["kernel"]:
-            lines.append(f"| {r['n']:,} | {r['sgd_over_numpy_lr']:.2f} | {r['sgd_over_numpy_one_pass']:.2f} "
-                         f"| {r['momentum_over_torch_foreach']:.2f} | {r['momentum_over_torch_fused']:.2f} |")
+            lines.append(
+                f"| {r['n']:,} | {r['sgd_over_numpy_lr']:.2f} | {r['sgd_over_numpy_one_pass']:.2f} "
+                f"| {r['momentum_over_torch_foreach']:.2f} | {r['momentum_over_torch_fused']:.2f} |"
+            )
         parts.append("\n".join(lines))
     if "e2e" in results:
         nan = float("nan")
-        lines = ["| workers | measure | hvdsgd samples/s | reference samples/s | hvdsgd / reference "
-                 "| hvdsgd speed-up over 1 worker |", "|---|---|---|---|---|---|"]
+        lines = [
+            "| workers | measure | hvdsgd samples/s | reference samples/s | hvdsgd / reference "
+            "| hvdsgd speed-up over 1 worker |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in results["e2e"]:
             h, ref = r["hvdsgd"], r["reference"]
-            for key, tag, name in (("samples_per_sec", "", "wall"),
-                                   ("aggregate_samples_per_sec", "_aggregate", "aggregate")):
-                lines.append(f"| {r['workers']} | {name} | {_cell(h, key)} | {_cell(ref, key)} "
-                             f"| {r['hvdsgd_over_reference' + tag]:.2f} "
-                             f"| {r.get('speedup_over_1_worker' + tag, nan):.2f} |")
-        lines += ["", "| workers | hvdsgd time to 97% (s) | reference time to 97% (s) "
-                  "| hvdsgd accuracy | reference accuracy |", "|---|---|---|---|---|"]
+            for key, tag, name in (
+                ("samples_per_sec", "", "wall"),
+                ("aggregate_samples_per_sec", "_aggregate", "aggregate"),
+            ):
+                lines.append(
+                    f"| {r['workers']} | {name} | {_cell(h, key)} | {_cell(ref, key)} "
+                    f"| {r['hvdsgd_over_reference' + tag]:.2f} "
+                    f"| {r.get('speedup_over_1_worker' + tag, nan):.2f} |"
+                )
+        lines += [
+            "",
+            "| workers | hvdsgd time to 97% (s) | reference time to 97% (s) "
+            "| hvdsgd accuracy | reference accuracy |",
+            "|---|---|---|---|---|",
+        ]
         for r in results["e2e"]:
             h, ref = r["hvdsgd"], r["reference"]
-            lines.append(f"| {r['workers']} | {_cell(h, 'time_to_97_s', digits=2)} "
-                         f"| {_cell(ref, 'time_to_97_s', digits=2)} "
-                         f"| {_cell(h, 'test_accuracy', 100, 2)} | {_cell(ref, 'test_accuracy', 100, 2)} |")
+            lines.append(
+                f"| {r['workers']} | {_cell(h, 'time_to_97_s', digits=2)} "
+                f"| {_cell(ref, 'time_to_97_s', digits=2)} "
+                f"| {_cell(h, 'test_accuracy', 100, 2)} | {_cell(ref, 'test_accuracy', 100, 2)} |"
+            )
         parts.append("\n".join(lines))
     if "policies" in results:
-        lines = ["| --strategy (2 workers) | samples/s | final accuracy (%) | time to 97% (s) "
-                 "| mean staleness |", "|---|---|---|---|---|"]
+        lines = [
+            "| --strategy (2 workers) | samples/s | final accuracy (%) | time to 97% (s) "
+            "| mean staleness |",
+            "|---|---|---|---|---|",
+        ]
         for r in results["policies"]:
-            lines.append(f"| {r['policy']} | {_cell(r, 'samples_per_sec')} | {_cell(r, 'test_accuracy', 100, 2)} "
-                         f"| {_cell(r, 'time_to_97_s', digits=2)} | {_cell(r, 'staleness_mean', digits=2)} |")
+            lines.append(
+                f"| {r['policy']} | {_cell(r, 'samples_per_sec')} | {_cell(r, 'test_accuracy', 100, 2)} "
+                f"| {_cell(r, 'time_to_97_s', digits=2)} | {_cell(r, 'staleness_mean', digits=2)} |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

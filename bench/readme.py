@@ -9,6 +9,7 @@ heading each, in the order below, with the command as a code block and the plot 
 A run recorded on a GPU machine (``NAME-gpu.md``) is shown beside the CPU one; reduced runs
 (``*-quick*.md``) are never shown. ``make bench`` runs it last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,39 +24,66 @@ END = "<!-- results:end -->"
 
 # name, heading, what the run measures (the figures themselves come from the .md file)
 SECTIONS = [
-    ("throughput", "Throughput against DDP and bare Horovod",
-     "hvdsgd's training step (`engine.train_step` + the `Allreduce` strategy) against the "
-     "loop of Horovod's `pytorch_synthetic_benchmark.py` on the same Horovod build with its "
-     "default settings, and the same loop under `torchrun` with `DistributedDataParallel`; "
-     "same model, batch per rank, threads per rank and ranks, launches interleaved."),
-    ("scaling", "Scaling: workers and batch size",
-     "Horovod synchronous SGD on digits: time per iteration and test accuracy against the "
-     "number of ranks and against the batch size per rank."),
-    ("techniques", "Training techniques: AMP, accumulation, pinned memory, channels-last",
-     "Each technique on its own and all together against the same model's baseline, every "
-     "setting in a fresh process: samples/s, peak memory, and accuracy after the same budget."),
-    ("strategies", "Update strategies: allreduce, parameter server, HOGWILD",
-     "The same model, data, batch per worker and number of workers under Horovod allreduce and "
-     "each shared-buffer `--strategy`."),
-    ("hogwild", "HOGWILD: the kernel, end to end, and the policies",
-     "The C++ update kernel against NumPy and `torch.optim.SGD` on one flat buffer (GB/s "
-     "counted as STREAM does); HOGWILD end to end against the pattern of pytorch/examples "
-     "`mnist_hogwild` on the same model, batches and evaluation loop; every policy at 2 workers."),
-    ("occupancy", "Occupancy sweep and the profiler's cost",
-     "Training under `hvdsgd.profiler` over a sweep of settings (on a GPU: batch size, AMP, "
-     "channels-last, loader workers, pinned memory; on a CPU-only machine: HOGWILD workers "
-     "against CPU use), and the step time with and without the profiler in paired blocks."),
-    ("kfold", "K-fold cross-validation in parallel",
-     "5-fold `cnn` on digits: serially, over hvdsgd's worker processes, and over a joblib pool "
-     "running one fold per job (the pattern of `cross_val_score(n_jobs=2)`), same folds and seeds."),
-    ("lottery", "Lottery tickets in parallel",
-     "Iterative magnitude pruning with late resetting, each (sparsity, reset point) a task: "
-     "serially and over worker processes, against Amdahl's law for the measured serial fraction."),
-    ("elastic", "Elastic training: the cost of commits, and a lost rank",
-     "The same 2-rank run fixed-size and elastic (`horovodrun --min-np 1 --max-np 2 "
-     "--host-discovery-script`), launches interleaved: samples/s against `--commit-every`, with "
-     "each commit's parts timed inside the ranks; then a rank SIGKILLed mid-epoch while the "
-     "discovery script drops its host: seconds to training resumed on the other, steps redone."),
+    (
+        "throughput",
+        "Throughput against DDP and bare Horovod",
+        "hvdsgd's training step (`engine.train_step` + the `Allreduce` strategy) against the "
+        "loop of Horovod's `pytorch_synthetic_benchmark.py` on the same Horovod build with its "
+        "default settings, and the same loop under `torchrun` with `DistributedDataParallel`; "
+        "same model, batch per rank, threads per rank and ranks, launches interleaved.",
+    ),
+    (
+        "scaling",
+        "Scaling: workers and batch size",
+        "Horovod synchronous SGD on digits: time per iteration and test accuracy against the "
+        "number of ranks and against the batch size per rank.",
+    ),
+    (
+        "techniques",
+        "Training techniques: AMP, accumulation, pinned memory, channels-last",
+        "Each technique on its own and all together against the same model's baseline, every "
+        "setting in a fresh process: samples/s, peak memory, and accuracy after the same budget.",
+    ),
+    (
+        "strategies",
+        "Update strategies: allreduce, parameter server, HOGWILD",
+        "The same model, data, batch per worker and number of workers under Horovod allreduce and "
+        "each shared-buffer `--strategy`.",
+    ),
+    (
+        "hogwild",
+        "HOGWILD: the kernel, end to end, and the policies",
+        "The C++ update kernel against NumPy and `torch.optim.SGD` on one flat buffer (GB/s "
+        "counted as STREAM does); HOGWILD end to end against the pattern of pytorch/examples "
+        "`mnist_hogwild` on the same model, batches and evaluation loop; every policy at 2 workers.",
+    ),
+    (
+        "occupancy",
+        "Occupancy sweep and the profiler's cost",
+        "Training under `hvdsgd.profiler` over a sweep of settings (on a GPU: batch size, AMP, "
+        "channels-last, loader workers, pinned memory; on a CPU-only machine: HOGWILD workers "
+        "against CPU use), and the step time with and without the profiler in paired blocks.",
+    ),
+    (
+        "kfold",
+        "K-fold cross-validation in parallel",
+        "5-fold `cnn` on digits: serially, over hvdsgd's worker processes, and over a joblib pool "
+        "running one fold per job (the pattern of `cross_val_score(n_jobs=2)`), same folds and seeds.",
+    ),
+    (
+        "lottery",
+        "Lottery tickets in parallel",
+        "Iterative magnitude pruning with late resetting, each (sparsity, reset point) a task: "
+        "serially and over worker processes, against Amdahl's law for the measured serial fraction.",
+    ),
+    (
+        "elastic",
+        "Elastic training: the cost of commits, and a lost rank",
+        "The same 2-rank run fixed-size and elastic (`horovodrun --min-np 1 --max-np 2 "
+        "--host-discovery-script`), launches interleaved: samples/s against `--commit-every`, with "
+        "each commit's parts timed inside the ranks; then a rank SIGKILLed mid-epoch while the "
+        "discovery script drops its host: seconds to training resumed on the other, steps redone.",
+    ),
 ]
 
 
@@ -74,12 +102,16 @@ def section(results: Path, base: Path, name: str, heading: str, blurb: str) -> s
         first, _, body = path.read_text().partition("\n")
         m = re.match(r"`(.+?)` on (.+)$", first)
         if not m:
-            sys.exit(f"bench/readme.py: {path} does not start with \"`COMMAND` on MACHINE\"; "
-                     "rerun the script that wrote it")
+            sys.exit(
+                f'bench/readme.py: {path} does not start with "`COMMAND` on MACHINE"; '
+                "rerun the script that wrote it"
+            )
         command, where = m.groups()
         plot = path.with_suffix(".png")
-        parts.append(f"```bash\n{command}\n```\n\nOn {where}.\n\n{body.strip()}"
-                     + (f"\n\n![{heading}]({os.path.relpath(plot, base)})" if plot.exists() else ""))
+        parts.append(
+            f"```bash\n{command}\n```\n\nOn {where}.\n\n{body.strip()}"
+            + (f"\n\n![{heading}]({os.path.relpath(plot, base)})" if plot.exists() else "")
+        )
     if not parts:
         return None
     return f"### {heading}\n\n{blurb}\n\n" + "\n\n".join(parts)
@@ -91,8 +123,9 @@ def generate(results: Path, base: Path) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--readme", default=str(ROOT / "README.md"), help="the README to update")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="results folder")
     p.add_argument("--check", action="store_true", help="only check that the README is current")
@@ -100,14 +133,18 @@ def main(argv=None) -> None:
     readme = Path(args.readme)
     text = readme.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1:
-        sys.exit(f"bench/readme.py: {readme} needs exactly one pair of results markers:\n{BEGIN}\n{END}")
+        sys.exit(
+            f"bench/readme.py: {readme} needs exactly one pair of results markers:\n{BEGIN}\n{END}"
+        )
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
     new = head + generate(Path(args.results), readme.parent) + tail
     if args.check:
         if new != text:
-            sys.exit(f"bench/readme.py: the Results section of {readme} is out of date; "
-                     "run `python bench/readme.py`")
+            sys.exit(
+                f"bench/readme.py: the Results section of {readme} is out of date; "
+                "run `python bench/readme.py`"
+            )
         print(f"{readme}: Results section is current")
         return
     readme.write_text(new)

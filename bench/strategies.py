@@ -13,6 +13,7 @@ since the start signal, evaluated by the clock), final test accuracy and mean st
 (updates that landed between a worker's read of the weights and its write; 0 when synchronous).
 Writes ``bench/results/strategies[-quick].{json,md}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,19 +32,48 @@ STRATEGIES = ("allreduce", "sync", "async-apply", "async-deferred", "hogwild", "
 
 
 def run(strategy: str, args, out: Path) -> dict:
-    common = ["-m", "hvdsgd.train", "--model", args.model, "--epochs", str(args.epochs),
-              "--batch-size", "64", "--lr", str(args.lr), "--momentum", "0.9",
-              "--scheduler", "constant", "--warmup-epochs", "0", "--no-progress",
-              "--no-checkpoint", "--overwrite", "--out", str(out)]
+    common = [
+        "-m",
+        "hvdsgd.train",
+        "--model",
+        args.model,
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        "64",
+        "--lr",
+        str(args.lr),
+        "--momentum",
+        "0.9",
+        "--scheduler",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--no-progress",
+        "--no-checkpoint",
+        "--overwrite",
+        "--out",
+        str(out),
+    ]
     if strategy == "allreduce":
         cmd = horovodrun(args.workers, *common)
     else:
-        cmd = [sys.executable, *common, "--strategy", strategy, "--workers", str(args.workers),
-               "--eval-interval", "0.01"]
+        cmd = [
+            sys.executable,
+            *common,
+            "--strategy",
+            strategy,
+            "--workers",
+            str(args.workers),
+            "--eval-interval",
+            "0.01",
+        ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
     if proc.returncode != 0:
-        sys.exit(f"bench/strategies.py: {strategy} failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        sys.exit(
+            f"bench/strategies.py: {strategy} failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+        )
     s = json.loads((out / "summary.json").read_text())
     if strategy == "allreduce":
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -55,8 +85,12 @@ def run(strategy: str, args, out: Path) -> dict:
         staleness = 0.0
     else:
         reached, staleness = s["time_to_accuracy_s"]["0.97"], s["staleness_mean"]
-    return {"samples_per_sec": s["samples_per_sec"], "test_accuracy": s["test_accuracy"],
-            "time_to_97_s": reached, "staleness_mean": staleness}
+    return {
+        "samples_per_sec": s["samples_per_sec"],
+        "test_accuracy": s["test_accuracy"],
+        "time_to_97_s": reached,
+        "staleness_mean": staleness,
+    }
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -70,14 +104,23 @@ def aggregate(runs: list[dict]) -> dict:
 
 def render(rows: list[dict], args) -> str:
     def cell(v, scale=1.0, digits=0):
-        return "not reached" if v is None else f"{scale * v[0]:,.{digits}f} ± {scale * v[1]:,.{digits}f}"
+        return (
+            "not reached"
+            if v is None
+            else f"{scale * v[0]:,.{digits}f} ± {scale * v[1]:,.{digits}f}"
+        )
 
-    lines = [f"| strategy ({args.workers} workers, {args.model}) | samples/s | time to 97% (s) "
-             "| final test accuracy (%) | mean staleness |", "|---|---|---|---|---|"]
+    lines = [
+        f"| strategy ({args.workers} workers, {args.model}) | samples/s | time to 97% (s) "
+        "| final test accuracy (%) | mean staleness |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {cell(r['samples_per_sec'])} "
-                     f"| {cell(r['time_to_97_s'], digits=2)} ({r['time_to_97_s_reached']} runs) "
-                     f"| {cell(r['test_accuracy'], 100, 2)} | {cell(r['staleness_mean'], digits=2)} |")
+        lines.append(
+            f"| {r['strategy']} | {cell(r['samples_per_sec'])} "
+            f"| {cell(r['time_to_97_s'], digits=2)} ({r['time_to_97_s_reached']} runs) "
+            f"| {cell(r['test_accuracy'], 100, 2)} | {cell(r['staleness_mean'], digits=2)} |"
+        )
     return "\n".join(lines)
 
 
@@ -94,22 +137,36 @@ def main(argv=None) -> None:
         args.epochs, args.repeats = 3, 1
     names = args.strategies.split(",")
     info = machine(gpu=False)
-    print(f"strategies: {args.model} on digits, {args.workers} workers on {info['cores']} cores, "
-          f"{args.epochs} epochs, {args.repeats} repeats", flush=True)
+    print(
+        f"strategies: {args.model} on digits, {args.workers} workers on {info['cores']} cores, "
+        f"{args.epochs} epochs, {args.repeats} repeats",
+        flush=True,
+    )
     runs = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for n in (names if rep % 2 == 0 else reversed(names)):
+            for n in names if rep % 2 == 0 else reversed(names):
                 r = run(n, args, Path(tmp) / f"{n}-{rep}")
                 runs[n].append(r)
-                print(f"  {n:>15}: {r['samples_per_sec']:>10,.0f} samples/s, "
-                      f"{100 * r['test_accuracy']:.2f}%, 97% at {r['time_to_97_s']}", flush=True)
+                print(
+                    f"  {n:>15}: {r['samples_per_sec']:>10,.0f} samples/s, "
+                    f"{100 * r['test_accuracy']:.2f}%, 97% at {r['time_to_97_s']}",
+                    flush=True,
+                )
     rows = [{"strategy": n, **aggregate(runs[n]), "runs": runs[n]} for n in names]
     md = render(rows, args)
     print("\n" + md)
-    write_results(args.out, "strategies-quick" if args.quick else "strategies",
-                  {"command": command_line("strategies.py", argv), "machine": info,
-                   "config": vars(args), "rows": rows}, md)
+    write_results(
+        args.out,
+        "strategies-quick" if args.quick else "strategies",
+        {
+            "command": command_line("strategies.py", argv),
+            "machine": info,
+            "config": vars(args),
+            "rows": rows,
+        },
+        md,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ then times ``--iters`` iterations of ``--batches-per-iter`` steps; a run's figur
 mean samples/s per rank, and the table shows mean ± 1.96·std over iterations and repeats.
 Writes ``bench/results/throughput.{json,md}`` (``--quick``: ``throughput-quick.*``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def shape_of(model: str):
 
 # ------------------------------------------------------------------------- workers
 
+
 def worker(args) -> None:
     """One rank of one benchmark run; rank 0 writes the per-iteration figures."""
     import torch
@@ -54,14 +56,17 @@ def worker(args) -> None:
     kind = args.worker
     if kind == "ddp":
         import torch.distributed as tdist
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend)
         rank, size = tdist.get_rank(), tdist.get_world_size()
         local_rank, local_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     else:
         import horovod.torch as hvd
+
         if kind == "hvdsgd":
             from hvdsgd import dist
+
             dist.init("auto", threads=0)  # hvdsgd's own set-up (threads = cores / local size)
         else:
             hvd.init()
@@ -79,17 +84,25 @@ def worker(args) -> None:
     model = models.build(args.model, shape, 10).to(device)
 
     if kind == "hvdsgd":
+        from torch.utils.data.distributed import DistributedSampler
+
         from hvdsgd import data
         from hvdsgd.config import TrainConfig
         from hvdsgd.engine import train_step
         from hvdsgd.metrics import Tally
         from hvdsgd.strategies.allreduce import Allreduce
-        from torch.utils.data.distributed import DistributedSampler
 
         n = b * size * 16
         x, y = torch.randn(n, *shape, device=device), torch.randint(0, 10, (n,), device=device)
-        cfg = TrainConfig(model=args.model, batch_size=b, lr=0.01, momentum=0.9,
-                          weight_decay=0.0, scheduler="constant", warmup_epochs=0)
+        cfg = TrainConfig(
+            model=args.model,
+            batch_size=b,
+            lr=0.01,
+            momentum=0.9,
+            weight_decay=0.0,
+            scheduler="constant",
+            warmup_epochs=0,
+        )
         strategy = Allreduce(cfg, model, device, steps_per_epoch=16)
         sampler = DistributedSampler(range(n), num_replicas=size, rank=rank, seed=0)
         batches = data.Batches(x, y, b, sampler, device)
@@ -112,6 +125,7 @@ def worker(args) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01 * size, momentum=0.9)
         if kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
+
             model = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
         else:
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -144,12 +158,26 @@ def worker(args) -> None:
 
 # -------------------------------------------------------------------------- driver
 
+
 def launch(kind: str, model: str, args, result: Path) -> list[float]:
     per_iter = args.batches_per_iter or (20 if model in SHAPES else 3)
-    common = [str(Path(__file__).resolve()), "--worker", kind, "--model", model,
-              "--batch-size", str(args.batch_size), "--iters", str(args.iters),
-              "--warmup", str(args.warmup), "--batches-per-iter", str(per_iter),
-              "--result", str(result)]
+    common = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--model",
+        model,
+        "--batch-size",
+        str(args.batch_size),
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--batches-per-iter",
+        str(per_iter),
+        "--result",
+        str(result),
+    ]
     if kind == "ddp":
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--standalone", f"--nproc-per-node={args.np}", *common]
@@ -158,8 +186,10 @@ def launch(kind: str, model: str, args, result: Path) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if proc.returncode != 0:
-        sys.exit(f"bench/throughput.py: the {kind} run of {model} failed:\n"
-                 + (proc.stdout + proc.stderr)[-3000:])
+        sys.exit(
+            f"bench/throughput.py: the {kind} run of {model} failed:\n"
+            + (proc.stdout + proc.stderr)[-3000:]
+        )
     return json.loads(result.read_text())["rates_per_rank"]
 
 
@@ -169,8 +199,12 @@ def main(argv=None) -> None:
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
     p.add_argument("--iters", type=int, default=6, help="timed iterations per run")
-    p.add_argument("--batches-per-iter", type=int, default=None,
-                   help="steps per timed iteration (default: 20 for cnn/mlp, 3 otherwise)")
+    p.add_argument(
+        "--batches-per-iter",
+        type=int,
+        default=None,
+        help="steps per timed iteration (default: 20 for cnn/mlp, 3 otherwise)",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
@@ -181,12 +215,20 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     if args.quick:
-        args.models, args.repeats, args.iters, args.batches_per_iter, args.warmup = "mlp", 1, 2, 2, 1
+        args.models, args.repeats, args.iters, args.batches_per_iter, args.warmup = (
+            "mlp",
+            1,
+            2,
+            2,
+            1,
+        )
 
     kinds = ("hvdsgd", "horovod", "ddp")
     info = machine()
-    print(f"throughput: -np {args.np}, batch {args.batch_size}/rank, {info['cores']} cores, "
-          f"GPU: {info['gpu'] or 'none'}; {args.repeats} interleaved launches x {args.iters} iterations")
+    print(
+        f"throughput: -np {args.np}, batch {args.batch_size}/rank, {info['cores']} cores, "
+        f"GPU: {info['gpu'] or 'none'}; {args.repeats} interleaved launches x {args.iters} iterations"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
@@ -196,29 +238,49 @@ def main(argv=None) -> None:
                     t0 = time.time()
                     r = launch(kind, model, args, Path(tmp) / f"{kind}.json")
                     rates[kind] += r
-                    print(f"  {model:>9} {kind:>7} run {rep + 1}: {statistics.mean(r) * args.np:8.1f} "
-                          f"samples/s total ({time.time() - t0:.0f} s)", flush=True)
+                    print(
+                        f"  {model:>9} {kind:>7} run {rep + 1}: {statistics.mean(r) * args.np:8.1f} "
+                        f"samples/s total ({time.time() - t0:.0f} s)",
+                        flush=True,
+                    )
             stats = {k: mean_spread(v) for k, v in rates.items()}
-            rows.append({"model": model, **{f"{k}_per_rank": stats[k][0] for k in kinds},
-                         **{f"{k}_ci95": stats[k][1] for k in kinds},
-                         **{f"{k}_total": stats[k][0] * args.np for k in kinds},
-                         "hvdsgd_over_ddp": stats["hvdsgd"][0] / stats["ddp"][0],
-                         "hvdsgd_over_horovod": stats["hvdsgd"][0] / stats["horovod"][0]})
+            rows.append(
+                {
+                    "model": model,
+                    **{f"{k}_per_rank": stats[k][0] for k in kinds},
+                    **{f"{k}_ci95": stats[k][1] for k in kinds},
+                    **{f"{k}_total": stats[k][0] * args.np for k in kinds},
+                    "hvdsgd_over_ddp": stats["hvdsgd"][0] / stats["ddp"][0],
+                    "hvdsgd_over_horovod": stats["hvdsgd"][0] / stats["horovod"][0],
+                }
+            )
 
-    header = ("| model | hvdsgd samples/s | bare Horovod | DDP | hvdsgd / DDP | hvdsgd / Horovod |\n"
-              "|---|---|---|---|---|---|")
+    header = (
+        "| model | hvdsgd samples/s | bare Horovod | DDP | hvdsgd / DDP | hvdsgd / Horovod |\n"
+        "|---|---|---|---|---|---|"
+    )
     lines = [header] + [
         f"| {r['model']} | {r['hvdsgd_total']:.0f} ± {r['hvdsgd_ci95'] * args.np:.0f} "
         f"| {r['horovod_total']:.0f} ± {r['horovod_ci95'] * args.np:.0f} "
         f"| {r['ddp_total']:.0f} ± {r['ddp_ci95'] * args.np:.0f} "
-        f"| {r['hvdsgd_over_ddp']:.2f} | {r['hvdsgd_over_horovod']:.2f} |" for r in rows]
+        f"| {r['hvdsgd_over_ddp']:.2f} | {r['hvdsgd_over_horovod']:.2f} |"
+        for r in rows
+    ]
     table = "\n".join(lines)
     print("\n" + table)
-    write_results(args.out, "throughput-quick" if args.quick else "throughput",
-                  {"command": command_line("throughput.py", argv), "machine": info, "np": args.np,
-                   "batch_size": args.batch_size, "rows": rows},
-                  f"-np {args.np}, batch {args.batch_size}/rank; samples/s total, mean ± 1.96·std\n\n"
-                  + table)
+    write_results(
+        args.out,
+        "throughput-quick" if args.quick else "throughput",
+        {
+            "command": command_line("throughput.py", argv),
+            "machine": info,
+            "np": args.np,
+            "batch_size": args.batch_size,
+            "rows": rows,
+        },
+        f"-np {args.np}, batch {args.batch_size}/rank; samples/s total, mean ± 1.96·std\n\n"
+        + table,
+    )
 
 
 if __name__ == "__main__":

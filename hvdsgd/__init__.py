@@ -4,6 +4,7 @@
   NCCL on GPUs), one host or many.
 - ``hvdsgd._C``: the compiled update kernels over flat float32 buffers.
 """
+
 __version__ = "0.1.0"
 
 from .config import TrainConfig, parse_args  # noqa: E402
@@ -16,8 +17,10 @@ def __getattr__(name):
     # Lazy: importing hvdsgd must not import Horovod or the compiled module.
     if name == "sgd_step":
         from ._C import sgd_step
+
         return sgd_step
     if name == "train":
         from .train import train
+
         return train
     raise AttributeError(f"module 'hvdsgd' has no attribute {name!r}")

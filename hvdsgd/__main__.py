@@ -4,6 +4,7 @@ It imports neither torch nor Horovod, so it answers at once on any machine, with
 them installed; ``--version`` adds the installed torch and Horovod versions from the package
 metadata.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ LAUNCH = {
 def overview() -> str:
     """The text ``python -m hvdsgd`` prints."""
     width = max(map(len, ENTRY_POINTS))
-    lines = [f"hvdsgd {__version__}: parallel and distributed training with PyTorch", "",
-             "entry points (python -m hvdsgd.NAME --help for each one's flags):"]
+    lines = [
+        f"hvdsgd {__version__}: parallel and distributed training with PyTorch",
+        "",
+        "entry points (python -m hvdsgd.NAME --help for each one's flags):",
+    ]
     lines += [f"  {name:<{width}}  {what}" for name, what in ENTRY_POINTS.items()]
     lines += ["", "launch:"]
     width = max(map(len, LAUNCH))
@@ -50,8 +54,11 @@ def overview() -> str:
 
 @exit_on_usage_error
 def main(argv: Sequence[str] | None = None) -> None:
-    p = _Parser(prog="python -m hvdsgd", description=overview(),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m hvdsgd",
+        description=overview(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=version_line(__version__))
     p.parse_args(sys.argv[1:] if argv is None else argv)
     print(overview())

@@ -7,6 +7,7 @@ the script, checks the tools the build needs, and runs it for ``sys.executable``
 environment's ``bin`` first on PATH (where the script puts PyPI's cmake when there is none).
 The exit status is the script's: 0 once ``horovodrun --check-build`` lists PyTorch and Gloo.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,11 @@ def script_path() -> Path:
     for path in (package / SCRIPT, package.parent / "scripts" / SCRIPT):
         if path.is_file():
             return path
-    raise UsageError(f"{SCRIPT} is missing from {package} (an incomplete install); reinstall "
-                     "hvdsgd with pip install --force-reinstall, or run scripts/build_horovod.sh "
-                     "from a source checkout")
+    raise UsageError(
+        f"{SCRIPT} is missing from {package} (an incomplete install); reinstall "
+        "hvdsgd with pip install --force-reinstall, or run scripts/build_horovod.sh "
+        "from a source checkout"
+    )
 
 
 def build_env() -> dict[str, str]:
@@ -47,13 +50,16 @@ def check_tools(env: dict[str, str]) -> None:
     """Raise a UsageError naming the first tool the build needs that is not on PATH. cmake is
     not checked: the script installs PyPI's cmake into the environment when there is none."""
     cxx = env.get("CXX", "").split()[:1]  # CMake takes $CXX when it is set
-    compiler = (f"the C++ compiler {cxx[0]} ($CXX)" if cxx
-                else "a C++ compiler (c++, g++ or clang++)")
+    compiler = (
+        f"the C++ compiler {cxx[0]} ($CXX)" if cxx else "a C++ compiler (c++, g++ or clang++)"
+    )
     for what, names in (("bash", ["bash"]), ("make", ["make"]), (compiler, cxx or COMPILERS)):
         if not any(shutil.which(name, path=env["PATH"]) for name in names):
-            raise UsageError(f"building Horovod needs {what}, and it is not on PATH; install it "
-                             "(Debian/Ubuntu: apt-get install bash make g++ cmake) and run "
-                             "python -m hvdsgd.build_horovod again")
+            raise UsageError(
+                f"building Horovod needs {what}, and it is not on PATH; install it "
+                "(Debian/Ubuntu: apt-get install bash make g++ cmake) and run "
+                "python -m hvdsgd.build_horovod again"
+            )
 
 
 def build(python: str = sys.executable) -> int:
@@ -63,8 +69,11 @@ def build(python: str = sys.executable) -> int:
     (pip, cmake, the compilers), not just the shell."""
     env = build_env()
     check_tools(env)
-    proc = subprocess.Popen([shutil.which("bash", path=env["PATH"]), str(script_path()), python],
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [shutil.which("bash", path=env["PATH"]), str(script_path()), python],
+        env=env,
+        start_new_session=True,
+    )
     try:
         rc = proc.wait()
     except KeyboardInterrupt:
@@ -77,15 +86,17 @@ def build(python: str = sys.executable) -> int:
 
 def parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
-        prog="python -m hvdsgd.build_horovod", allow_abbrev=False,
+        prog="python -m hvdsgd.build_horovod",
+        allow_abbrev=False,
         description="Build Horovod 0.28.1, patched for current torch, and install it into this\n"
-                    "Python's environment. The wheel is cached: a second build takes seconds.\n\n"
-                    f"runs: bash {script_path()} {sys.executable}",
+        "Python's environment. The wheel is cached: a second build takes seconds.\n\n"
+        f"runs: bash {script_path()} {sys.executable}",
         epilog="environment:\n"
-               "  HVDSGD_CACHE        cache root (default: ~/.cache/hvdsgd)\n"
-               "  HVDSGD_HOROVOD_GPU  1 = NCCL GPU operations, 0 = CPU only (default: auto)\n"
-               "  HVDSGD_BUILD_JOBS   parallel compile jobs (default: all cores)",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  HVDSGD_CACHE        cache root (default: ~/.cache/hvdsgd)\n"
+        "  HVDSGD_HOROVOD_GPU  1 = NCCL GPU operations, 0 = CPU only (default: auto)\n"
+        "  HVDSGD_BUILD_JOBS   parallel compile jobs (default: all cores)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 @exit_on_usage_error

@@ -10,6 +10,7 @@ A checkpoint holds only tensors, plain containers, numbers and strings, and is r
 ``torch.load(weights_only=True)``: a pickle that would run code (``os.system`` in a
 ``__reduce__``) is refused before any of it runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,10 @@ def save(path: Path, state: dict[str, Any]) -> None:
         if isinstance(e, (OSError, RuntimeError)):  # torch.save on a full disk: RuntimeError
             cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
             kept = "the last good checkpoint is kept" if path.is_file() else "no checkpoint kept"
-            raise UsageError(f"cannot write checkpoint {path} ({cause}); {kept}; free space or "
-                             "fix the path, then --resume") from None
+            raise UsageError(
+                f"cannot write checkpoint {path} ({cause}); {kept}; free space or "
+                "fix the path, then --resume"
+            ) from None
         raise
 
 
@@ -64,8 +67,10 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """Read a checkpoint and check that it was written for ``identity`` (model, data, shapes)."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}; train without --resume first "
-                         "or point --out at the run to continue")
+        raise UsageError(
+            f"--resume: no checkpoint at {path}; train without --resume first "
+            "or point --out at the run to continue"
+        )
     try:
         # weights_only: tensors and plain data only; a pickle carrying code is refused unrun.
         with warnings.catch_warnings():  # a foreign pickle's protocol: the refusal says enough
@@ -73,23 +78,34 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e) and "Unsupported global" not in str(e):
-            raise UsageError(f"checkpoint {path} is corrupt, truncated or not a checkpoint "
-                             "(it does not unpickle as tensors and plain data); delete it to "
-                             "start over, or resume from another --out") from None
-        raise UsageError(f"refusing to load checkpoint {path}: it holds objects other than "
-                         "tensors and plain data, which could run code; resume only from "
-                         "checkpoints hvdsgd wrote") from None
+            raise UsageError(
+                f"checkpoint {path} is corrupt, truncated or not a checkpoint "
+                "(it does not unpickle as tensors and plain data); delete it to "
+                "start over, or resume from another --out"
+            ) from None
+        raise UsageError(
+            f"refusing to load checkpoint {path}: it holds objects other than "
+            "tensors and plain data, which could run code; resume only from "
+            "checkpoints hvdsgd wrote"
+        ) from None
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                         "delete it to start over, or resume from another --out") from None
+        raise UsageError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+            "delete it to start over, or resume from another --out"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UsageError(f"{path} is not an hvdsgd checkpoint; delete it or use another --out")
     saved = state.get("identity", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in identity.items()
-            if saved.get(k) != v]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in identity.items()
+        if saved.get(k) != v
+    ]
     if diff:
-        raise UsageError(f"checkpoint {path} does not match this run ({'; '.join(diff)}); "
-                         "use the flags it was trained with or another --out")
+        raise UsageError(
+            f"checkpoint {path} does not match this run ({'; '.join(diff)}); "
+            "use the flags it was trained with or another --out"
+        )
     return state
 
 
@@ -97,14 +113,18 @@ def resolve(resume: str, out: Path) -> Path:
     """The checkpoint ``--resume`` names: ``--out``'s (``--resume`` alone), a file, or the
     ``checkpoint.pt`` of a run directory."""
     from .config import RESUME_OUT
+
     path = Path(out) if resume == RESUME_OUT else Path(resume)
     return path / NAME if path.is_dir() or resume == RESUME_OUT else path
 
 
 def identity(cfg, model: torch.nn.Module, input_shape, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed."""
-    return {"model": cfg.model, "dataset": "synthetic" if cfg.synthetic else cfg.dataset,
-            "input_shape": list(input_shape), "num_classes": num_classes,
-            "optimizer": cfg.optimizer,
-            "parameters": sum(p.numel() for p in model.parameters())}
-
+    return {
+        "model": cfg.model,
+        "dataset": "synthetic" if cfg.synthetic else cfg.dataset,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "optimizer": cfg.optimizer,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }

@@ -4,6 +4,7 @@ Every field carries its one-line doc in ``metadata["help"]``; the command line i
 from the fields (defaults shown in ``--help``), and ``--config FILE.toml`` supplies defaults
 that explicit flags override.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,17 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("warm", "cosine", "step", "constant")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
-STRATEGIES = ("allreduce", "hogwild", "lockfree", "atomic", "locked", "sharded", "sync",
-              "async-apply", "async-deferred")
+STRATEGIES = (
+    "allreduce",
+    "hogwild",
+    "lockfree",
+    "atomic",
+    "locked",
+    "sharded",
+    "sync",
+    "async-apply",
+    "async-deferred",
+)
 SHARED_STRATEGIES = STRATEGIES[1:]  # one shared-memory buffer, CPU worker processes
 FAILURE_MODES = ("abort", "continue")
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,55 +61,82 @@ class TrainConfig:
     synthetic_samples: int = _f(4096, "training samples of synthetic data")
     epochs: int = _f(15, "passes over the training set")
     batch_size: int = _f(32, "samples per rank per step")
-    lr: float = _f(0.01, "base learning rate per rank; scaled by the world size (not with --adasum)")
+    lr: float = _f(
+        0.01, "base learning rate per rank; scaled by the world size (not with --adasum)"
+    )
     momentum: float = _f(0.9, "SGD momentum (AdamW: beta1)")
     weight_decay: float = _f(1e-4, "L2 regularisation (decoupled for AdamW)")
     optimizer: str = _f("sgd", "sgd or adamw")
     scheduler: str = _f("warm", "warm (linear warm-up then cosine), cosine, step, constant")
     warmup_epochs: float = _f(2.0, "epochs of linear warm-up from lr to lr * world size")
     accum_steps: int = _f(1, "backward passes per update (Horovod backward_passes_per_step)")
-    amp: str = _f("off", "mixed precision: bf16 (CPU, GPU), fp16 with GradScaler (GPU), or auto "
-                  "(fp16 on a GPU, bf16 on CPU; what --use-mixed-precision sets)")
+    amp: str = _f(
+        "off",
+        "mixed precision: bf16 (CPU, GPU), fp16 with GradScaler (GPU), or auto "
+        "(fp16 on a GPU, bf16 on CPU; what --use-mixed-precision sets)",
+    )
     fp16_allreduce: bool = _f(False, "compress gradients to fp16 for the allreduce")
     adasum: bool = _f(False, "combine gradients with Adasum instead of averaging")
-    gradient_predivide_factor: float = _f(0.0, "divide gradients by this before the allreduce "
-                                          "and by ranks / this after (Horovod's option; 0: by "
-                                          "ranks before, no pass after)")
+    gradient_predivide_factor: float = _f(
+        0.0,
+        "divide gradients by this before the allreduce "
+        "and by ranks / this after (Horovod's option; 0: by "
+        "ranks before, no pass after)",
+    )
     bucket_mb: float = _f(25.0, "CPU: allreduce gradients in groups of about this many MB (as DDP)")
     channels_last: bool = _f(False, "NHWC memory format for conv nets")
     pin_memory: bool | None = _f(None, "page-locked host batches (default: on with CUDA)")
-    loader_workers: int = _f(0, "background processes preparing batches (0: batches sliced in place)")
+    loader_workers: int = _f(
+        0, "background processes preparing batches (0: batches sliced in place)"
+    )
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     test_batch_size: int = _f(0, "samples per evaluation batch (0: max(256, --batch-size))")
     seed: int = _f(42, "random seed (same on every rank)")
     device: str = _f("auto", "auto, cpu or cuda")
-    gpu: int = _f(-1, "GPU index of a single-process run (-1: under horovodrun, each rank's "
-                  "local rank; alone, GPU 0)")
+    gpu: int = _f(
+        -1,
+        "GPU index of a single-process run (-1: under horovodrun, each rank's "
+        "local rank; alone, GPU 0)",
+    )
     threads: int = _f(0, "compute threads per rank (0: cores / ranks on this host)")
     strategy: str = _f("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
     workers: int = _f(2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)")
     shards: int = _f(2, "locks of --strategy sharded: the buffer is cut into this many shards")
     eval_interval: float = _f(0.5, "shared-buffer strategies: seconds between test evaluations")
-    on_worker_failure: str = _f("abort", "a shared-buffer worker died: abort (stop the rest) "
-                                "or continue (the rest finish)")
+    on_worker_failure: str = _f(
+        "abort", "a shared-buffer worker died: abort (stop the rest) or continue (the rest finish)"
+    )
     out: str = _f("runs/train", "run directory: metrics, summary, plots, checkpoint")
-    resume: str = _f("", "continue a run: --resume alone takes --out's checkpoint; --resume PATH "
-                     "a checkpoint file or run directory (--epochs counts every epoch)")
-    overwrite: bool = _f(False, "start over in an --out that holds an earlier run's results "
-                         "(deleting them)")
+    resume: str = _f(
+        "",
+        "continue a run: --resume alone takes --out's checkpoint; --resume PATH "
+        "a checkpoint file or run directory (--epochs counts every epoch)",
+    )
+    overwrite: bool = _f(
+        False, "start over in an --out that holds an earlier run's results (deleting them)"
+    )
     checkpoint: bool = _f(True, "save a checkpoint in --out after every epoch")
-    commit_every: int = _f(100, "elastic runs (horovodrun --min-np/--max-np): steps between "
-                           "in-memory commits of the training state; a lost rank costs at most "
-                           "this many steps redone (every epoch end commits too)")
+    commit_every: int = _f(
+        100,
+        "elastic runs (horovodrun --min-np/--max-np): steps between "
+        "in-memory commits of the training state; a lost rank costs at most "
+        "this many steps redone (every epoch end commits too)",
+    )
     keep_checkpoints: bool = _f(False, "also keep each epoch's checkpoint as checkpoint-epochN.pt")
     dry_run: bool = _f(False, "one epoch of two batches, to check the set-up quickly")
     progress: bool = _f(True, "show a progress bar on rank 0")
-    log_interval: int = _f(0, "batches between progress lines when stderr is not a terminal "
-                           "(0: one line every 10 s)")
-    tensorboard: bool = _f(False, "also write TensorBoard event files into --out (the scalars "
-                           "of metrics.jsonl, per epoch)")
-    profile: bool = _f(False, "record GPU (NVML/GPM) and CPU utilisation into --out: "
-                       "profile[-rankN].csv/json/png, one sampler per rank")
+    log_interval: int = _f(
+        0, "batches between progress lines when stderr is not a terminal (0: one line every 10 s)"
+    )
+    tensorboard: bool = _f(
+        False,
+        "also write TensorBoard event files into --out (the scalars of metrics.jsonl, per epoch)",
+    )
+    profile: bool = _f(
+        False,
+        "record GPU (NVML/GPM) and CPU utilisation into --out: "
+        "profile[-rankN].csv/json/png, one sampler per rank",
+    )
     profile_interval: float = _f(0.1, "seconds between --profile samples")
 
     def __post_init__(self) -> None:
@@ -116,14 +153,24 @@ class TrainConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("device", self.device, DEVICES)
         _choice("on_worker_failure", self.on_worker_failure, FAILURE_MODES)
-        for name in ("epochs", "batch_size", "accum_steps", "num_classes", "synthetic_samples",
-                     "workers", "shards", "commit_every"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "accum_steps",
+            "num_classes",
+            "synthetic_samples",
+            "workers",
+            "shards",
+            "commit_every",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
         if not 2 <= self.num_classes <= MAX_CLASSES:
-            raise UsageError(f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
-                             f"{self.num_classes:,}): every rank keeps a classes x classes "
-                             "confusion matrix")
+            raise UsageError(
+                f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
+                f"{self.num_classes:,}): every rank keeps a classes x classes "
+                "confusion matrix"
+            )
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0 (got {self.lr}); try 0.01")
         if not 0 <= self.momentum < 1:
@@ -131,25 +178,39 @@ class TrainConfig:
         for name in ("bucket_mb", "profile_interval", "eval_interval"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
-        for name in ("weight_decay", "warmup_epochs", "grad_clip", "loader_workers", "threads",
-                     "test_batch_size", "log_interval", "gradient_predivide_factor"):
+        for name in (
+            "weight_decay",
+            "warmup_epochs",
+            "grad_clip",
+            "loader_workers",
+            "threads",
+            "test_batch_size",
+            "log_interval",
+            "gradient_predivide_factor",
+        ):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
         from .profiler.sampler import MAX_INTERVAL_S
+
         if self.profile_interval > MAX_INTERVAL_S:
-            raise UsageError(f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
-                             f"{self.profile_interval:g})")
+            raise UsageError(
+                f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
+                f"{self.profile_interval:g})"
+            )
         if self.gpu < -1:
             raise UsageError(f"--gpu must be a GPU index >= 0 (got {self.gpu})")
         if self.gpu >= 0 and self.device == "cpu":
-            raise UsageError(f"--gpu {self.gpu} and --device cpu (or --no-cuda) exclude each "
-                             "other; drop one")
+            raise UsageError(
+                f"--gpu {self.gpu} and --device cpu (or --no-cuda) exclude each other; drop one"
+            )
         if self.adasum and self.gradient_predivide_factor not in (0.0, 1.0):
-            raise UsageError("--gradient-predivide-factor applies to averaging, not --adasum; "
-                             "drop one")
+            raise UsageError(
+                "--gradient-predivide-factor applies to averaging, not --adasum; drop one"
+            )
         if self.resume and self.overwrite:
-            raise UsageError("--resume continues the run in --out and --overwrite deletes it; "
-                             "pick one")
+            raise UsageError(
+                "--resume continues the run in --out and --overwrite deletes it; pick one"
+            )
         if self.strategy in SHARED_STRATEGIES:
             _check_shared(self)
         self.shape  # validates input_shape
@@ -177,20 +238,25 @@ def _check_shared(cfg: "TrainConfig") -> None:
     """Flags that the shared-buffer strategies (CPU processes, C++ SGD kernel) cannot honour."""
     s = f"--strategy {cfg.strategy}"
     if cfg.device == "cuda":
-        raise UsageError(f"{s} trains on CPU worker processes; drop --device cuda "
-                         "or use --strategy allreduce")
+        raise UsageError(
+            f"{s} trains on CPU worker processes; drop --device cuda or use --strategy allreduce"
+        )
     if cfg.optimizer != "sgd":
         raise UsageError(f"{s} updates with the C++ SGD kernel; use --optimizer sgd")
     if cfg.amp == "fp16":
-        raise UsageError(f"{s} runs on CPU, where fp16 autocast has no loss scaling; use --amp bf16")
+        raise UsageError(
+            f"{s} runs on CPU, where fp16 autocast has no loss scaling; use --amp bf16"
+        )
     for flag in ("fp16_allreduce", "adasum", "resume"):
         if getattr(cfg, flag):
             raise UsageError(f"--{_flag(flag)} applies to --strategy allreduce only; drop it")
     if cfg.strategy == "sharded" and cfg.shards < 2:
         raise UsageError(f"--strategy sharded needs --shards >= 2 (got {cfg.shards})")
     if cfg.strategy == "sync" and cfg.on_worker_failure == "continue":
-        raise UsageError("--strategy sync waits for every worker at each step, so it cannot "
-                         "continue without one; use --on-worker-failure abort")
+        raise UsageError(
+            "--strategy sync waits for every worker at each step, so it cannot "
+            "continue without one; use --on-worker-failure abort"
+        )
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -244,50 +310,101 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     """Defaults in every help line; the description and examples keep their line breaks."""
 
 
-def build_parser(cls: type = TrainConfig, prog: str = "python -m hvdsgd.train",
-                 description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type = TrainConfig,
+    prog: str = "python -m hvdsgd.train",
+    description: str | None = None,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field, defaults shown in help."""
     from . import __version__
     from .models import NAMES  # late: models imports torch
 
-    p = _Parser(prog=prog, description=description or cls.__doc__, epilog=epilog,
-                formatter_class=_Formatter)
+    p = _Parser(
+        prog=prog, description=description or cls.__doc__, epilog=epilog, formatter_class=_Formatter
+    )
     p.add_argument("--version", action="version", version=version_line(__version__))
-    p.add_argument("--config", metavar="FILE", help="TOML file of field = value defaults "
-                   "(top level, or all under one [train] table)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of field = value defaults (top level, or all under one [train] table)",
+    )
     names = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         flag, help_ = "--" + _flag(f.name), f.metadata["help"]
         if f.name == "model":
-            p.add_argument(flag, dest=f.name, default=f.default, metavar="MODEL",
-                           help=f"{help_}: {', '.join(NAMES)}")
+            p.add_argument(
+                flag,
+                dest=f.name,
+                default=f.default,
+                metavar="MODEL",
+                help=f"{help_}: {', '.join(NAMES)}",
+            )
         elif f.name == "resume":
-            p.add_argument(flag, dest=f.name, nargs="?", const=RESUME_OUT, default=f.default,
-                           metavar="PATH", help=help_)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                nargs="?",
+                const=RESUME_OUT,
+                default=f.default,
+                metavar="PATH",
+                help=help_,
+            )
         elif f.type in ("bool", bool) or isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=help_)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=help_,
+            )
         elif f.name == "amp":  # `--amp` alone means bf16
-            p.add_argument(flag, dest=f.name, nargs="?", const="bf16", default=f.default,
-                           choices=AMP_MODES, help=help_)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                nargs="?",
+                const="bf16",
+                default=f.default,
+                choices=AMP_MODES,
+                help=help_,
+            )
         elif f.type in ("bool | None",):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=None, help=help_)
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
         else:
             kind = type(f.default) if f.default is not None else str
-            p.add_argument(flag, dest=f.name, type=kind, default=f.default,
-                           metavar=f.name.upper(), help=help_)
+            p.add_argument(
+                flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(), help=help_
+            )
     # Horovod's example scripts' flags, for users who bring their launch lines along.
     aliases = p.add_argument_group("Horovod example flags (aliases)")
     if "adasum" in names:
-        aliases.add_argument("--use-adasum", dest="adasum", action="store_true", default=argparse.SUPPRESS,
-                             help="= --adasum")
+        aliases.add_argument(
+            "--use-adasum",
+            dest="adasum",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="= --adasum",
+        )
     if "device" in names:
-        aliases.add_argument("--no-cuda", dest="device", action="store_const", const="cpu", default=argparse.SUPPRESS,
-                             help="= --device cpu")
+        aliases.add_argument(
+            "--no-cuda",
+            dest="device",
+            action="store_const",
+            const="cpu",
+            default=argparse.SUPPRESS,
+            help="= --device cpu",
+        )
     if "amp" in names:
-        aliases.add_argument("--use-mixed-precision", dest="amp", action="store_const", default=argparse.SUPPRESS,
-                             const="auto", help="= --amp auto (fp16 on a GPU, bf16 on CPU)")
+        aliases.add_argument(
+            "--use-mixed-precision",
+            dest="amp",
+            action="store_const",
+            default=argparse.SUPPRESS,
+            const="auto",
+            help="= --amp auto (fp16 on a GPU, bf16 on CPU)",
+        )
     return p
 
 
@@ -300,6 +417,7 @@ def version_line(version: str) -> str:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return "not installed"
+
     return f"hvdsgd {version} (torch {installed('torch')}, horovod {installed('horovod')})"
 
 
@@ -315,8 +433,10 @@ def load_toml(path: str, cls: type = TrainConfig) -> dict[str, Any]:
     if "train" in data and isinstance(data["train"], dict):
         if len(data) > 1:
             others = ", ".join(k for k in data if k != "train")
-            raise UsageError(f"--config {path}: keys at the top level ({others}) and a [train] "
-                             "table; put them all in one place")
+            raise UsageError(
+                f"--config {path}: keys at the top level ({others}) and a [train] "
+                "table; put them all in one place"
+            )
         data = data["train"]
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
@@ -333,6 +453,7 @@ def parse_args(argv: Sequence[str] | None = None, cls: type = TrainConfig, **par
     parser = build_parser(cls, **parser_kw)
     known, _ = parser.parse_known_args(argv)
     from .dist import check_launcher  # late: dist imports torch
+
     check_launcher(parser.prog)
     if known.config:
         parser.set_defaults(**load_toml(known.config, cls))

@@ -13,6 +13,7 @@ Labels outside the class range are refused at load time, naming the file that ho
 a synthetic set or a resize that would not fit in the host's available memory is refused
 before anything is allocated.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,12 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 # Launchers' count of the ranks on this host, each of which loads its own copy of the data.
 LOCAL_SIZE_VARS = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
@@ -57,15 +62,26 @@ class Dataset:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
     def to(self, device: torch.device | str) -> "Dataset":
-        return replace(self, **{k: getattr(self, k).to(device)
-                                for k in ("train_x", "train_y", "test_x", "test_y")})
+        return replace(
+            self,
+            **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")},
+        )
 
 
 # ---------------------------------------------------------------------------- loaders
 
-def load(name: str, data_dir: str = "data", download: bool = False, synthetic: bool = False,
-         input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
-         synthetic_samples: int = 4096, seed: int = 0, resize_to: int | None = None) -> Dataset:
+
+def load(
+    name: str,
+    data_dir: str = "data",
+    download: bool = False,
+    synthetic: bool = False,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    synthetic_samples: int = 4096,
+    seed: int = 0,
+    resize_to: int | None = None,
+) -> Dataset:
     """Load data set ``name``, resized to ``resize_to`` x ``resize_to`` when given (see
     :func:`resize`); ``synthetic=True`` gives random data of the same shape."""
     if name == "synthetic" or synthetic:
@@ -77,13 +93,20 @@ def load(name: str, data_dir: str = "data", download: bool = False, synthetic: b
     elif name in ("cifar10", "cifar100"):
         ds = load_cifar(name, data_dir, download)
     else:
-        raise UsageError(f"unknown dataset {name!r}; choose one of: digits, mnist, cifar10, "
-                         "cifar100, synthetic")
+        raise UsageError(
+            f"unknown dataset {name!r}; choose one of: digits, mnist, cifar10, cifar100, synthetic"
+        )
     return resize(ds, resize_to)
 
 
-def _synthetic(name: str, shape: tuple[int, int, int], num_classes: int, samples: int,
-               seed: int, resize_to: int | None) -> Dataset:
+def _synthetic(
+    name: str,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    samples: int,
+    seed: int,
+    resize_to: int | None,
+) -> Dataset:
     """:func:`make_synthetic` shaped like ``name``, refused in one line before anything is
     allocated if it, and its resize to ``resize_to``, would not fit in memory."""
     fix = "lower --synthetic-samples or --input-shape"
@@ -91,8 +114,10 @@ def _synthetic(name: str, shape: tuple[int, int, int], num_classes: int, samples
         shape, num_classes = _SHAPES[name]
         fix = "lower --synthetic-samples"
     n_test = _test_samples(num_classes, samples)
-    what = (f"synthetic data of {samples:,} + {n_test:,} test samples of shape "
-            f"{'x'.join(map(str, shape))}")
+    what = (
+        f"synthetic data of {samples:,} + {n_test:,} test samples of shape "
+        f"{'x'.join(map(str, shape))}"
+    )
     need = synthetic_bytes(shape, num_classes, samples)
     if resize_to is not None and shape[1:] != (resize_to, resize_to):
         what += f", resized to {resize_to}x{resize_to} for this --model,"
@@ -101,8 +126,12 @@ def _synthetic(name: str, shape: tuple[int, int, int], num_classes: int, samples
     return make_synthetic(shape, num_classes, samples, seed)
 
 
-_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10),
-           "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+_SHAPES = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+}
 
 
 def load_digits() -> Dataset:
@@ -126,10 +155,14 @@ def load_mnist(data_dir: str, download: bool = False) -> Dataset:
     try:
         splits = [MNIST(data_dir, train=t, download=download) for t in (True, False)]
     except Exception as e:  # torchvision asserts on sizes, numpy/torch raise on short buffers
-        raise UsageError(f"mnist files in {raw} are truncated or corrupt ({_why(e)}); "
-                         "delete them and fetch them again (or pass --download)")
-    (xtr, ytr), (xte, yte) = [(s.data.numpy()[:, None].astype(np.float32) / 255.0,
-                               s.targets.numpy().astype(np.int64)) for s in splits]
+        raise UsageError(
+            f"mnist files in {raw} are truncated or corrupt ({_why(e)}); "
+            "delete them and fetch them again (or pass --download)"
+        )
+    (xtr, ytr), (xte, yte) = [
+        (s.data.numpy()[:, None].astype(np.float32) / 255.0, s.targets.numpy().astype(np.int64))
+        for s in splits
+    ]
     for y, prefix in ((ytr, "train"), (yte, "t10k")):
         _check_labels("mnist", y, 10, lambda: [(raw / f"{prefix}-labels-idx1-ubyte", len(y))])
     return _normalised("mnist", xtr, ytr, xte, yte, [str(c) for c in range(10)])
@@ -154,25 +187,39 @@ def load_cifar(name: str, data_dir: str, download: bool = False) -> Dataset:
     try:
         splits = [_Cifar(data_dir, train=t, download=download) for t in (True, False)]
     except Exception as e:  # truncated pickles raise EOFError / UnpicklingError / ValueError
-        raise UsageError(f"{name} files in {folder} are truncated or corrupt ({_why(e)}); "
-                         "delete them and fetch them again (or pass --download)")
-    (xtr, ytr), (xte, yte) = [(s.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0,
-                               np.asarray(s.targets, dtype=np.int64)) for s in splits]
+        raise UsageError(
+            f"{name} files in {folder} are truncated or corrupt ({_why(e)}); "
+            "delete them and fetch them again (or pass --download)"
+        )
+    (xtr, ytr), (xte, yte) = [
+        (
+            s.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0,
+            np.asarray(s.targets, dtype=np.int64),
+        )
+        for s in splits
+    ]
     classes = len(splits[0].classes)
     for y, files in ((ytr, base.train_list), (yte, base.test_list)):
         _check_labels(name, y, classes, lambda: _cifar_counts(folder, [f for f, _ in files]))
     return _normalised(name, xtr, ytr, xte, yte, list(splits[0].classes))
 
 
-def make_synthetic(shape: tuple[int, int, int], num_classes: int, samples: int,
-                   seed: int = 0) -> Dataset:
+def make_synthetic(
+    shape: tuple[int, int, int], num_classes: int, samples: int, seed: int = 0
+) -> Dataset:
     """Random N(0, 1) images with random labels; the test set is 1/8 the size."""
     g = torch.Generator().manual_seed(seed)
     n_test = _test_samples(num_classes, samples)
     x = torch.randn(samples + n_test, *shape, generator=g)
     y = torch.randint(0, num_classes, (samples + n_test,), generator=g)
-    return Dataset("synthetic", x[:samples], y[:samples], x[samples:], y[samples:],
-                   [str(c) for c in range(num_classes)])
+    return Dataset(
+        "synthetic",
+        x[:samples],
+        y[:samples],
+        x[samples:],
+        y[samples:],
+        [str(c) for c in range(num_classes)],
+    )
 
 
 def _test_samples(num_classes: int, samples: int) -> int:
@@ -185,8 +232,9 @@ def synthetic_bytes(shape: tuple[int, int, int], num_classes: int, samples: int)
     return (samples + _test_samples(num_classes, samples)) * (math.prod(shape) * 4 + 8)
 
 
-def _check_labels(name: str, y: np.ndarray, num_classes: int,
-                  files: Callable[[], list[tuple[Path, int]]]) -> None:
+def _check_labels(
+    name: str, y: np.ndarray, num_classes: int, files: Callable[[], list[tuple[Path, int]]]
+) -> None:
     """Refuse a label outside ``0 .. num_classes - 1``, naming the file and sample holding it.
 
     ``files()`` lists ``(path, samples)`` in the order their labels were concatenated into
@@ -200,9 +248,11 @@ def _check_labels(name: str, y: np.ndarray, num_classes: int,
         if index < n:
             break
         index -= n
-    raise UsageError(f"{name} file {path} holds label {y[bad[0]]} (sample {index}), outside the "
-                     f"{num_classes} classes 0-{num_classes - 1}; delete it and fetch it again "
-                     "(--download)")
+    raise UsageError(
+        f"{name} file {path} holds label {y[bad[0]]} (sample {index}), outside the "
+        f"{num_classes} classes 0-{num_classes - 1}; delete it and fetch it again "
+        "(--download)"
+    )
 
 
 def _cifar_counts(folder: Path, files: list[str]) -> list[tuple[Path, int]]:
@@ -231,12 +281,16 @@ def _require_files(name: str, data_dir: str, folder: Path, files, download: bool
     if download:
         return
     if not Path(data_dir).is_dir():
-        raise UsageError(f"--data-dir {data_dir} does not exist; create it and put the "
-                         f"{name} files in {folder}, or pass --download")
+        raise UsageError(
+            f"--data-dir {data_dir} does not exist; create it and put the "
+            f"{name} files in {folder}, or pass --download"
+        )
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise UsageError(f"{name} files not found in {folder} (missing: {', '.join(missing)}); "
-                         "put them there or pass --download")
+        raise UsageError(
+            f"{name} files not found in {folder} (missing: {', '.join(missing)}); "
+            "put them there or pass --download"
+        )
 
 
 def _why(e: Exception) -> str:
@@ -268,11 +322,14 @@ def _require_memory(what: str, per_rank: int, fix: str) -> None:
     ranks, available = _ranks_on_host(), psutil.virtual_memory().available
     if per_rank * ranks > available:
         each = f" ({ranks} ranks on this host x {_size(per_rank)})" if ranks > 1 else ""
-        raise UsageError(f"{what} needs {_size(per_rank * ranks)} of memory{each}, "
-                         f"{_size(available)} available; {fix}")
+        raise UsageError(
+            f"{what} needs {_size(per_rank * ranks)} of memory{each}, "
+            f"{_size(available)} available; {fix}"
+        )
 
 
 # ------------------------------------------------------------------------ transforms
+
 
 def resize(ds: Dataset, size: int | None) -> Dataset:
     """Bilinear resize of every image to ``size`` x ``size`` (no-op for None or same size)."""
@@ -280,15 +337,20 @@ def resize(ds: Dataset, size: int | None) -> Dataset:
         return ds
     (c, h, w), n = ds.input_shape, len(ds.train_x) + len(ds.test_x)
     fix = f"choose a --model that takes {h}x{w} inputs"
-    _require_memory(f"resizing {ds.name} from {h}x{w} to {size}x{size} for this --model",
-                    n * c * size * size * ds.train_x.element_size(),
-                    f"lower --synthetic-samples or {fix}" if ds.name == "synthetic" else fix)
-    log.info("resizing %s from %dx%d to %dx%d for this model", ds.name, *ds.input_shape[1:], size, size)
+    _require_memory(
+        f"resizing {ds.name} from {h}x{w} to {size}x{size} for this --model",
+        n * c * size * size * ds.train_x.element_size(),
+        f"lower --synthetic-samples or {fix}" if ds.name == "synthetic" else fix,
+    )
+    log.info(
+        "resizing %s from %dx%d to %dx%d for this model", ds.name, *ds.input_shape[1:], size, size
+    )
     r = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
     return replace(ds, train_x=r(ds.train_x), test_x=r(ds.test_x))
 
 
 # --------------------------------------------------------------------------- batches
+
 
 class ShardSampler:
     """Worker ``w``'s fixed shard of ``n`` samples, reshuffled by its own generator each epoch.
@@ -300,7 +362,7 @@ class ShardSampler:
     def __init__(self, n: int, w: int, workers: int, seed: int):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         per = math.ceil(n / workers)
-        order = torch.cat([order, order[:per * workers - n]])
+        order = torch.cat([order, order[: per * workers - n]])
         self.indices, self.w, self.seed, self.epoch = order[w::workers], w, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -316,7 +378,6 @@ class ShardSampler:
 
     def __iter__(self):
         return iter(self.order().tolist())
-
 
 
 class EpochSampler:
@@ -345,11 +406,11 @@ class EpochSampler:
     def order(self) -> torch.Tensor:
         """This rank's indices for the rest of the epoch, as a tensor (what Batches takes)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        rest = torch.randperm(self.n, generator=g)[self.done:]
+        rest = torch.randperm(self.n, generator=g)[self.done :]
         total = len(self) * self.size  # padded with the first samples, so every rank has as many
         if total > len(rest):
-            rest = torch.cat([rest, rest.repeat(math.ceil(total / len(rest)))[:total - len(rest)]])
-        return rest[self.rank:total:self.size]
+            rest = torch.cat([rest, rest.repeat(math.ceil(total / len(rest)))[: total - len(rest)]])
+        return rest[self.rank : total : self.size]
 
     def __iter__(self):
         return iter(self.order().tolist())
@@ -365,9 +426,17 @@ class Batches:
     processes and can pin the host batches for an asynchronous copy to ``device``.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, sampler,
-                 device: torch.device, workers: int = 0, pin_memory: bool = False,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        sampler,
+        device: torch.device,
+        workers: int = 0,
+        pin_memory: bool = False,
+        channels_last: bool = False,
+    ):
         self.x, self.y, self.batch_size, self.sampler = x, y, batch_size, sampler
         self.device, self.workers, self.pin_memory = device, workers, pin_memory
         self.memory_format = torch.channels_last if channels_last and x.dim() == 4 else None
@@ -383,8 +452,12 @@ class Batches:
             source = ((self.x[c.to(self.x.device)], self.y[c.to(self.y.device)]) for c in chunks)
         else:
             source = torch.utils.data.DataLoader(
-                _Slices(self.x, self.y, chunks), batch_size=None, shuffle=False,
-                num_workers=self.workers, pin_memory=self.pin_memory)
+                _Slices(self.x, self.y, chunks),
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.workers,
+                pin_memory=self.pin_memory,
+            )
         non_blocking = self.pin_memory  # an asynchronous copy is safe from pinned memory only
         for x, y in source:
             x = x.to(self.device, non_blocking=non_blocking)

@@ -6,6 +6,7 @@ Horovod at all (size 1; it need not even be installed, as after a plain ``pip in
 :func:`check_launcher` refuses that in one line. ``is_main()`` is the one rank-0 gate for
 printing, files and checkpoints.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,8 +58,10 @@ def hvd(required: bool = True):
         return None
     _hvd, e = _import_horovod()
     if _hvd is None:
-        raise UsageError(f"horovod.torch is not importable ({e}); build it with "
-                         "`python -m hvdsgd.build_horovod` (or `make setup` in a checkout)")
+        raise UsageError(
+            f"horovod.torch is not importable ({e}); build it with "
+            "`python -m hvdsgd.build_horovod` (or `make setup` in a checkout)"
+        )
     return _hvd
 
 
@@ -75,8 +78,10 @@ def check_launcher(prog: str = "python -m hvdsgd.train") -> None:
         h = _import_horovod()[0]
         if launcher == "mpirun" and h is not None and h.mpi_built():
             return  # Horovod over MPI: hvd.init() takes rank and size from MPI
-        raise UsageError(f"started by {launcher} as {n} processes, but hvdsgd's ranks come from "
-                         f"Horovod; launch with: horovodrun -np {n} {prog} ...")
+        raise UsageError(
+            f"started by {launcher} as {n} processes, but hvdsgd's ranks come from "
+            f"Horovod; launch with: horovodrun -np {n} {prog} ..."
+        )
 
 
 def elastic() -> bool:
@@ -126,15 +131,21 @@ def init(device: str = "auto", threads: int = 0, gpu: int = -1) -> torch.device:
     h = init_library()
     local_rank = h.local_rank() if h is not None else 0
     if (device == "cuda" or gpu >= 0) and not torch.cuda.is_available():
-        raise UsageError(f"{'--gpu %d' % gpu if gpu >= 0 else '--device cuda'} but no CUDA GPU "
-                         "is visible; use --device cpu")
+        raise UsageError(
+            f"{'--gpu %d' % gpu if gpu >= 0 else '--device cuda'} but no CUDA GPU "
+            "is visible; use --device cpu"
+        )
     if gpu >= 0:
         if size() > 1:
-            raise UsageError(f"--gpu is for one process; under horovodrun each rank takes the "
-                             "GPU of its local rank (choose GPUs with CUDA_VISIBLE_DEVICES)")
+            raise UsageError(
+                "--gpu is for one process; under horovodrun each rank takes the "
+                "GPU of its local rank (choose GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         if gpu >= torch.cuda.device_count():
-            raise UsageError(f"--gpu {gpu} but only {torch.cuda.device_count()} GPU(s) are "
-                             f"visible (0-{torch.cuda.device_count() - 1})")
+            raise UsageError(
+                f"--gpu {gpu} but only {torch.cuda.device_count()} GPU(s) are "
+                f"visible (0-{torch.cuda.device_count() - 1})"
+            )
         torch.cuda.set_device(gpu)
         dev = torch.device("cuda", gpu)
     elif device != "cpu" and torch.cuda.is_available():
@@ -211,4 +222,3 @@ def agree(fn: Callable[[], T], name: str) -> T:
     elif error is not None:
         raise UsageError(error)
     return result  # type: ignore[return-value]
-

@@ -20,6 +20,7 @@ epoch's samples are split over the new ranks (``data.EpochSampler``), and the le
 and gradient average follow the new world size (``Allreduce.resize``). Only this module
 imports Horovod's elastic machinery; a fixed-size run never loads it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,9 @@ class TrainState(State):
     record, also appended to ``progress.resets``.
     """
 
-    def __init__(self, model: torch.nn.Module, strategy, progress: Progress,
-                 on_reset: Callable[[dict], None]):
+    def __init__(
+        self, model: torch.nn.Module, strategy, progress: Progress, on_reset: Callable[[dict], None]
+    ):
         hvd = dist.hvd()
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self.model, self.strategy, self.progress = model, strategy, progress
@@ -53,8 +55,11 @@ class TrainState(State):
 
     def save(self) -> None:
         """Copy the state to memory (``commit()`` is this, then a check for host changes)."""
-        self._saved = (copy.deepcopy(self.model.state_dict()),
-                       copy.deepcopy(self.strategy.state_dict()), copy.deepcopy(self.progress))
+        self._saved = (
+            copy.deepcopy(self.model.state_dict()),
+            copy.deepcopy(self.strategy.state_dict()),
+            copy.deepcopy(self.progress),
+        )
 
     def restore(self) -> None:
         """A collective failed (a rank was lost): back to the last commit."""
@@ -94,19 +99,32 @@ class TrainState(State):
         # Horovod: rank 0's weights, optimizer state and progress for every rank.
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         strategy, self.progress = hvd.broadcast_object(
-            (self.strategy.state_dict(), self.progress), root_rank=0, name="hvdsgd.elastic.sync")
+            (self.strategy.state_dict(), self.progress), root_rank=0, name="hvdsgd.elastic.sync"
+        )
         self.strategy.load_state_dict(strategy)
         self.save()
 
     def reset(self) -> None:
         """Horovod re-formed the ring (after a lost rank, or hosts added or removed)."""
         p, size = self.progress, dist.size()
-        cause = ("rank lost" if self._redone is not None else
-                 "host added" if size > p.world else "host removed" if size < p.world else
-                 "hosts changed")
-        event = {"time_s": round(time.time() - p.began, 3), "cause": cause, "from": p.world,
-                 "to": size, "epoch": p.epoch + 1, "step": p.step,
-                 "steps_redone": self._redone or 0}
+        cause = (
+            "rank lost"
+            if self._redone is not None
+            else "host added"
+            if size > p.world
+            else "host removed"
+            if size < p.world
+            else "hosts changed"
+        )
+        event = {
+            "time_s": round(time.time() - p.began, 3),
+            "cause": cause,
+            "from": p.world,
+            "to": size,
+            "epoch": p.epoch + 1,
+            "step": p.step,
+            "steps_redone": self._redone or 0,
+        }
         p.resets.append(event)
         p.world, self._redone = size, None
         self._on_reset(event)

@@ -7,6 +7,7 @@ A strategy owns how a gradient becomes an update; it hands the engine an ``Updat
 
 Everything else (autocast, accumulation, metrics, the NaN guard) lives here once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,16 +26,16 @@ class Progress:
     """Where a run stands: what it goes on from (after an elastic reset, rank 0's is
     broadcast to every rank)."""
 
-    epoch: int = 0            # epochs finished
-    step: int = 0             # steps done in the current epoch
-    done: int = 0             # samples of the current epoch trained, over all ranks
-    partial: Any = None       # the current epoch's training metrics up to the last commit
-    samples: int = 0          # training samples of the finished epochs (padding excluded)
-    seconds: float = 0.0      # their training time
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps done in the current epoch
+    done: int = 0  # samples of the current epoch trained, over all ranks
+    partial: Any = None  # the current epoch's training metrics up to the last commit
+    samples: int = 0  # training samples of the finished epochs (padding excluded)
+    seconds: float = 0.0  # their training time
     epoch_start: float = field(default_factory=time.time)  # wall clock at the epoch's start
-    began: float = field(default_factory=time.time)        # wall clock at the run's start
-    world: int = 1            # ranks since the last (re)start
-    started: bool = False     # --resume read and --out prepared
+    began: float = field(default_factory=time.time)  # wall clock at the run's start
+    world: int = 1  # ranks since the last (re)start
+    started: bool = False  # --resume read and --out prepared
     resets: list = field(default_factory=list)  # one record per reset, for the summary
 
 
@@ -73,8 +74,14 @@ def grouped(batches: Iterable, n: int) -> Iterator[list]:
         yield group
 
 
-def train_step(model: torch.nn.Module, micro_batches: list, updater: Updater,
-               device: torch.device, amp: str, tally: Tally) -> None:
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: list,
+    updater: Updater,
+    device: torch.device,
+    amp: str,
+    tally: Tally,
+) -> None:
     """Forward and backward over ``micro_batches``, then one update."""
     n = sum(len(y) for _, y in micro_batches)
     for x, y in micro_batches:
@@ -82,8 +89,15 @@ def train_step(model: torch.nn.Module, micro_batches: list, updater: Updater,
     updater.update()
 
 
-def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n: int,
-                     updater: Updater, device: torch.device, amp: str):
+def forward_backward(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    updater: Updater,
+    device: torch.device,
+    amp: str,
+):
     """One micro-batch of a step of ``n`` samples: forward, then backward of its loss weighted
     by its share of the step (the mean over the step); returns ``(loss, logits)``."""
     with autocast(device, amp):
@@ -93,9 +107,18 @@ def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n
     return loss, logits
 
 
-def train_epoch(model, batches, updater: Updater, device, amp: str, accum_steps: int,
-                tally: Tally, progress=None, max_steps: int | None = None,
-                after_step: Callable[[int], None] | None = None) -> int:
+def train_epoch(
+    model,
+    batches,
+    updater: Updater,
+    device,
+    amp: str,
+    accum_steps: int,
+    tally: Tally,
+    progress=None,
+    max_steps: int | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> int:
     """One pass over ``batches`` in steps of ``accum_steps`` micro-batches; returns steps.
     ``after_step(n)``, if given, follows every step of ``n`` samples (elastic commits)."""
     model.train()
@@ -113,8 +136,9 @@ def train_epoch(model, batches, updater: Updater, device, amp: str, accum_steps:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, amp: str,
-             tally: Tally) -> Tally:
+def evaluate(
+    model: torch.nn.Module, batches: Iterable, device: torch.device, amp: str, tally: Tally
+) -> Tally:
     """Loss and confusion of ``model`` over ``batches`` (this rank's share) into ``tally``."""
     model.eval()
     for x, y in batches:

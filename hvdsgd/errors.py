@@ -9,6 +9,7 @@ Under horovodrun the launcher speaks for the job: a rank that is stopped (SIGTER
 collective failed because a peer died, leaves without a word or a traceback, and horovodrun
 prints the one line ("rank 1 was lost (exit 137); stopping", "horovodrun: interrupted").
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,11 @@ from typing import NoReturn
 EXIT_USAGE = 2
 _GRACE_S = 3.0  # seconds a rank waits for horovodrun to stop it before it speaks itself
 # What a collective raises when a peer rank died or the job is being stopped.
-_PEER_LOST = re.compile(r"gloo|connection (reset|closed) by peer|broken pipe|"
-                        r"horovod has been shut down", re.I)
+_PEER_LOST = re.compile(
+    r"gloo|connection (reset|closed) by peer|broken pipe|"
+    r"horovod has been shut down",
+    re.I,
+)
 
 
 class UsageError(Exception):
@@ -55,6 +59,7 @@ def private_umask() -> None:
 def require_writable_dir(path, flag: str = "--out") -> None:
     """Create ``path`` and prove it writable, or raise a UsageError naming ``flag``."""
     from pathlib import Path
+
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -62,8 +67,9 @@ def require_writable_dir(path, flag: str = "--out") -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"cannot write to {flag} {path} ({e.strerror}); "
-                         "choose a writable directory") from None
+        raise UsageError(
+            f"cannot write to {flag} {path} ({e.strerror}); choose a writable directory"
+        ) from None
 
 
 def _rank() -> int:
@@ -85,7 +91,8 @@ def _under_horovodrun() -> bool:
 def _peer_lost(e: BaseException) -> bool:
     """A collective failed because another rank is gone, or horovodrun is stopping the job."""
     return type(e).__name__ == "HorovodInternalError" or (
-        isinstance(e, (RuntimeError, ConnectionError)) and bool(_PEER_LOST.search(str(e))))
+        isinstance(e, (RuntimeError, ConnectionError)) and bool(_PEER_LOST.search(str(e)))
+    )
 
 
 def _leave(status: int, line: str | None, wait: bool) -> NoReturn:
@@ -107,6 +114,7 @@ def _release_semaphores() -> None:
     their finalizers, and the resource tracker would then add a "leaked semaphore objects"
     warning after the one line."""
     from multiprocessing import synchronize, util
+
     for f in list((util._finalizer_registry or {}).values()):
         if getattr(f, "_callback", None) is synchronize.SemLock._cleanup:
             f()
@@ -127,8 +135,7 @@ def _interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
 def _stopped(e: KeyboardInterrupt) -> NoReturn:
     """Ctrl-C or a stop signal: one line (none under horovodrun, which speaks for the job)."""
     signum = getattr(e, "signum", signal.SIGINT)
-    what = "interrupted" if signum == signal.SIGINT else \
-        f"stopped by {signal.Signals(signum).name}"
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     quiet = _under_horovodrun() or _rank() != 0
     _leave(128 + signum, None if quiet else f"hvdsgd: {what}", wait=False)
 
@@ -162,7 +169,10 @@ def exit_on_usage_error(main):
                 raise
             # A peer died: horovodrun names it and stops this rank within the grace time.
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            _leave(1, f"hvdsgd: error: rank {_rank()} lost contact with the other ranks "
-                      f"({reason})", wait=True)
+            _leave(
+                1,
+                f"hvdsgd: error: rank {_rank()} lost contact with the other ranks ({reason})",
+                wait=True,
+            )
 
     return wrapper

@@ -13,6 +13,7 @@ are identical serially, over processes and over Horovod ranks. ``--out`` receive
 ``tasks.jsonl``, ``summary.json`` and, with ``--compare-serial``, ``cpu.png``: CPU utilisation
 over time of the serial and the parallel run (from :mod:`hvdsgd.profiler`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,16 @@ _POOLED: dict[tuple, tuple] = {}  # this process's pooled data, by data_key
 
 
 def data_key(cfg: TrainConfig) -> tuple:
-    return (cfg.dataset, cfg.data_dir, cfg.model, cfg.seed, cfg.synthetic, cfg.input_shape,
-            cfg.num_classes, cfg.synthetic_samples)
+    return (
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.model,
+        cfg.seed,
+        cfg.synthetic,
+        cfg.input_shape,
+        cfg.num_classes,
+        cfg.synthetic_samples,
+    )
 
 
 def _pooled(cfg: TrainConfig):
@@ -64,15 +73,29 @@ def _pooled(cfg: TrainConfig):
         import torch
 
         from . import data, models
-        ds = data.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic, cfg.shape,
-                       cfg.num_classes, cfg.synthetic_samples, cfg.seed)
+
+        ds = data.load(
+            cfg.dataset,
+            cfg.data_dir,
+            cfg.download,
+            cfg.synthetic,
+            cfg.shape,
+            cfg.num_classes,
+            cfg.synthetic_samples,
+            cfg.seed,
+        )
         ds = data.resize(ds, models.input_size(cfg.model))
-        _POOLED[key] = (torch.cat([ds.train_x, ds.test_x]), torch.cat([ds.train_y, ds.test_y]),
-                        ds.classes)
+        _POOLED[key] = (
+            torch.cat([ds.train_x, ds.test_x]),
+            torch.cat([ds.train_y, ds.test_y]),
+            ds.classes,
+        )
     return _POOLED[key]
 
 
-def split(y: np.ndarray, folds: int, seed: int, classes: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+def split(
+    y: np.ndarray, folds: int, seed: int, classes: list[str]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified folds: (train indices, test indices) per fold; a clear error when impossible."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -80,16 +103,20 @@ def split(y: np.ndarray, folds: int, seed: int, classes: list[str]) -> list[tupl
     present = counts[counts > 0]
     if folds > present.min():
         k = int(np.flatnonzero(counts == present.min())[0])
-        raise UsageError(f"--folds {folds} but class {classes[k]!r} has only {present.min()} "
-                         f"samples; use --folds {present.min()} or fewer")
+        raise UsageError(
+            f"--folds {folds} but class {classes[k]!r} has only {present.min()} "
+            f"samples; use --folds {present.min()} or fewer"
+        )
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in skf.split(np.zeros(len(y)), y)]
 
 
 # ------------------------------------------------------------------------------ tasks
 
-def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray, seed: int,
-               pair=None) -> dict | None:
+
+def train_fold(
+    cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray, seed: int, pair=None
+) -> dict | None:
     """One fold: a fresh model trained on ``train_idx``; the task runner has seeded the
     generator from ``seed``, so the initial weights come from it. ``pair``: this is one half
     of a fold split over two workers (:mod:`hvdsgd.pair`); the helper half returns None."""
@@ -97,13 +124,17 @@ def train_fold(cfg: dict, fold: int, train_idx: np.ndarray, test_idx: np.ndarray
 
     from . import models
     from .strategies.local import fit
+
     c = KFoldConfig(**cfg)
     x, y, classes = _pooled(c)
     tr, te = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     model = models.build(c.model, tuple(x.shape[1:]), len(classes))
     result = fit(c, model, (x[tr], y[tr]), (x[te], y[te]), len(classes), seed, pair=pair)
-    return None if result is None else \
-        {"fold": fold, "train_samples": len(tr), "test_samples": len(te), **result}
+    return (
+        None
+        if result is None
+        else {"fold": fold, "train_samples": len(tr), "test_samples": len(te), **result}
+    )
 
 
 def warm_worker(cfg: dict, pooled: tuple) -> None:
@@ -111,6 +142,7 @@ def warm_worker(cfg: dict, pooled: tuple) -> None:
     an optimizer once, so that first-call costs are not charged to the first fold."""
     from . import models
     from .strategies.allreduce import make_optimizer
+
     c = KFoldConfig(**cfg)
     _POOLED[data_key(c)] = pooled
     model = models.build(c.model, tuple(pooled[0].shape[1:]), len(pooled[2]))
@@ -120,14 +152,24 @@ def warm_worker(cfg: dict, pooled: tuple) -> None:
 def make_tasks(cfg: KFoldConfig) -> list[tasks.Task]:
     _, y, classes = _pooled(cfg)
     cfg_dict = cfg.to_dict()
-    return [tasks.Task(f"fold {k + 1}", train_fold,
-                       {"cfg": cfg_dict, "fold": k + 1, "train_idx": tr, "test_idx": te,
-                        "seed": cfg.seed + k},
-                       seed=cfg.seed + k, splittable=cfg.accum_steps >= 2,
-                       inputs={"fold": k + 1, "model": cfg.model, "dataset": cfg.dataset,
-                               "seed": cfg.seed + k, "train_samples": len(tr),
-                               "test_samples": len(te)})
-            for k, (tr, te) in enumerate(split(y.numpy(), cfg.folds, cfg.seed, classes))]
+    return [
+        tasks.Task(
+            f"fold {k + 1}",
+            train_fold,
+            {"cfg": cfg_dict, "fold": k + 1, "train_idx": tr, "test_idx": te, "seed": cfg.seed + k},
+            seed=cfg.seed + k,
+            splittable=cfg.accum_steps >= 2,
+            inputs={
+                "fold": k + 1,
+                "model": cfg.model,
+                "dataset": cfg.dataset,
+                "seed": cfg.seed + k,
+                "train_samples": len(tr),
+                "test_samples": len(te),
+            },
+        )
+        for k, (tr, te) in enumerate(split(y.numpy(), cfg.folds, cfg.seed, classes))
+    ]
 
 
 # ---------------------------------------------------------------------------- report
@@ -141,57 +183,86 @@ def aggregate(results: list[tasks.Result]) -> dict:
     ok = [r for r in results if r.ok]
     columns = {m: [r.result[m] for r in ok] for m in METRICS}
     columns["seconds"] = [r.seconds for r in ok]
-    return {m: {"mean": statistics.mean(vals) if vals else None,
-                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-            for m, vals in columns.items()}
+    return {
+        m: {
+            "mean": statistics.mean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        }
+        for m, vals in columns.items()
+    }
 
 
 def table(runs: dict[str, list[tasks.Result]]) -> str:
     """The per-fold table (one column block per mode), then mean ± std over the folds that
     finished. Time: the task's seconds, training and evaluation, as the rows."""
     modes = list(runs)
-    head = "| fold | " + " | ".join(f"{m} accuracy | {m} macro-F1 | {m} loss | "
-                                    f"{m} task time (s)" for m in modes) + " |"
+    head = (
+        "| fold | "
+        + " | ".join(f"{m} accuracy | {m} macro-F1 | {m} loss | {m} task time (s)" for m in modes)
+        + " |"
+    )
     lines = [head, "|---|" + "---|" * 4 * len(modes)]
     for i, name in enumerate(r.name for r in runs[modes[0]]):
         cells = []
         for m in modes:
             r = runs[m][i]
-            cells += ([f"{100 * r.result['test_accuracy']:.2f}%", f"{r.result['test_macro_f1']:.4f}",
-                       f"{r.result['test_loss']:.4f}", f"{r.seconds:.2f}"] if r.ok
-                      else ["FAILED", "", "", f"{r.seconds:.2f}"])
+            cells += (
+                [
+                    f"{100 * r.result['test_accuracy']:.2f}%",
+                    f"{r.result['test_macro_f1']:.4f}",
+                    f"{r.result['test_loss']:.4f}",
+                    f"{r.seconds:.2f}",
+                ]
+                if r.ok
+                else ["FAILED", "", "", f"{r.seconds:.2f}"]
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = []
     for m in modes:
         a = aggregate(runs[m])
-        fmt = lambda k, s, d: "n/a" if a[k]["mean"] is None else \
-            f"{s * a[k]['mean']:.{d}f} ± {s * a[k]['std']:.{d}f}"  # noqa: E731
-        cells += [fmt("test_accuracy", 100, 2) + "%", fmt("test_macro_f1", 1, 4),
-                  fmt("test_loss", 1, 4), fmt("seconds", 1, 2)]
+        fmt = lambda k, s, d: (
+            "n/a" if a[k]["mean"] is None else f"{s * a[k]['mean']:.{d}f} ± {s * a[k]['std']:.{d}f}"
+        )  # noqa: E731
+        cells += [
+            fmt("test_accuracy", 100, 2) + "%",
+            fmt("test_macro_f1", 1, 4),
+            fmt("test_loss", 1, 4),
+            fmt("seconds", 1, 2),
+        ]
     lines.append("| mean ± std | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ main
 
+
 def kfold(cfg: KFoldConfig) -> dict:
     from .train import setup_logging
+
     setup_logging(cfg.main)
     out = Path(cfg.out)
     if cfg.main:
         from .report import RunDir
+
         RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
     parallel_mode = "serial" if cfg.serial else cfg.mode
     x, y, classes = _pooled(cfg)
     world = int(os.environ.get("HOROVOD_SIZE", "1"))
-    workers = world if parallel_mode == "horovod" else \
-        (1 if parallel_mode == "serial" else min(cfg.workers, cfg.folds))
-    log.info(f"hvdsgd.kfold: {cfg.folds} stratified folds of {cfg.dataset} ({len(y)} samples, "
-             f"{len(classes)} classes), {cfg.model}, {cfg.epochs} epochs; "
-             + {"serial": "serially in this process",
-                "processes": f"{workers} worker processes",
-                "horovod": f"{world} Horovod ranks"}[parallel_mode]
-             + f", {cfg.task_threads} thread(s) per fold")
+    workers = (
+        world
+        if parallel_mode == "horovod"
+        else (1 if parallel_mode == "serial" else min(cfg.workers, cfg.folds))
+    )
+    log.info(
+        f"hvdsgd.kfold: {cfg.folds} stratified folds of {cfg.dataset} ({len(y)} samples, "
+        f"{len(classes)} classes), {cfg.model}, {cfg.epochs} epochs; "
+        + {
+            "serial": "serially in this process",
+            "processes": f"{workers} worker processes",
+            "horovod": f"{world} Horovod ranks",
+        }[parallel_mode]
+        + f", {cfg.task_threads} thread(s) per fold"
+    )
     # The same start as a task worker's, here too: first-call costs stay out of every timing.
     warm = (warm_worker, (cfg.to_dict(), (x, y, classes)))
     warm_worker(*warm[1])
@@ -199,22 +270,43 @@ def kfold(cfg: KFoldConfig) -> dict:
     runs, walls, profiles = {}, {}, {}
     if cfg.compare_serial:
         runs["serial"], walls["serial"], profiles["serial"] = tasks.timed(
-            cfg, task_list, "serial", out, "serial", warm)
+            cfg, task_list, "serial", out, "serial", warm
+        )
     label = "serial" if parallel_mode == "serial" else "parallel"
-    runs[label], walls[label], profiles[label] = tasks.timed(cfg, task_list, parallel_mode, out,
-                                                             label, warm)
+    runs[label], walls[label], profiles[label] = tasks.timed(
+        cfg, task_list, parallel_mode, out, label, warm
+    )
     results = runs[label]
-    summary = {"folds": cfg.folds, "mode": parallel_mode, "model": cfg.model,
-               "dataset": cfg.dataset, "samples": len(y), "workers": workers,
-               "task_threads": cfg.task_threads, "wall_time_s": walls[label],
-               **aggregate(results), "failed": [r.name for r in results if not r.ok],
-               "per_fold": [{"fold": r.name, **(r.result or {}), "seconds": r.seconds,
-                             "worker": r.worker, "error": r.error} for r in results],
-               "cpu_util_mean": tasks.cpu_mean(profiles[label]),
-               "config": cfg.to_dict()}
+    summary = {
+        "folds": cfg.folds,
+        "mode": parallel_mode,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "samples": len(y),
+        "workers": workers,
+        "task_threads": cfg.task_threads,
+        "wall_time_s": walls[label],
+        **aggregate(results),
+        "failed": [r.name for r in results if not r.ok],
+        "per_fold": [
+            {
+                "fold": r.name,
+                **(r.result or {}),
+                "seconds": r.seconds,
+                "worker": r.worker,
+                "error": r.error,
+            }
+            for r in results
+        ],
+        "cpu_util_mean": tasks.cpu_mean(profiles[label]),
+        "config": cfg.to_dict(),
+    }
     if cfg.compare_serial:
-        summary["serial"] = {"wall_time_s": walls["serial"], **aggregate(runs["serial"]),
-                             "cpu_util_mean": tasks.cpu_mean(profiles["serial"])}
+        summary["serial"] = {
+            "wall_time_s": walls["serial"],
+            **aggregate(runs["serial"]),
+            "cpu_util_mean": tasks.cpu_mean(profiles["serial"]),
+        }
         summary["speedup"] = walls["serial"] / walls["parallel"]
         summary["efficiency"] = summary["speedup"] / workers
         summary["identical_per_fold"] = tasks.identical(runs["serial"], results)
@@ -223,14 +315,18 @@ def kfold(cfg: KFoldConfig) -> dict:
         if cfg.compare_serial:
             tasks.plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
         log.info("\n" + table(runs))
-        line = (f"{cfg.folds} folds in {walls[label]:.1f} s ({parallel_mode}); mean accuracy "
-                f"{_pct(summary['test_accuracy'])} ± {100 * summary['test_accuracy']['std']:.2f}")
+        line = (
+            f"{cfg.folds} folds in {walls[label]:.1f} s ({parallel_mode}); mean accuracy "
+            f"{_pct(summary['test_accuracy'])} ± {100 * summary['test_accuracy']['std']:.2f}"
+        )
         if cfg.compare_serial:
-            line += (f"; serial {walls['serial']:.1f} s: speed-up {summary['speedup']:.2f}x, "
-                     f"efficiency {100 * summary['efficiency']:.0f}% on {workers} "
-                     f"workers; per-fold results identical: {summary['identical_per_fold']}; "
-                     f"CPU {_num(summary['serial']['cpu_util_mean'])}% serial, "
-                     f"{_num(summary['cpu_util_mean'])}% parallel")
+            line += (
+                f"; serial {walls['serial']:.1f} s: speed-up {summary['speedup']:.2f}x, "
+                f"efficiency {100 * summary['efficiency']:.0f}% on {workers} "
+                f"workers; per-fold results identical: {summary['identical_per_fold']}; "
+                f"CPU {_num(summary['serial']['cpu_util_mean'])}% serial, "
+                f"{_num(summary['cpu_util_mean'])}% parallel"
+            )
         log.info(line + f"; results in {out}/")
     tasks.exit_if_failed(runs, cfg, "hvdsgd.kfold")
     return summary
@@ -247,8 +343,13 @@ def _pct(stat: dict) -> str:
 @exit_on_usage_error
 def main(argv=None) -> None:
     head, examples, *_ = __doc__.split("\n\n")
-    cfg = parse_args(argv, cls=KFoldConfig, prog="python -m hvdsgd.kfold", description=head,
-                     epilog="examples:\n" + examples)
+    cfg = parse_args(
+        argv,
+        cls=KFoldConfig,
+        prog="python -m hvdsgd.kfold",
+        description=head,
+        epilog="examples:\n" + examples,
+    )
     kfold(cfg)
 
 

@@ -24,6 +24,7 @@ The dense phase is the serial fraction f of Amdahl's law: ``--out`` receives ``t
 ``--compare-serial``, the measured speed-up and efficiency), ``accuracy.png`` (accuracy
 against sparsity, one line per reset step) and, with ``--compare-serial``, ``cpu.png``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,11 +47,17 @@ log = logging.getLogger("hvdsgd")
 class LotteryConfig(tasks.TaskConfig):
     """Lottery tickets; every flag of ``hvdsgd.train`` applies to the dense run and each round."""
 
-    sparsities: str = _f("0.5,0.8,0.9,0.95", "final fractions of the conv/linear weights pruned, "
-                         "each in (0, 1); one task per sparsity and reset step")
-    reset_steps: str = _f("auto", "updates k of the dense run whose weights theta_k the "
-                          "survivors are reset to (0: the initialisation), like 0,20,100; auto: "
-                          "0 and 20%% and 80%% of the dense run's updates")
+    sparsities: str = _f(
+        "0.5,0.8,0.9,0.95",
+        "final fractions of the conv/linear weights pruned, "
+        "each in (0, 1); one task per sparsity and reset step",
+    )
+    reset_steps: str = _f(
+        "auto",
+        "updates k of the dense run whose weights theta_k the "
+        "survivors are reset to (0: the initialisation), like 0,20,100; auto: "
+        "0 and 20%% and 80%% of the dense run's updates",
+    )
     rounds: int = _f(2, "pruning rounds per ticket; each prunes the same fraction of survivors")
     out: str = _f("runs/lottery", "run directory: tasks.jsonl, summary.json, accuracy.png, cpu.png")
     epochs: int = _f(5, "passes over the training set, of the dense run and of every round")
@@ -69,23 +76,28 @@ class LotteryConfig(tasks.TaskConfig):
     @property
     def sparsity_list(self) -> list[float]:
         """``sparsities`` parsed: distinct fractions in (0, 1), ascending."""
-        values = _numbers(self.sparsities, float, "sparsities", "fractions in (0, 1)",
-                          "0.5,0.8,0.9")
+        values = _numbers(
+            self.sparsities, float, "sparsities", "fractions in (0, 1)", "0.5,0.8,0.9"
+        )
         bad = [v for v in values if not 0 < v < 1]
         if bad:
-            raise UsageError(f"--sparsities must lie strictly between 0 and 1 (got {bad[0]:g}); "
-                             "e.g. 0.9 prunes 90% of the weights")
+            raise UsageError(
+                f"--sparsities must lie strictly between 0 and 1 (got {bad[0]:g}); "
+                "e.g. 0.9 prunes 90% of the weights"
+            )
         return sorted(values)
 
     @property
     def reset_list(self) -> list[int]:
         """``reset_steps`` parsed: distinct update counts >= 0, ascending (``auto`` is
         replaced by the steps it means first: :func:`resolve_reset_steps`)."""
-        values = _numbers(self.reset_steps, int, "reset-steps", "update counts >= 0",
-                          "0,20,100 (or auto)")
+        values = _numbers(
+            self.reset_steps, int, "reset-steps", "update counts >= 0", "0,20,100 (or auto)"
+        )
         if min(values) < 0:
-            raise UsageError(f"--reset-steps must be >= 0 (got {min(values)}); 0 resets to the "
-                             "initialisation")
+            raise UsageError(
+                f"--reset-steps must be >= 0 (got {min(values)}); 0 resets to the initialisation"
+            )
         return sorted(values)
 
 
@@ -119,13 +131,18 @@ def total_updates(cfg: TrainConfig, n_train: int) -> int:
 
 # --------------------------------------------------------------------------- pruning
 
+
 def prunable(model) -> dict:
     """The weights magnitude pruning acts on: every conv and linear layer's, by parameter name
     (biases, norm layers and embeddings are never pruned)."""
     from torch import nn
+
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return {f"{name}.weight" if name else "weight": m.weight
-            for name, m in model.named_modules() if isinstance(m, kinds)}
+    return {
+        f"{name}.weight" if name else "weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, kinds)
+    }
 
 
 def round_sparsities(sparsity: float, rounds: int) -> list[float]:
@@ -139,6 +156,7 @@ def prune(weights: dict, sparsity: float, masks: dict | None = None) -> dict:
     round(sparsity * N) of all N weights together, the smallest |w| first. A weight that
     ``masks`` already prunes stays pruned, so successive masks are nested."""
     import torch
+
     names = list(weights)
     score = torch.cat([weights[n].detach().abs().flatten().float() for n in names])
     alive = len(score)
@@ -149,8 +167,10 @@ def prune(weights: dict, sparsity: float, masks: dict | None = None) -> dict:
     keep = min(alive, len(score) - round(sparsity * len(score)))
     flat = torch.zeros(len(score), dtype=torch.bool)
     flat[torch.topk(score, keep, sorted=False).indices] = True
-    return {n: part.view_as(weights[n])
-            for n, part in zip(names, flat.split([weights[n].numel() for n in names]))}
+    return {
+        n: part.view_as(weights[n])
+        for n, part in zip(names, flat.split([weights[n].numel() for n in names]))
+    }
 
 
 def sparsity_of(masks: dict) -> float:
@@ -162,25 +182,36 @@ def sparsity_of(masks: dict) -> float:
 def apply_masks(model, masks: dict) -> None:
     """Set the pruned weights of ``model`` to zero, in place."""
     import torch
+
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, m in masks.items():
             params[name].masked_fill_(~m, 0.0)
 
 
-def train_masked(cfg: TrainConfig, model, masks: dict, train: tuple, test: tuple,
-                 num_classes: int, seed: int) -> dict:
+def train_masked(
+    cfg: TrainConfig, model, masks: dict, train: tuple, test: tuple, num_classes: int, seed: int
+) -> dict:
     """``fit`` with the pruned weights held at exactly zero: their gradients are masked before
     clipping, momentum and weight decay see them (so they are not parameters of the ticket),
     and the weights are masked again after every update as a guarantee."""
     from .strategies.local import fit
+
     params = dict(model.named_parameters())
-    hooks = [params[n].register_hook(lambda g, m=m: g.masked_fill(~m, 0.0))
-             for n, m in masks.items()]
+    hooks = [
+        params[n].register_hook(lambda g, m=m: g.masked_fill(~m, 0.0)) for n, m in masks.items()
+    ]
     apply_masks(model, masks)
     try:
-        return fit(cfg, model, train, test, num_classes, seed,
-                   after_update=lambda u: apply_masks(u.model, masks))
+        return fit(
+            cfg,
+            model,
+            train,
+            test,
+            num_classes,
+            seed,
+            after_update=lambda u: apply_masks(u.model, masks),
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -195,6 +226,7 @@ def _dataset(cfg: TrainConfig):
     key = data_key(cfg)
     if key not in _DATA:
         from .train import load_data
+
         _DATA[key] = load_data(cfg)
     return _DATA[key]
 
@@ -204,12 +236,14 @@ def warm_worker(cfg: dict, ds) -> None:
     optimizer once, so that first-call costs are not charged to the first ticket."""
     from . import models
     from .strategies.allreduce import make_optimizer
+
     c = LotteryConfig(**cfg)
     _DATA[data_key(c)] = ds
     make_optimizer(c, models.build(c.model, ds.input_shape, ds.num_classes), c.lr)
 
 
 # ----------------------------------------------------------------------- the phases
+
 
 def _copy(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
@@ -222,6 +256,7 @@ def train_dense(cfg: LotteryConfig) -> dict:
 
     from . import models
     from .strategies.local import fit
+
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.task_threads)
     ds = _dataset(cfg)
@@ -234,20 +269,33 @@ def train_dense(cfg: LotteryConfig) -> dict:
         if u.step in wanted:
             rewind[u.step] = _copy(model.state_dict())
 
-    result = fit(cfg, model, (ds.train_x, ds.train_y), (ds.test_x, ds.test_y), ds.num_classes,
-                 cfg.seed, after_update=snapshot)
+    result = fit(
+        cfg,
+        model,
+        (ds.train_x, ds.train_y),
+        (ds.test_x, ds.test_y),
+        ds.num_classes,
+        cfg.seed,
+        after_update=snapshot,
+    )
     assert rewind.keys() == wanted, f"no snapshot at {sorted(wanted - rewind.keys())}"
-    return {"result": result, "rewind": rewind, "final": _copy(model.state_dict()),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "result": result,
+        "rewind": rewind,
+        "final": _copy(model.state_dict()),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def find_ticket(cfg: dict, sparsity: float, reset_step: int, rewind: dict, final: dict,
-                seed: int) -> dict:
+def find_ticket(
+    cfg: dict, sparsity: float, reset_step: int, rewind: dict, final: dict, seed: int
+) -> dict:
     """One task: ``rounds`` rounds of prune, reset the survivors to theta_k (``rewind``),
     retrain with the mask; the first round prunes the dense run's ``final`` weights."""
     import torch
 
     from . import models
+
     c = LotteryConfig(**cfg)
     ds = _dataset(c)
     model = models.build(c.model, ds.input_shape, ds.num_classes)
@@ -256,33 +304,63 @@ def find_ticket(cfg: dict, sparsity: float, reset_step: int, rewind: dict, final
     for r, target in enumerate(round_sparsities(sparsity, c.rounds)):
         masks = prune(prunable(model), target, masks)
         model.load_state_dict(rewind)
-        res = train_masked(c, model, masks, (ds.train_x, ds.train_y), (ds.test_x, ds.test_y),
-                           ds.num_classes, seed + r)
+        res = train_masked(
+            c,
+            model,
+            masks,
+            (ds.train_x, ds.train_y),
+            (ds.test_x, ds.test_y),
+            ds.num_classes,
+            seed + r,
+        )
         updates, train_time = updates + res["updates"], train_time + res["train_time_s"]
         history.append({"sparsity": sparsity_of(masks), "test_accuracy": res["test_accuracy"]})
     weights = prunable(model)
     revived = sum(int(torch.count_nonzero(weights[n][~m])) for n, m in masks.items())
-    return {"sparsity": sparsity, "reset_step": reset_step, "achieved_sparsity": sparsity_of(masks),
-            "remaining_weights": sum(int(m.sum()) for m in masks.values()),
-            "pruned_nonzero": revived, **res, "updates": updates, "train_time_s": train_time,
-            "per_round": history}
+    return {
+        "sparsity": sparsity,
+        "reset_step": reset_step,
+        "achieved_sparsity": sparsity_of(masks),
+        "remaining_weights": sum(int(m.sum()) for m in masks.values()),
+        "pruned_nonzero": revived,
+        **res,
+        "updates": updates,
+        "train_time_s": train_time,
+        "per_round": history,
+    }
 
 
 def make_tasks(cfg: LotteryConfig, dense: dict) -> list[tasks.Task]:
     cfg_dict = cfg.to_dict()
     pairs = [(s, k) for s in cfg.sparsity_list for k in cfg.reset_list]
-    return [tasks.Task(f"s={s:g} k={k}", find_ticket,
-                       {"cfg": cfg_dict, "sparsity": s, "reset_step": k,
-                        "rewind": dense["rewind"][k], "final": dense["final"],
-                        "seed": cfg.seed + 1 + i},
-                       seed=cfg.seed + 1 + i,
-                       inputs={"sparsity": s, "reset_step": k, "rounds": cfg.rounds,
-                               "model": cfg.model, "dataset": cfg.dataset,
-                               "seed": cfg.seed + 1 + i})
-            for i, (s, k) in enumerate(pairs)]
+    return [
+        tasks.Task(
+            f"s={s:g} k={k}",
+            find_ticket,
+            {
+                "cfg": cfg_dict,
+                "sparsity": s,
+                "reset_step": k,
+                "rewind": dense["rewind"][k],
+                "final": dense["final"],
+                "seed": cfg.seed + 1 + i,
+            },
+            seed=cfg.seed + 1 + i,
+            inputs={
+                "sparsity": s,
+                "reset_step": k,
+                "rounds": cfg.rounds,
+                "model": cfg.model,
+                "dataset": cfg.dataset,
+                "seed": cfg.seed + 1 + i,
+            },
+        )
+        for i, (s, k) in enumerate(pairs)
+    ]
 
 
 # ---------------------------------------------------------------------------- report
+
 
 def amdahl(f: float, n: int) -> float:
     """Amdahl's law: the speed-up on ``n`` workers of a job whose serial fraction is ``f``."""
@@ -294,11 +372,13 @@ def amdahl_figures(serial_s: float, parallel_work_s: float, workers: int, n_task
     time one after another): f, S(N), its efficiency, S(N) when the busiest of N workers runs
     ceil(tasks / N) equal tasks, and the limit 1 / f."""
     f = serial_s / (serial_s + parallel_work_s)
-    return {"serial_fraction": f, "amdahl_speedup": amdahl(f, workers),
-            "amdahl_efficiency": amdahl(f, workers) / workers,
-            "amdahl_speedup_whole_tasks":
-                1 / (f + (1 - f) * math.ceil(n_tasks / workers) / n_tasks),
-            "amdahl_limit": 1 / f}
+    return {
+        "serial_fraction": f,
+        "amdahl_speedup": amdahl(f, workers),
+        "amdahl_efficiency": amdahl(f, workers) / workers,
+        "amdahl_speedup_whole_tasks": 1 / (f + (1 - f) * math.ceil(n_tasks / workers) / n_tasks),
+        "amdahl_limit": 1 / f,
+    }
 
 
 def table(sparsities: list[float], reset_steps: list[int], per_task: list[dict]) -> str:
@@ -309,10 +389,14 @@ def table(sparsities: list[float], reset_steps: list[int], per_task: list[dict])
     lines = [head, "|---|---|" + "---|" * len(reset_steps)]
     for s in sparsities:
         row = [by[(s, k)] for k in reset_steps]
-        reached = next((f"{100 * t['achieved_sparsity']:.2f}%" for t in row if t["error"] is None),
-                       "n/a")
-        lines.append(f"| {100 * s:g}% | {reached} | "
-                     + " | ".join(_acc(t) if t["error"] is None else "FAILED" for t in row) + " |")
+        reached = next(
+            (f"{100 * t['achieved_sparsity']:.2f}%" for t in row if t["error"] is None), "n/a"
+        )
+        lines.append(
+            f"| {100 * s:g}% | {reached} | "
+            + " | ".join(_acc(t) if t["error"] is None else "FAILED" for t in row)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -323,21 +407,32 @@ def _acc(result: dict) -> str:
 def plot_accuracy(cfg: LotteryConfig, results: list[tasks.Result], dense: dict, path: Path) -> None:
     """Test accuracy against sparsity, one line per reset step; the dense model dashed."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for k in cfg.reset_list:
-        pts = sorted((r.result["achieved_sparsity"], r.result["test_accuracy"])
-                     for r in results if r.ok and r.inputs["reset_step"] == k)
+        pts = sorted(
+            (r.result["achieved_sparsity"], r.result["test_accuracy"])
+            for r in results
+            if r.ok and r.inputs["reset_step"] == k
+        )
         if pts:
-            ax.plot([100 * s for s, _ in pts], [100 * a for _, a in pts], "o-",
-                    label="reset to initialisation (k=0)" if k == 0 else f"reset to update {k}")
-    ax.axhline(100 * dense["result"]["test_accuracy"], color="black", ls="--", lw=1,
-               label="dense")
+            ax.plot(
+                [100 * s for s, _ in pts],
+                [100 * a for _, a in pts],
+                "o-",
+                label="reset to initialisation (k=0)" if k == 0 else f"reset to update {k}",
+            )
+    ax.axhline(100 * dense["result"]["test_accuracy"], color="black", ls="--", lw=1, label="dense")
     ax.set_xlabel("sparsity: conv/linear weights pruned (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg.model} on {cfg.dataset}: IMP, {cfg.rounds} round(s) of "
-                 f"{cfg.epochs} epoch(s) per ticket", fontsize=10)
+    ax.set_title(
+        f"{cfg.model} on {cfg.dataset}: IMP, {cfg.rounds} round(s) of "
+        f"{cfg.epochs} epoch(s) per ticket",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -347,31 +442,41 @@ def plot_accuracy(cfg: LotteryConfig, results: list[tasks.Result], dense: dict, 
 
 # ------------------------------------------------------------------------------ main
 
+
 def check_run(cfg: LotteryConfig, ds) -> tuple[int, int]:
     """What needs the data and the model: every reset step falls within the dense run, and
     the highest sparsity leaves a weight. Returns (dense updates, prunable weights)."""
     from . import models
+
     updates = total_updates(cfg, len(ds.train_y))
     if cfg.reset_list[-1] > updates:
-        raise UsageError(f"--reset-steps {cfg.reset_list[-1]} is past the end of the dense run "
-                         f"({updates} updates in {cfg.epochs} epochs); use steps up to "
-                         f"{updates} or more --epochs")
-    n_weights = sum(w.numel() for w in prunable(
-        models.build(cfg.model, ds.input_shape, ds.num_classes)).values())
+        raise UsageError(
+            f"--reset-steps {cfg.reset_list[-1]} is past the end of the dense run "
+            f"({updates} updates in {cfg.epochs} epochs); use steps up to "
+            f"{updates} or more --epochs"
+        )
+    n_weights = sum(
+        w.numel()
+        for w in prunable(models.build(cfg.model, ds.input_shape, ds.num_classes)).values()
+    )
     if round(cfg.sparsity_list[-1] * n_weights) >= n_weights:
-        raise UsageError(f"--sparsities {cfg.sparsity_list[-1]:g} prunes all {n_weights} "
-                         f"prunable weights of {cfg.model}; use a lower sparsity")
+        raise UsageError(
+            f"--sparsities {cfg.sparsity_list[-1]:g} prunes all {n_weights} "
+            f"prunable weights of {cfg.model}; use a lower sparsity"
+        )
     return updates, n_weights
 
 
 def lottery(cfg: LotteryConfig) -> dict:
     from . import dist
     from .train import setup_logging
+
     mode, main = cfg.mode, cfg.main
     setup_logging(main)
     out = Path(cfg.out)
     if main:
         from .report import RunDir
+
         RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
     ds = _dataset(cfg)
     cfg = resolve_reset_steps(cfg, total_updates(cfg, len(ds.train_y)))
@@ -379,16 +484,23 @@ def lottery(cfg: LotteryConfig) -> dict:
     world = int(os.environ.get("HOROVOD_SIZE", "1"))
     n_tasks = len(cfg.sparsity_list) * len(cfg.reset_list)
     parallel_mode = "serial" if cfg.serial else mode
-    workers = world if parallel_mode == "horovod" else \
-        (1 if parallel_mode == "serial" else min(cfg.workers, n_tasks))
-    log.info(f"hvdsgd.lottery: {cfg.model} on {cfg.dataset} ({len(ds.train_y)} train / "
-             f"{len(ds.test_y)} test), {n_weights:,} prunable weights; {n_tasks} tickets = "
-             f"{len(cfg.sparsity_list)} sparsities x {len(cfg.reset_list)} reset steps, "
-             f"{cfg.rounds} round(s) of {cfg.epochs} epoch(s) each; "
-             + {"serial": "serially in this process",
-                "processes": f"{workers} worker processes",
-                "horovod": f"{world} Horovod ranks"}[parallel_mode]
-             + f", {cfg.task_threads} thread(s) per task")
+    workers = (
+        world
+        if parallel_mode == "horovod"
+        else (1 if parallel_mode == "serial" else min(cfg.workers, n_tasks))
+    )
+    log.info(
+        f"hvdsgd.lottery: {cfg.model} on {cfg.dataset} ({len(ds.train_y)} train / "
+        f"{len(ds.test_y)} test), {n_weights:,} prunable weights; {n_tasks} tickets = "
+        f"{len(cfg.sparsity_list)} sparsities x {len(cfg.reset_list)} reset steps, "
+        f"{cfg.rounds} round(s) of {cfg.epochs} epoch(s) each; "
+        + {
+            "serial": "serially in this process",
+            "processes": f"{workers} worker processes",
+            "horovod": f"{world} Horovod ranks",
+        }[parallel_mode]
+        + f", {cfg.task_threads} thread(s) per task"
+    )
     # The same start as a task worker's, here too: first-call costs stay out of every timing.
     warm = (warm_worker, (cfg.to_dict(), ds))
     warm_worker(*warm[1])
@@ -397,43 +509,68 @@ def lottery(cfg: LotteryConfig) -> dict:
     log.info(f"serial phase: dense training, {updates} updates")
     # Horovod: rank 0 trains the dense model (the other ranks wait: Amdahl's serial part) and
     # broadcasts the results and snapshots, so every rank's tickets start from the same weights.
-    dense = dist.on_main(lambda: train_dense(cfg), name="lottery.dense") \
-        if mode == "horovod" else train_dense(cfg)
+    dense = (
+        dist.on_main(lambda: train_dense(cfg), name="lottery.dense")
+        if mode == "horovod"
+        else train_dense(cfg)
+    )
     log.info(f"dense: test accuracy {_acc(dense['result'])} in {dense['seconds']:.1f} s")
     task_list = make_tasks(cfg, dense)
 
     runs, walls, profiles = {}, {}, {}
     if cfg.compare_serial:
         runs["serial"], walls["serial"], profiles["serial"] = tasks.timed(
-            cfg, task_list, "serial", out, "serial", warm)
+            cfg, task_list, "serial", out, "serial", warm
+        )
     label = "parallel" if parallel_mode != "serial" else "serial"
-    runs[label], walls[label], profiles[label] = tasks.timed(cfg, task_list, parallel_mode, out,
-                                                             label, warm)
+    runs[label], walls[label], profiles[label] = tasks.timed(
+        cfg, task_list, parallel_mode, out, label, warm
+    )
     results = runs[label]
 
     # The tickets' serial time: measured with --compare-serial, else the sum of their own times.
     serial_tickets = walls["serial"] if "serial" in walls else sum(r.seconds for r in results)
     summary = {
-        "model": cfg.model, "dataset": cfg.dataset, "mode": parallel_mode,
-        "train_samples": len(ds.train_y), "test_samples": len(ds.test_y),
-        "prunable_weights": n_weights, "sparsities": cfg.sparsity_list,
-        "reset_steps": cfg.reset_list, "rounds": cfg.rounds, "tasks": n_tasks,
-        "workers": workers, "task_threads": cfg.task_threads,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "mode": parallel_mode,
+        "train_samples": len(ds.train_y),
+        "test_samples": len(ds.test_y),
+        "prunable_weights": n_weights,
+        "sparsities": cfg.sparsity_list,
+        "reset_steps": cfg.reset_list,
+        "rounds": cfg.rounds,
+        "tasks": n_tasks,
+        "workers": workers,
+        "task_threads": cfg.task_threads,
         "dense": {**dense["result"], "seconds": dense["seconds"]},
-        "serial_phase_s": dense["seconds"], "parallel_phase_s": walls[label],
+        "serial_phase_s": dense["seconds"],
+        "parallel_phase_s": walls[label],
         "wall_time_s": dense["seconds"] + walls[label],
         **amdahl_figures(dense["seconds"], serial_tickets, workers, n_tasks),
         "serial_fraction_from": "serial run" if "serial" in walls else "task times",
         "failed": [r.name for r in results if not r.ok],
-        "per_task": [{"task": r.name, **r.inputs, **(r.result or {}), "seconds": r.seconds,
-                      "worker": r.worker, "error": r.error} for r in results],
+        "per_task": [
+            {
+                "task": r.name,
+                **r.inputs,
+                **(r.result or {}),
+                "seconds": r.seconds,
+                "worker": r.worker,
+                "error": r.error,
+            }
+            for r in results
+        ],
         "cpu_util_mean": tasks.cpu_mean(profiles[label]),
         "config": cfg.to_dict(),
     }
     if cfg.compare_serial:
         serial_total = dense["seconds"] + walls["serial"]
-        summary["serial"] = {"tickets_s": walls["serial"], "wall_time_s": serial_total,
-                             "cpu_util_mean": tasks.cpu_mean(profiles["serial"])}
+        summary["serial"] = {
+            "tickets_s": walls["serial"],
+            "wall_time_s": serial_total,
+            "cpu_util_mean": tasks.cpu_mean(profiles["serial"]),
+        }
         summary["speedup"] = serial_total / summary["wall_time_s"]
         summary["efficiency"] = summary["speedup"] / workers
         summary["identical_per_task"] = tasks.identical(runs["serial"], results)
@@ -442,9 +579,11 @@ def lottery(cfg: LotteryConfig) -> dict:
         plot_accuracy(cfg, results, dense, out / "accuracy.png")
         if cfg.compare_serial:
             tasks.plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
-        log.info(f"\ntest accuracy by sparsity and reset step k (dense: "
-                 f"{_acc(dense['result'])}):\n"
-                 + table(cfg.sparsity_list, cfg.reset_list, summary["per_task"]))
+        log.info(
+            f"\ntest accuracy by sparsity and reset step k (dense: "
+            f"{_acc(dense['result'])}):\n"
+            + table(cfg.sparsity_list, cfg.reset_list, summary["per_task"])
+        )
         log.info(_timing(summary) + f"; results in {out}/")
     tasks.exit_if_failed(runs, cfg, "hvdsgd.lottery")
     return summary
@@ -452,25 +591,36 @@ def lottery(cfg: LotteryConfig) -> dict:
 
 def _timing(s: dict) -> str:
     n = s["workers"]
-    line = (f"serial phase (dense) {s['serial_phase_s']:.1f} s, tickets "
-            f"{s['parallel_phase_s']:.1f} s ({s['mode']}, {n} worker{'s' * (n > 1)})")
+    line = (
+        f"serial phase (dense) {s['serial_phase_s']:.1f} s, tickets "
+        f"{s['parallel_phase_s']:.1f} s ({s['mode']}, {n} worker{'s' * (n > 1)})"
+    )
     if "serial" in s:
-        line += (f"; serially {s['serial']['wall_time_s']:.1f} s in all: speed-up "
-                 f"{s['speedup']:.2f}x, efficiency {100 * s['efficiency']:.0f}%; "
-                 f"per-task results identical: {s['identical_per_task']}; CPU "
-                 f"{_num(s['serial']['cpu_util_mean'])}% serial, "
-                 f"{_num(s['cpu_util_mean'])}% parallel")
-    return (line + f"\nAmdahl, serial fraction f = {s['serial_fraction']:.3f} (from "
-            f"{s['serial_fraction_from']}): S({n}) = {s['amdahl_speedup']:.2f}x, efficiency "
-            f"{100 * s['amdahl_efficiency']:.0f}% ({s['amdahl_speedup_whole_tasks']:.2f}x with "
-            f"{s['tasks']} whole tasks); limit 1/f = {s['amdahl_limit']:.1f}x")
+        line += (
+            f"; serially {s['serial']['wall_time_s']:.1f} s in all: speed-up "
+            f"{s['speedup']:.2f}x, efficiency {100 * s['efficiency']:.0f}%; "
+            f"per-task results identical: {s['identical_per_task']}; CPU "
+            f"{_num(s['serial']['cpu_util_mean'])}% serial, "
+            f"{_num(s['cpu_util_mean'])}% parallel"
+        )
+    return (
+        line + f"\nAmdahl, serial fraction f = {s['serial_fraction']:.3f} (from "
+        f"{s['serial_fraction_from']}): S({n}) = {s['amdahl_speedup']:.2f}x, efficiency "
+        f"{100 * s['amdahl_efficiency']:.0f}% ({s['amdahl_speedup_whole_tasks']:.2f}x with "
+        f"{s['tasks']} whole tasks); limit 1/f = {s['amdahl_limit']:.1f}x"
+    )
 
 
 @exit_on_usage_error
 def main(argv=None) -> None:
     head, examples, *_ = __doc__.split("\n\n")
-    cfg = parse_args(argv, cls=LotteryConfig, prog="python -m hvdsgd.lottery", description=head,
-                     epilog="examples:\n" + examples)
+    cfg = parse_args(
+        argv,
+        cls=LotteryConfig,
+        prog="python -m hvdsgd.lottery",
+        description=head,
+        epilog="examples:\n" + examples,
+    )
     lottery(cfg)
 
 

@@ -3,6 +3,7 @@
 A :class:`Tally` accumulates on the training device without synchronising; ``reduce()``
 sums every rank's tally with one Horovod allreduce and returns plain numbers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,11 @@ class Tally:
             parts.append(extra.to(self.loss))
         flat = dist.allreduce_sum(torch.cat(parts), name=name).cpu()
         n = 1 + self.k * self.k
-        return Summary(flat[0].item(), flat[1:n].view(self.k, self.k).long(),
-                       flat[n:] if extra is not None else None)
+        return Summary(
+            flat[0].item(),
+            flat[1:n].view(self.k, self.k).long(),
+            flat[n:] if extra is not None else None,
+        )
 
     def clear(self) -> None:
         """Back to zero (an elastic commit has taken the sums so far)."""
@@ -71,8 +75,7 @@ class Tally:
 class Summary:
     """Metrics of a reduced tally."""
 
-    def __init__(self, loss_sum: float, confusion: torch.Tensor,
-                 extra: torch.Tensor | None = None):
+    def __init__(self, loss_sum: float, confusion: torch.Tensor, extra: torch.Tensor | None = None):
         self.loss_sum, self.confusion, self.extra = loss_sum, confusion, extra
         self.count = int(confusion.sum())
         self.loss = loss_sum / max(1, self.count)
@@ -104,5 +107,9 @@ class Summary:
         return float(f1[present].mean()) if present.any() else 0.0
 
     def as_dict(self, prefix: str) -> dict:
-        return {f"{prefix}_loss": self.loss, f"{prefix}_accuracy": self.accuracy,
-                f"{prefix}_macro_f1": self.macro_f1, f"{prefix}_samples": self.count}
+        return {
+            f"{prefix}_loss": self.loss,
+            f"{prefix}_accuracy": self.accuracy,
+            f"{prefix}_macro_f1": self.macro_f1,
+            f"{prefix}_samples": self.count,
+        }

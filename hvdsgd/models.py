@@ -6,6 +6,7 @@ their inputs resized to that square size (28 for the MNIST-style nets, 32 for th
 ones); ``mlp`` takes any size. The torchvision networks are adapted to small inputs and to any
 channel count (stride-1 stem, as in the usual CIFAR variants); all start from random weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,26 @@ Shape = tuple[int, int, int]
 
 _VGG_CFG = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-              512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg16": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
@@ -38,20 +57,31 @@ def _mlp(shape: Shape, k: int) -> nn.Module:
 def _cnn(shape: Shape, k: int) -> nn.Module:
     """Two 5x5 conv + max-pool blocks (16, 32 channels) and one linear layer, for 28x28."""
     return nn.Sequential(
-        nn.Conv2d(shape[0], 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, k),
+        nn.Conv2d(shape[0], 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, k),
     )
 
 
 def _lenet(shape: Shape, k: int) -> nn.Module:
     """LeNet-5 for 28x28 inputs, with ReLU and max-pooling."""
     return nn.Sequential(
-        nn.Conv2d(shape[0], 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),                    # 14 -> 10 -> 5
+        nn.Conv2d(shape[0], 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 28 -> 14
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 14 -> 10 -> 5
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
         nn.Linear(84, k),
     )
 
@@ -59,14 +89,26 @@ def _lenet(shape: Shape, k: int) -> nn.Module:
 def _alexnet(shape: Shape, k: int) -> nn.Module:
     """AlexNet for 32x32: five 3x3 convs (no BatchNorm), three max-pools, dropout classifier."""
     return nn.Sequential(
-        nn.Conv2d(shape[0], 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 32 -> 16
-        nn.Conv2d(64, 192, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),       # 16 -> 8
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),      # 8 -> 4
+        nn.Conv2d(shape[0], 64, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),  # 32 -> 16
+        nn.Conv2d(64, 192, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),  # 16 -> 8
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),  # 8 -> 4
         nn.Flatten(),
-        nn.Dropout(0.5), nn.Linear(256 * 4 * 4, 1024), nn.ReLU(inplace=True),
-        nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(256 * 4 * 4, 1024),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(1024, 1024),
+        nn.ReLU(inplace=True),
         nn.Linear(1024, k),
     )
 
@@ -91,8 +133,14 @@ def _vgg(name: str) -> Callable[[Shape, int], nn.Module]:
 
 def _stem(old: nn.Conv2d, in_channels: int, kernel_size: int, padding: int) -> nn.Conv2d:
     """A stride-1 replacement for a torchvision first conv, initialised as torchvision does."""
-    conv = nn.Conv2d(in_channels, old.out_channels, kernel_size, stride=1, padding=padding,
-                     bias=old.bias is not None)
+    conv = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        kernel_size,
+        stride=1,
+        padding=padding,
+        bias=old.bias is not None,
+    )
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
@@ -105,6 +153,7 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
 
     def ctor(**kw) -> nn.Module:
         from torchvision import models as tvm
+
         return getattr(tvm, name)(**kw)
 
     return ctor
@@ -137,8 +186,16 @@ def _first_conv_stride1(ctor: Callable[..., nn.Module]) -> Callable[[Shape, int]
 def _vit(shape: Shape, k: int) -> nn.Module:
     """Small Vision Transformer for 32x32: 4x4 patches, 6 layers, 8 heads, width 256, MLP 512."""
     from torchvision.models import VisionTransformer
-    model = VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=8,
-                                  hidden_dim=256, mlp_dim=512, num_classes=k)
+
+    model = VisionTransformer(
+        image_size=32,
+        patch_size=4,
+        num_layers=6,
+        num_heads=8,
+        hidden_dim=256,
+        mlp_dim=512,
+        num_classes=k,
+    )
     conv = nn.Conv2d(shape[0], 256, kernel_size=4, stride=4)
     nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (shape[0] * 4 * 4)))
     nn.init.zeros_(conv.bias)
@@ -182,14 +239,19 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> tor
     try:
         c, h, w = (operator.index(d) for d in input_shape)
     except (TypeError, ValueError):
-        raise UsageError(f"model {name!r} needs an input shape (C, H, W) of integers, "
-                         f"got {input_shape!r}") from None
+        raise UsageError(
+            f"model {name!r} needs an input shape (C, H, W) of integers, got {input_shape!r}"
+        ) from None
     if c < 1 or h < 1 or w < 1:
-        raise UsageError(f"model {name!r} needs at least 1 input channel and a positive "
-                         f"height and width, got {(c, h, w)}")
+        raise UsageError(
+            f"model {name!r} needs at least 1 input channel and a positive "
+            f"height and width, got {(c, h, w)}"
+        )
     if size is not None and (h, w) != (size, size):
-        raise UsageError(f"model {name!r} needs {size}x{size} inputs, got {h}x{w}; "
-                         f"resize the data to {size}x{size}")
+        raise UsageError(
+            f"model {name!r} needs {size}x{size} inputs, got {h}x{w}; "
+            f"resize the data to {size}x{size}"
+        )
     if not isinstance(num_classes, int) or num_classes < 2:
         raise UsageError(f"model {name!r} needs at least 2 classes, got {num_classes!r}")
     return builder((c, h, w), num_classes)

@@ -16,6 +16,7 @@ when a forward pass neither draws random numbers (dropout) nor updates buffers (
 statistics), since the helper's forward would then see a different state than the serial
 one; :func:`splittable` checks that on the model itself, and other models run whole.
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,16 +33,19 @@ PARTNER_STOPPED = "the other half of this split task stopped"  # tasks: not this
 @dataclass
 class PairLink:
     """What one half of a split task holds: its role and the pair's barrier and segment."""
-    role: int                       # 0: owner (returns the task's result), 1: helper
-    barrier: "threading.Barrier"    # a multiprocessing.Barrier(2) shared by the two halves
-    name: str                       # the shared-memory segment, created by the owner
+
+    role: int  # 0: owner (returns the task's result), 1: helper
+    barrier: "threading.Barrier"  # a multiprocessing.Barrier(2) shared by the two halves
+    name: str  # the shared-memory segment, created by the owner
 
     def wait(self) -> None:
         try:
             self.barrier.wait(BARRIER_TIMEOUT_S)
         except threading.BrokenBarrierError:
-            raise RuntimeError(f"{PARTNER_STOPPED} (its worker failed or died); run with "
-                               "--workers 1 to see its own error") from None
+            raise RuntimeError(
+                f"{PARTNER_STOPPED} (its worker failed or died); run with "
+                "--workers 1 to see its own error"
+            ) from None
 
 
 def splittable(model: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -49,14 +53,18 @@ def splittable(model: torch.nn.Module, x: torch.Tensor) -> bool:
     buffer as they were (no dropout, no batch-norm statistics) and its backward reaches every
     trainable parameter; checked on a copy."""
     import copy
+
     probe = copy.deepcopy(model).train()
     before = [b.clone() for b in probe.buffers()]
     rng = torch.get_rng_state()
     probe(x).float().sum().backward()
     same = torch.equal(rng, torch.get_rng_state())
     torch.set_rng_state(rng)
-    return (same and all(torch.equal(a, b) for a, b in zip(before, probe.buffers()))
-            and all(p.grad is not None for p in probe.parameters() if p.requires_grad))
+    return (
+        same
+        and all(torch.equal(a, b) for a, b in zip(before, probe.buffers()))
+        and all(p.grad is not None for p in probe.parameters() if p.requires_grad)
+    )
 
 
 class Exchange:
@@ -68,6 +76,7 @@ class Exchange:
         per_parity = 2 * n_grad + 1 + max_logits
         size = 2 * per_parity * 4
         from multiprocessing import resource_tracker
+
         if link.role == 0:
             self.shm = shared_memory.SharedMemory(name=link.name, create=True, size=size)
         link.wait()  # the owner has created it
@@ -78,9 +87,9 @@ class Exchange:
         # (hvdsgd.tasks.unlink_segments) unlinks what a killed owner left.
         resource_tracker.unregister(self.shm._name, "shared_memory")
         flat = torch.from_numpy(np.ndarray((2, per_parity), dtype=np.float32, buffer=self.shm.buf))
-        self.grads = flat[:, :2 * n_grad].view(2, 2, n_grad)     # [parity, role, n]
-        self.loss = flat[:, 2 * n_grad]                            # [parity]
-        self.logits = flat[:, 2 * n_grad + 1:]                     # [parity, max_logits]
+        self.grads = flat[:, : 2 * n_grad].view(2, 2, n_grad)  # [parity, role, n]
+        self.loss = flat[:, 2 * n_grad]  # [parity]
+        self.logits = flat[:, 2 * n_grad + 1 :]  # [parity, max_logits]
 
     def close(self) -> None:
         self.grads = self.loss = self.logits = None
@@ -94,7 +103,7 @@ def _set_grads(params: list, flat: torch.Tensor) -> None:
     """Every ``p.grad`` becomes its slice of ``flat`` (copied: the segment is reused)."""
     offset = 0
     for p in params:
-        g = flat[offset:offset + p.numel()].view_as(p)
+        g = flat[offset : offset + p.numel()].view_as(p)
         if p.grad is None:
             p.grad = g.clone()
         else:
@@ -102,11 +111,13 @@ def _set_grads(params: list, flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def train_epoch(model, batches, updater, amp: str, accum_steps: int, tally, link: PairLink,
-                exchange: Exchange) -> None:
+def train_epoch(
+    model, batches, updater, amp: str, accum_steps: int, tally, link: PairLink, exchange: Exchange
+) -> None:
     """One epoch as :func:`hvdsgd.engine.train_epoch`, split between the pair. The owner's
     ``tally`` receives every micro-batch, in serial order."""
     from .engine import forward_backward, grouped
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     cpu = torch.device("cpu")
@@ -114,15 +125,18 @@ def train_epoch(model, batches, updater, amp: str, accum_steps: int, tally, link
         n = sum(len(y) for _, y in group)
         parity = updater.step % 2  # the segment half this step writes
         split = len(group) >= 2
-        mine = (group[:-1] if link.role == 0 else group[-1:]) if split else \
-            (group if link.role == 0 else [])
+        mine = (
+            (group[:-1] if link.role == 0 else group[-1:])
+            if split
+            else (group if link.role == 0 else [])
+        )
         for x, y in mine:
             loss, logits = forward_backward(model, x, y, n, updater, cpu, amp)
             if link.role == 0:
                 tally.add(loss, logits, y)
             else:
                 exchange.loss[parity] = loss.detach()
-                exchange.logits[parity, :logits.numel()] = logits.detach().reshape(-1)
+                exchange.logits[parity, : logits.numel()] = logits.detach().reshape(-1)
         if mine:
             torch.cat([p.grad.reshape(-1) for p in params], out=exchange.grads[parity, link.role])
         link.wait()  # both partial gradients are in place
@@ -131,7 +145,7 @@ def train_epoch(model, batches, updater, amp: str, accum_steps: int, tally, link
             _set_grads(params, first + last)  # the one addition autograd makes, in its order
             if link.role == 0:
                 y = group[-1][1]
-                logits = exchange.logits[parity, :len(y) * tally.k].view(len(y), tally.k).clone()
+                logits = exchange.logits[parity, : len(y) * tally.k].view(len(y), tally.k).clone()
                 tally.add(exchange.loss[parity].clone(), logits, y)
         elif link.role == 1:
             _set_grads(params, first)  # the owner computed the whole (one micro-batch) step

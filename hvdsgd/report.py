@@ -12,6 +12,7 @@ PID, and refuses a directory holding an earlier run's results unless it continue
 is world-writable (the entry points add o-w to the umask). A write that fails (full disk,
 read-only file system) is one UsageError naming the path and the cause.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,23 +29,43 @@ LOCK = ".hvdsgd.lock"
 # What a run writes at the top of its directory: these mark a used --out, and --overwrite
 # deletes exactly these (nothing else in the directory is touched).
 RESULTS = ("metrics.jsonl", "summary.json", "tasks.jsonl", "checkpoint*.pt")
-OUTPUTS = RESULTS + ("curves.png", "confusion.png", "cpu.png", "accuracy.png", "profile*.csv",
-                     "profile*.json", "profile*.png", "events.out.tfevents.*")
+OUTPUTS = RESULTS + (
+    "curves.png",
+    "confusion.png",
+    "cpu.png",
+    "accuracy.png",
+    "profile*.csv",
+    "profile*.json",
+    "profile*.png",
+    "events.out.tfevents.*",
+)
 
 
-def profiler(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
-             rank: int | None = None):
+def profiler(
+    cfg,
+    out: str | Path,
+    device: str = "cpu",
+    cuda_ordinal: int | None = None,
+    rank: int | None = None,
+):
     """``--profile``: this process's sampler (its own GPU, matched by UUID; its process tree's
     CPU use) writing into ``out``, not yet started; None without ``--profile``."""
     if not cfg.profile:
         return None
     from .profiler import Profiler  # imports nothing of training
-    return Profiler(out, cfg.profile_interval, cuda_ordinal=cuda_ordinal, rank=rank,
-                    gpu=device == "cuda")
+
+    return Profiler(
+        out, cfg.profile_interval, cuda_ordinal=cuda_ordinal, rank=rank, gpu=device == "cuda"
+    )
 
 
-def profiled(cfg, out: str | Path, device: str = "cpu", cuda_ordinal: int | None = None,
-             rank: int | None = None):
+def profiled(
+    cfg,
+    out: str | Path,
+    device: str = "cpu",
+    cuda_ordinal: int | None = None,
+    rank: int | None = None,
+):
     """``profiler`` as a context that starts and stops it (or does nothing)."""
     prof = profiler(cfg, out, device, cuda_ordinal, rank)
     return contextlib.nullcontext() if prof is None else prof
@@ -56,27 +77,59 @@ def profile_figures(prof) -> dict[str, Any]:
         return {}
     s = prof.summary
     keep = ("util", "sm_util", "sm_occupancy", "tensor_util", "mem_used_mib", "power_w")
-    means = {column: stats.get("mean") for column, stats in s.get("metrics", {}).items()
-             if column in ("cpu_util", "cpu_busy_cores", "rss_mib")
-             or (column.startswith("gpu") and column.split("_", 1)[1] in keep)}
-    return {"profile": {"files": s.get("files"), "mean": means,
-                        "gpu_idle_share": s.get("gpu_idle_share"), "warnings": s.get("warnings")}}
+    means = {
+        column: stats.get("mean")
+        for column, stats in s.get("metrics", {}).items()
+        if column in ("cpu_util", "cpu_busy_cores", "rss_mib")
+        or (column.startswith("gpu") and column.split("_", 1)[1] in keep)
+    }
+    return {
+        "profile": {
+            "files": s.get("files"),
+            "mean": means,
+            "gpu_idle_share": s.get("gpu_idle_share"),
+            "warnings": s.get("warnings"),
+        }
+    }
 
 
-def summary(cfg, dataset: str, strategy: str, world_size: int, parameters: int, test,
-            last: dict[str, Any], samples: int, train_time: float, wall_time: float,
-            device: str, threads: int, **extra: Any) -> dict[str, Any]:
+def summary(
+    cfg,
+    dataset: str,
+    strategy: str,
+    world_size: int,
+    parameters: int,
+    test,
+    last: dict[str, Any],
+    samples: int,
+    train_time: float,
+    wall_time: float,
+    device: str,
+    threads: int,
+    **extra: Any,
+) -> dict[str, Any]:
     """The ``summary.json`` record; every strategy writes these keys (plus its own ``extra``)."""
     rate = samples / train_time if train_time else None
     return {
-        "model": cfg.model, "dataset": dataset, "strategy": strategy, "world_size": world_size,
-        "epochs": cfg.epochs, "parameters": parameters,
-        "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "test_loss": test.loss,
+        "model": cfg.model,
+        "dataset": dataset,
+        "strategy": strategy,
+        "world_size": world_size,
+        "epochs": cfg.epochs,
+        "parameters": parameters,
+        "test_accuracy": test.accuracy,
+        "test_macro_f1": test.macro_f1,
+        "test_loss": test.loss,
         "test_per_class_accuracy": test.per_class_accuracy,
-        "train_loss": last.get("train_loss"), "train_accuracy": last.get("train_accuracy"),
-        "samples_per_sec": rate, "samples_per_sec_per_rank": rate / world_size if rate else None,
-        "wall_time_s": wall_time, "device": device, "threads_per_rank": threads,
-        **extra, "config": cfg.to_dict(),
+        "train_loss": last.get("train_loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "samples_per_sec": rate,
+        "samples_per_sec_per_rank": rate / world_size if rate else None,
+        "wall_time_s": wall_time,
+        "device": device,
+        "threads_per_rank": threads,
+        **extra,
+        "config": cfg.to_dict(),
     }
 
 
@@ -94,8 +147,12 @@ class RunDir:
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
 
-    def prepare(self, resume_epoch: int | None = None, overwrite: bool = False,
-                history: list[dict[str, Any]] | None = None) -> None:
+    def prepare(
+        self,
+        resume_epoch: int | None = None,
+        overwrite: bool = False,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Create the folder (0750), lock it, and start the records: a resumed run keeps its
         epochs <= ``resume_epoch`` (or takes ``history``, the rows of the run it continues
         from elsewhere); a new run needs a folder without results, or ``overwrite``."""
@@ -109,16 +166,20 @@ class RunDir:
             found = self.results()
             if found and not overwrite:
                 self.close()
-                raise UsageError(f"--out {self.path} already holds a run's results "
-                                 f"({', '.join(found[:3])}); continue it with --resume, start "
-                                 "over with --overwrite, or choose another --out")
+                raise UsageError(
+                    f"--out {self.path} already holds a run's results "
+                    f"({', '.join(found[:3])}); continue it with --resume, start "
+                    "over with --overwrite, or choose another --out"
+                )
             for f in self.outputs():
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
             return
         rows = history if history is not None else self.read_metrics()
-        self._write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows
-                                               if r["epoch"] <= resume_epoch))
+        self._write(
+            self.metrics_file,
+            "".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= resume_epoch),
+        )
 
     def lock(self) -> None:
         """Hold ``.hvdsgd.lock`` for this process's life, or name the PID that holds it."""
@@ -132,8 +193,10 @@ class RunDir:
             owner = os.read(fd, 200).decode(errors="replace").split()
             os.close(fd)
             who = f"pid {owner[0]} on {owner[1]}" if len(owner) >= 2 else "another process"
-            raise UsageError(f"--out {self.path} is in use by a running hvdsgd ({who}); wait for "
-                             "it to finish, or choose another --out") from None
+            raise UsageError(
+                f"--out {self.path} is in use by a running hvdsgd ({who}); wait for "
+                "it to finish, or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._lock = fd
@@ -149,8 +212,12 @@ class RunDir:
 
     def results(self) -> list[str]:
         """Names of an earlier run's results in the folder (an empty metrics file is none)."""
-        return sorted(f.name for pattern in RESULTS for f in self.path.glob(pattern)
-                      if f.is_dir() or f.stat().st_size > 0)
+        return sorted(
+            f.name
+            for pattern in RESULTS
+            for f in self.path.glob(pattern)
+            if f.is_dir() or f.stat().st_size > 0
+        )
 
     def outputs(self) -> list[Path]:
         return [f for pattern in OUTPUTS for f in self.path.glob(pattern) if f.is_file()]
@@ -176,8 +243,10 @@ class RunDir:
             with path.open(mode) as fh:
                 fh.write(text)
         except OSError as e:
-            raise UsageError(f"cannot write {path} ({e.strerror}); free space or fix the "
-                             "permissions, then --resume") from None
+            raise UsageError(
+                f"cannot write {path} ({e.strerror}); free space or fix the "
+                "permissions, then --resume"
+            ) from None
 
     def _scalars(self, row: dict[str, Any]) -> None:
         """The row's numbers as TensorBoard scalars, tagged as in metrics.jsonl; the step is
@@ -186,8 +255,9 @@ class RunDir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package: pip install "
-                                 "tensorboard") from None
+                raise UsageError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self._writer = SummaryWriter(log_dir=str(self.path))
         epoch = row.get("epoch")
         step = epoch if isinstance(epoch, int) else self._rows
@@ -200,6 +270,7 @@ class RunDir:
     def plot(self, confusion, classes: list[str]) -> None:
         """``curves.png`` from metrics.jsonl and ``confusion.png`` from ``confusion``."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -209,17 +280,24 @@ class RunDir:
         ax1, ax2 = axes[:2]
         for ax, what, scale in ((ax1, "loss", 1), (ax2, "accuracy", 100)):
             for split in ("train", "test"):
-                pts = [(r["epoch"], scale * r[f"{split}_{what}"]) for r in rows
-                       if f"{split}_{what}" in r]
+                pts = [
+                    (r["epoch"], scale * r[f"{split}_{what}"])
+                    for r in rows
+                    if f"{split}_{what}" in r
+                ]
                 if pts:
                     ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else None, label=split)
         ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
         ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
         if timed:
-            axes[2].plot([r["time_s"] for r in rows], [100 * r["test_accuracy"] for r in rows],
-                         label="test")
-            axes[2].set(xlabel="wall time (s)", ylabel="top-1 accuracy (%)",
-                        title="test accuracy against wall time")
+            axes[2].plot(
+                [r["time_s"] for r in rows], [100 * r["test_accuracy"] for r in rows], label="test"
+            )
+            axes[2].set(
+                xlabel="wall time (s)",
+                ylabel="top-1 accuracy (%)",
+                title="test accuracy against wall time",
+            )
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend()
@@ -237,8 +315,15 @@ class RunDir:
             for i in range(k):
                 for j in range(k):
                     if confusion[i][j]:
-                        ax.text(j, i, int(confusion[i][j]), ha="center", va="center", fontsize=7,
-                                color="white" if confusion[i][j] > confusion.max() / 2 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            int(confusion[i][j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if confusion[i][j] > confusion.max() / 2 else "black",
+                        )
         ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
         fig.tight_layout()
         fig.savefig(self.path / "confusion.png", dpi=110)

@@ -8,6 +8,7 @@ examples); ``warmup_epochs`` ramps linearly from the base rate to the peak.
 - ``step``: warm-up, then x0.1 at 50% and again at 75% of training
 - ``constant``: warm-up, then the peak
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ from typing import Callable
 import torch
 
 
-def multiplier(name: str, total_steps: int, warmup_steps: int, start: float) -> Callable[[int], float]:
+def multiplier(
+    name: str, total_steps: int, warmup_steps: int, start: float
+) -> Callable[[int], float]:
     """Step -> factor of the peak learning rate; ``start`` is the factor at step 0 of warm-up."""
     total = max(1, total_steps)
     warm = 0 if name == "cosine" else min(warmup_steps, total)
@@ -34,8 +37,14 @@ def multiplier(name: str, total_steps: int, warmup_steps: int, start: float) -> 
     return factor
 
 
-def build(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int,
-          world_scale: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    total_steps: int,
+    warmup_steps: int,
+    world_scale: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over an optimizer whose lr is already the peak (base x world_scale)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, multiplier(name, total_steps, warmup_steps, 1.0 / world_scale))
+        optimizer, multiplier(name, total_steps, warmup_steps, 1.0 / world_scale)
+    )

@@ -14,6 +14,7 @@ updates are seen by every process at once, with no copy.
 The segments are unlinked as soon as every worker has attached (the mappings live on until
 the last process unmaps them), and again on every way out, so ``/dev/shm`` keeps nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,7 +41,7 @@ def bind(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.data = flat[offset:offset + n].view_as(t)
+        t.data = flat[offset : offset + n].view_as(t)
         offset += n
     if offset != flat.numel():
         raise ValueError(f"the model has {offset} values but the buffer holds {flat.numel()}")
@@ -50,7 +51,7 @@ def copy_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy the tensors' values into ``flat``, back to back."""
     offset = 0
     for t in tensors:
-        flat[offset:offset + t.numel()].copy_(t.detach().reshape(-1))
+        flat[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
         offset += t.numel()
 
 
@@ -64,7 +65,7 @@ def grad_buffer(model: torch.nn.Module) -> torch.Tensor:
     flat = torch.zeros(numel(params))
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     return flat
 
@@ -78,9 +79,12 @@ class SharedModel:
     @property
     def names(self) -> dict:
         """What a worker needs to attach: segment names and sizes."""
-        return {"params": self.params.name, "n": self.params.size,
-                "state": self.state.name if self.state else None,
-                "n_state": self.state.size if self.state else 0}
+        return {
+            "params": self.params.name,
+            "n": self.params.size,
+            "state": self.state.name if self.state else None,
+            "n_state": self.state.size if self.state else 0,
+        }
 
     @property
     def flat(self) -> torch.Tensor:
@@ -88,8 +92,9 @@ class SharedModel:
         return torch.from_numpy(self.params.params())
 
     @classmethod
-    def create(cls, model: torch.nn.Module, workers: int, shards: int = 1,
-               slots: int = 0) -> "SharedModel":
+    def create(
+        cls, model: torch.nn.Module, workers: int, shards: int = 1, slots: int = 0
+    ) -> "SharedModel":
         """New segments holding ``model``'s current values; ``model`` is bound to them."""
         params, buffers = _params(model), _float_buffers(model)
         if any(p.dtype != torch.float32 for p in params + buffers):

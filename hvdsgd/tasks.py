@@ -22,6 +22,7 @@ Every task runs on ``threads`` compute threads (1 by default) with the global ge
 seeded from its seed, so its figures do not depend on where or in what order it ran. A
 task that raises is reported with its error and its inputs; the others complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,31 +54,35 @@ START_METHODS = ("auto", "fork", "spawn", "forkserver")
 @dataclass
 class Task:
     """One independent job: ``fn(**kwargs)`` with the global RNG seeded from ``seed``."""
-    name: str                       # unique; the row of the results table
-    fn: Callable[..., dict]         # a module-level function (spawned workers import it)
+
+    name: str  # unique; the row of the results table
+    fn: Callable[..., dict]  # a module-level function (spawned workers import it)
     kwargs: dict = field(default_factory=dict)
     seed: int = 0
     inputs: dict = field(default_factory=dict)  # what to print if it fails (small, JSON-able)
-    splittable: bool = False        # fn takes ``pair=``: two workers can share it (hvdsgd.pair)
+    splittable: bool = False  # fn takes ``pair=``: two workers can share it (hvdsgd.pair)
 
 
 @dataclass
 class Result:
     """What became of one task."""
+
     name: str
     ok: bool
     result: dict | None
     error: str | None
     inputs: dict
-    worker: str                     # "pid 1234" or "rank 1"
-    start: float                    # seconds since the run started
+    worker: str  # "pid 1234" or "rank 1"
+    start: float  # seconds since the run started
     seconds: float
 
 
 # ------------------------------------------------------------------------ execution
 
-def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str = "",
-            pair=None) -> Result:
+
+def execute(
+    task: Task, threads: int = 1, t0: float | None = None, worker: str = "", pair=None
+) -> Result:
     """Run one task here: ``threads`` compute threads, RNG seeded; exceptions are caught.
     ``pair``: this is one half of a split task (a :class:`hvdsgd.pair.PairLink`)."""
     import torch
@@ -90,12 +95,23 @@ def execute(task: Task, threads: int = 1, t0: float | None = None, worker: str =
         out, err = task.fn(**task.kwargs, **({"pair": pair} if pair else {})), None
     except Exception as e:  # a failing task is a result, not the end of the run
         out = None
-        err = f"{type(e).__name__}: {e}" if isinstance(e, UsageError) else \
-            f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+        err = (
+            f"{type(e).__name__}: {e}"
+            if isinstance(e, UsageError)
+            else f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+        )
         if pair is not None:
             pair.barrier.abort()  # the other half stops at its next wait instead of hanging
-    return Result(task.name, err is None, out, err, task.inputs, worker or f"pid {os.getpid()}",
-                  start - base, time.perf_counter() - start)
+    return Result(
+        task.name,
+        err is None,
+        out,
+        err,
+        task.inputs,
+        worker or f"pid {os.getpid()}",
+        start - base,
+        time.perf_counter() - start,
+    )
 
 
 _BARRIERS: list = []  # a pool worker's barriers for split tasks (given at its start)
@@ -108,6 +124,7 @@ def _die_with(main_pid: int) -> None:
     waits on the pool's process itself, which is not the parent under a forkserver."""
     if sys.platform == "linux":
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     threading.Thread(target=_watch, args=(main_pid,), daemon=True, name="hvdsgd-watchdog").start()
 
@@ -128,13 +145,19 @@ def _watch(main_pid: int) -> None:
     os._exit(1)
 
 
-def _worker(conn, main_pid: int, warm: Callable[..., Any] | None, warm_args: tuple,
-            threads: int, barriers: list) -> None:
+def _worker(
+    conn,
+    main_pid: int,
+    warm: Callable[..., Any] | None,
+    warm_args: tuple,
+    threads: int,
+    barriers: list,
+) -> None:
     """A pool process: start (torch, threads, ``warm``), say "ready", then run each job
     ``(fn, args)`` it is sent and send back its Result, until it is sent None."""
     _die_with(main_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
-    for sig in (signal.SIGTERM, signal.SIGHUP):   # a forked worker has the parent's handlers
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a forked worker has the parent's handlers
         signal.signal(sig, signal.SIG_DFL)
     _BARRIERS[:] = barriers
     try:
@@ -166,10 +189,11 @@ def _how(exitcode: int | None) -> str:
 @dataclass
 class _Job:
     """What a pool worker runs: ``call = (fn, args)``, returning the Result of ``task``."""
-    key: tuple                      # (task index, half: None, 0 or 1)
+
+    key: tuple  # (task index, half: None, 0 or 1)
     task: Task
     call: tuple
-    group: int | None = None        # the split task it is half of: the halves fail together
+    group: int | None = None  # the split task it is half of: the halves fail together
 
 
 class _Worker:
@@ -224,10 +248,16 @@ class _Pool:
                         pass  # it has just died: its sentinel says so next
                     except Exception as e:  # a task that cannot be pickled, say
                         w.job = None
-                        yield job, self._result(job, f"cannot hand it to a worker process "
-                                                     f"({type(e).__name__}: {e})")
-            ends = {**{w.conn: w for w in self.workers},
-                    **{w.process.sentinel: w for w in self.workers}}
+                        yield (
+                            job,
+                            self._result(
+                                job, f"cannot hand it to a worker process ({type(e).__name__}: {e})"
+                            ),
+                        )
+            ends = {
+                **{w.conn: w for w in self.workers},
+                **{w.process.sentinel: w for w in self.workers},
+            }
             for w in dict.fromkeys(ends[e] for e in wait(list(ends))):
                 kind, payload = w.receive()
                 if kind == "ready":
@@ -249,24 +279,31 @@ class _Pool:
         for job in todo:
             yield job, self._result(job, f"no worker process could run it ({lost})")
 
-    def _result(self, job: _Job, error: str, worker: str = "?", since: float | None = None
-                ) -> Result:
+    def _result(
+        self, job: _Job, error: str, worker: str = "?", since: float | None = None
+    ) -> Result:
         """The failed Result of ``job``; ``since``: when it was handed out."""
         now = time.perf_counter()
         since = now if since is None else since
-        return Result(job.task.name, False, None, error, job.task.inputs, worker,
-                      since - self.t0, now - since)
+        return Result(
+            job.task.name, False, None, error, job.task.inputs, worker, since - self.t0, now - since
+        )
 
     def _died(self, w: _Worker, how: str) -> Result:
         from .pair import PARTNER_STOPPED
-        error = f"{PARTNER_STOPPED} (its worker process died)" if w.stopped else \
-            f"the worker process (pid {w.process.pid}) running it died: {how}"
+
+        error = (
+            f"{PARTNER_STOPPED} (its worker process died)"
+            if w.stopped
+            else f"the worker process (pid {w.process.pid}) running it died: {how}"
+        )
         return self._result(w.job, error, f"pid {w.process.pid}", w.since)
 
     def _stop_group(self, group: int, todo: deque) -> Iterator[tuple[_Job, Result]]:
         """The other half of a split task whose worker died: killed if it runs (it may wait
         on a barrier that the dead process can no longer release), dropped if it waits."""
         from .pair import PARTNER_STOPPED
+
         for w in self.workers:
             if w.job is not None and w.job.group == group:
                 w.stopped = True
@@ -297,8 +334,10 @@ class _Bar:
         self.bar, self.total, self.n, self.show = None, total, 0, show
         if show and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc="tasks", unit="task", file=sys.stderr,
-                            dynamic_ncols=True)
+
+            self.bar = tqdm(
+                total=total, desc="tasks", unit="task", file=sys.stderr, dynamic_ncols=True
+            )
 
     def done(self, r: Result) -> None:
         self.n += 1
@@ -306,8 +345,10 @@ class _Bar:
             self.bar.update(1)
             self.bar.set_postfix_str(f"{r.name} {'ok' if r.ok else 'FAILED'}")
         elif self.show:
-            log.info(f"  task {self.n}/{self.total} {r.name}: "
-                     f"{'ok' if r.ok else 'FAILED'} in {r.seconds:.1f} s ({r.worker})")
+            log.info(
+                f"  task {self.n}/{self.total} {r.name}: "
+                f"{'ok' if r.ok else 'FAILED'} in {r.seconds:.1f} s ({r.worker})"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -325,12 +366,15 @@ def run_serial(tasks: list[Task], threads: int, bar: _Bar) -> list[Result]:
 def check_method(method: str, threads: int) -> None:
     """A start method that exists and, for ``fork``, one compute thread per task."""
     if method not in START_METHODS:
-        raise UsageError(f"--start-method must be one of {', '.join(START_METHODS)} "
-                         f"(got {method!r})")
+        raise UsageError(
+            f"--start-method must be one of {', '.join(START_METHODS)} (got {method!r})"
+        )
     if method == "fork" and threads > 1:
-        raise UsageError(f"--start-method fork cannot run --task-threads {threads}: a worker "
-                         "forked after this process's OpenMP threads started hangs in its first "
-                         "parallel region; use --start-method forkserver (what auto picks)")
+        raise UsageError(
+            f"--start-method fork cannot run --task-threads {threads}: a worker "
+            "forked after this process's OpenMP threads started hangs in its first "
+            "parallel region; use --start-method forkserver (what auto picks)"
+        )
 
 
 def start_method(requested: str = "auto", threads: int = 1) -> str:
@@ -349,9 +393,14 @@ def start_method(requested: str = "auto", threads: int = 1) -> str:
     if requested != "auto":
         return requested
     import torch
+
     methods = multiprocessing.get_all_start_methods()
-    if threads == 1 and "fork" in methods and sys.platform == "linux" \
-            and not torch.cuda.is_initialized():
+    if (
+        threads == 1
+        and "fork" in methods
+        and sys.platform == "linux"
+        and not torch.cuda.is_initialized()
+    ):
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 
@@ -376,6 +425,7 @@ def split_tail(tasks: list[Task], workers: int) -> list[int]:
 
 def _execute_half(task: Task, threads: int, t0: float, index: int, role: int, name: str) -> Result:
     from .pair import PairLink
+
     return execute(task, threads, t0, pair=PairLink(role, _BARRIERS[index], name))
 
 
@@ -385,15 +435,29 @@ def _merge_halves(owner: Result, helper: Result) -> Result:
     if owner.ok and helper.ok:
         return owner
     from .pair import PARTNER_STOPPED
+
     own_fault = not owner.ok and PARTNER_STOPPED not in owner.error
     error = owner.error if own_fault or helper.ok else helper.error
-    return Result(owner.name, False, None, error, owner.inputs,
-                  owner.worker if own_fault or helper.ok else helper.worker,
-                  owner.start, owner.seconds)
+    return Result(
+        owner.name,
+        False,
+        None,
+        error,
+        owner.inputs,
+        owner.worker if own_fault or helper.ok else helper.worker,
+        owner.start,
+        owner.seconds,
+    )
 
 
-def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
-                  warm: tuple | None = None, method: str = "auto") -> list[Result]:
+def run_processes(
+    tasks: list[Task],
+    workers: int,
+    threads: int,
+    bar: _Bar,
+    warm: tuple | None = None,
+    method: str = "auto",
+) -> list[Result]:
     """A pool of worker processes; each free worker takes the next task. ``warm``: (fn, args)
     run once in each worker as it starts. The uneven tail is split (:func:`split_tail`)."""
     t0, results = time.perf_counter(), {}
@@ -406,11 +470,21 @@ def run_processes(tasks: list[Task], workers: int, threads: int, bar: _Bar,
     barriers = [ctx.Barrier(2) for _ in tail]
     halves: dict[int, dict[int, Result]] = {i: {} for i in tail}
     # perf_counter is CLOCK_MONOTONIC on Linux: one clock for the parent and its workers.
-    jobs = [_Job((i, None), t, (execute, (t, threads, t0)))
-            for i, t in enumerate(tasks) if i not in halves]
-    jobs += [_Job((i, role), tasks[i], (_execute_half, (tasks[i], threads, t0, b, role,
-                                                        f"hvdsgd-pair-{os.getpid()}-{b}")), b)
-             for b, i in enumerate(tail) for role in (0, 1)]  # last: as the whole tasks end
+    jobs = [
+        _Job((i, None), t, (execute, (t, threads, t0)))
+        for i, t in enumerate(tasks)
+        if i not in halves
+    ]
+    jobs += [
+        _Job(
+            (i, role),
+            tasks[i],
+            (_execute_half, (tasks[i], threads, t0, b, role, f"hvdsgd-pair-{os.getpid()}-{b}")),
+            b,
+        )
+        for b, i in enumerate(tail)
+        for role in (0, 1)
+    ]  # last: as the whole tasks end
     pool, finished = _Pool(ctx, (os.getpid(), fn, args, threads, barriers), t0), False
     try:
         pool.start(workers)
@@ -438,6 +512,7 @@ def unlink_segments(names: list[str]) -> None:
     """Unlink the shared-memory segments of split tasks whose owner was killed before it
     could (``hvdsgd.pair.Exchange``); a segment already gone is fine."""
     from multiprocessing.shared_memory import _posixshmem
+
     for name in names:
         try:
             _posixshmem.shm_unlink("/" + name)
@@ -446,6 +521,7 @@ def unlink_segments(names: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- horovod
+
 
 def run_horovod(tasks: list[Task], threads: int, bar: _Bar) -> list[Result]:
     """Dynamic scheduling over Horovod ranks; every rank returns all the results.
@@ -521,6 +597,7 @@ class _Server:
 
 # ------------------------------------------------------------------------------ run
 
+
 def reporting(mode: str) -> bool:
     """Whether this process reports: always, except Horovod ranks other than 0."""
     return mode != "horovod" or int(os.environ.get("HOROVOD_RANK", "0")) == 0
@@ -541,15 +618,23 @@ def cores() -> int:
 def warn_oversubscribed(workers: int, threads: int) -> None:
     """A warning when the workers' compute threads outnumber the cores."""
     if workers * threads > cores():
-        log.warning(f"hvdsgd: warning: {workers} workers x {threads} thread(s) per task = "
-                    f"{workers * threads} compute threads on {cores()} cores: the tasks will "
-                    f"take turns and run slower; use --workers {max(1, cores() // threads)} or "
-                    "fewer --task-threads")
+        log.warning(
+            f"hvdsgd: warning: {workers} workers x {threads} thread(s) per task = "
+            f"{workers * threads} compute threads on {cores()} cores: the tasks will "
+            f"take turns and run slower; use --workers {max(1, cores() // threads)} or "
+            "fewer --task-threads"
+        )
 
 
-def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: int = 1,
-        progress: bool = True, warm: tuple | None = None,
-        method: str = "auto") -> list[Result]:
+def run(
+    tasks: list[Task],
+    mode: str = "processes",
+    workers: int = 2,
+    threads: int = 1,
+    progress: bool = True,
+    warm: tuple | None = None,
+    method: str = "auto",
+) -> list[Result]:
     """Execute ``tasks``; returns their results in task order (on every Horovod rank).
 
     ``warm``: ``(fn, args)`` that a worker process runs once as it starts (module-level
@@ -580,8 +665,12 @@ def run(tasks: list[Task], mode: str = "processes", workers: int = 2, threads: i
 
 def failures_text(results: list[Result]) -> str:
     """One paragraph per failed task: its name, inputs and error."""
-    return "\n".join(f"task {r.name} failed ({r.worker}), inputs {json.dumps(r.inputs)}:\n  "
-                     + r.error.replace("\n", "\n  ") for r in results if not r.ok)
+    return "\n".join(
+        f"task {r.name} failed ({r.worker}), inputs {json.dumps(r.inputs)}:\n  "
+        + r.error.replace("\n", "\n  ")
+        for r in results
+        if not r.ok
+    )
 
 
 def write_records(out: Path, results: list[Result], summary: dict) -> None:
@@ -597,18 +686,25 @@ def write_records(out: Path, results: list[Result], summary: dict) -> None:
 
 # ------------------------------------------------------- the entry points' shared parts
 
+
 @dataclass
 class TaskConfig(TrainConfig):
     """``hvdsgd.train``'s flags plus how a sweep of tasks runs (kfold, lottery)."""
 
     workers: int = _f(2, "task worker processes; a free one takes the next task")
     task_threads: int = _f(1, "compute threads per task (the same in every mode, so results match)")
-    start_method: str = _f("auto", "how task workers start: auto (fork with one thread per "
-                           "task, else forkserver), fork (one thread per task only), spawn, "
-                           "forkserver")
+    start_method: str = _f(
+        "auto",
+        "how task workers start: auto (fork with one thread per "
+        "task, else forkserver), fork (one thread per task only), spawn, "
+        "forkserver",
+    )
     serial: bool = _f(False, "run the tasks one after another in this process")
-    compare_serial: bool = _f(False, "run the tasks serially and in parallel; report speed-up, "
-                              "efficiency and CPU utilisation over time of both")
+    compare_serial: bool = _f(
+        False,
+        "run the tasks serially and in parallel; report speed-up, "
+        "efficiency and CPU utilisation over time of both",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -621,8 +717,10 @@ class TaskConfig(TrainConfig):
             raise UsageError("the tasks train on CPU, one thread each; drop --device cuda / --gpu")
         for flag in ("resume", "tensorboard", "keep_checkpoints"):
             if getattr(self, flag):
-                raise UsageError(f"--{flag.replace('_', '-')} applies to python -m hvdsgd.train; "
-                                 "a sweep's tasks keep no checkpoints or event files: drop it")
+                raise UsageError(
+                    f"--{flag.replace('_', '-')} applies to python -m hvdsgd.train; "
+                    "a sweep's tasks keep no checkpoints or event files: drop it"
+                )
 
     @property
     def mode(self) -> str:
@@ -634,18 +732,32 @@ class TaskConfig(TrainConfig):
         return reporting(self.mode)
 
 
-def timed(cfg: TaskConfig, task_list: list[Task], mode: str, out: Path, label: str,
-          warm: tuple | None = None):
+def timed(
+    cfg: TaskConfig,
+    task_list: list[Task],
+    mode: str,
+    out: Path,
+    label: str,
+    warm: tuple | None = None,
+):
     """``task_list`` in ``mode`` under the profiler (CPU, on the reporting process): the
     results, the wall time in seconds and the profiler (None on other ranks)."""
     from .profiler import Profiler
+
     prof = Profiler(out, 0.1, prefix=f"profile-{label}", gpu=False) if cfg.main else None
     if prof:
         prof.start()
     t0 = time.perf_counter()
     try:
-        results = run(task_list, mode, cfg.workers, cfg.task_threads, cfg.progress, warm=warm,
-                      method=cfg.start_method)
+        results = run(
+            task_list,
+            mode,
+            cfg.workers,
+            cfg.task_threads,
+            cfg.progress,
+            warm=warm,
+            method=cfg.start_method,
+        )
     finally:
         wall = time.perf_counter() - t0
         if prof:
@@ -662,8 +774,13 @@ def cpu_mean(prof) -> float | None:
 
 def identical(a: list[Result], b: list[Result]) -> bool:
     """The same figures, task by task (accuracy and loss, bit for bit)."""
-    return all(x.ok and y.ok and x.result["test_accuracy"] == y.result["test_accuracy"]
-               and x.result["test_loss"] == y.result["test_loss"] for x, y in zip(a, b))
+    return all(
+        x.ok
+        and y.ok
+        and x.result["test_accuracy"] == y.result["test_accuracy"]
+        and x.result["test_loss"] == y.result["test_loss"]
+        for x, y in zip(a, b)
+    )
 
 
 def exit_if_failed(runs: dict[str, list[Result]], cfg: TaskConfig, prog: str) -> None:
@@ -679,24 +796,32 @@ def exit_if_failed(runs: dict[str, list[Result]], cfg: TaskConfig, prog: str) ->
 def plot_cpu(profiles: dict[str, Path], path: Path) -> None:
     """CPU utilisation over time, one panel per run (serial above, parallel below)."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+    matplotlib.use("Agg")
     import statistics
 
+    import matplotlib.pyplot as plt
+
     from .profiler import read_csv
-    fig, axes = plt.subplots(len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True,
-                             squeeze=False)
+
+    fig, axes = plt.subplots(
+        len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True, squeeze=False
+    )
     for ax, (name, csv) in zip(axes[:, 0], profiles.items()):
         cols = read_csv(csv)
         t = cols["elapsed_s"]
-        for key in sorted(k for k in cols if k.startswith("cpu") and k.endswith("_util")
-                          and k != "cpu_util"):
+        for key in sorted(
+            k for k in cols if k.startswith("cpu") and k.endswith("_util") and k != "cpu_util"
+        ):
             ax.plot(t, cols[key], lw=0.8, alpha=0.6, label=key.replace("_util", ""))
         ax.plot(t, cols["cpu_util"], lw=2, color="black", label="all cores")
         vals = [v for v in cols["cpu_util"] if v is not None]
-        ax.set_title(f"{name}: mean CPU utilisation {statistics.mean(vals):.0f}%" if vals else
-                     f"{name}: no samples (the run was shorter than one interval)", fontsize=10)
+        ax.set_title(
+            f"{name}: mean CPU utilisation {statistics.mean(vals):.0f}%"
+            if vals
+            else f"{name}: no samples (the run was shorter than one interval)",
+            fontsize=10,
+        )
         ax.set_ylabel("CPU %")
         ax.set_ylim(0, 105)
         ax.legend(loc="lower right", fontsize=7, ncol=4)

@@ -14,6 +14,7 @@ directory holding an earlier run's results is refused unless ``--resume`` contin
 ``--overwrite`` replaces it; ``--epochs`` counts every epoch of a resumed run, those before
 the checkpoint included. One plain process (no horovodrun) does not use Horovod at all.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,6 +41,7 @@ DEFAULT_OUT = TrainConfig.out
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def setup_logging(main: bool) -> None:
     """Rank 0 logs progress at INFO; the other ranks only errors."""
     handler = logging.StreamHandler(sys.stdout)
@@ -52,9 +54,17 @@ def setup_logging(main: bool) -> None:
 
 def load_data(cfg: TrainConfig) -> data.Dataset:
     """The data set, resized to what the model needs."""
-    return data.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic, cfg.shape,
-                     cfg.num_classes, cfg.synthetic_samples, cfg.seed,
-                     resize_to=models.input_size(cfg.model))
+    return data.load(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.download,
+        cfg.synthetic,
+        cfg.shape,
+        cfg.num_classes,
+        cfg.synthetic_samples,
+        cfg.seed,
+        resize_to=models.input_size(cfg.model),
+    )
 
 
 def progress_bar(cfg: TrainConfig, total: int, epoch: int):
@@ -66,8 +76,16 @@ def progress_bar(cfg: TrainConfig, total: int, epoch: int):
     if not sys.stderr.isatty():
         return LineProgress(total, desc, batches=cfg.log_interval)
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True)
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        file=sys.stderr,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
 
 
 class LineProgress:
@@ -82,7 +100,9 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        due = self.n - self.last_n >= self.batches if self.batches else now - self.last >= self.every
+        due = (
+            self.n - self.last_n >= self.batches if self.batches else now - self.last >= self.every
+        )
         if due and self.n < self.total:
             self.last, self.last_n = now, self.n
             eta = (now - self.start) / self.n * (self.total - self.n)
@@ -93,15 +113,18 @@ class LineProgress:
 
 
 def epoch_line(r: dict) -> str:
-    return (f"epoch {r['epoch']:>3}/{r['epochs']}  "
-            f"train loss {r['train_loss']:.4f} acc {100 * r['train_accuracy']:5.2f}%  "
-            f"test loss {r['test_loss']:.4f} acc {100 * r['test_accuracy']:5.2f}% "
-            f"f1 {r['test_macro_f1']:.4f}  lr {r['lr']:.4g}  "
-            f"{r['samples_per_sec']:,.0f} samples/s ({r['samples_per_sec_per_rank']:,.0f}/rank)  "
-            f"{r['epoch_time_s']:.2f} s")
+    return (
+        f"epoch {r['epoch']:>3}/{r['epochs']}  "
+        f"train loss {r['train_loss']:.4f} acc {100 * r['train_accuracy']:5.2f}%  "
+        f"test loss {r['test_loss']:.4f} acc {100 * r['test_accuracy']:5.2f}% "
+        f"f1 {r['test_macro_f1']:.4f}  lr {r['lr']:.4g}  "
+        f"{r['samples_per_sec']:,.0f} samples/s ({r['samples_per_sec_per_rank']:,.0f}/rank)  "
+        f"{r['epoch_time_s']:.2f} s"
+    )
 
 
 # -------------------------------------------------------------------------------- main
+
 
 def train(cfg: TrainConfig) -> dict:
     """Train ``cfg`` on every rank; returns the summary (the same dict on every rank)."""
@@ -125,12 +148,16 @@ def train(cfg: TrainConfig) -> dict:
     ds = load_data(cfg) if elastic else dist.agree(lambda: load_data(cfg), name="load_data")
     n_train, n_test = len(ds.train_y), len(ds.test_y)
     if size > min(n_train, n_test):
-        raise UsageError(f"{size} ranks but only {n_train} training / {n_test} test samples; "
-                         "use fewer ranks (-np) or a larger data set")
+        raise UsageError(
+            f"{size} ranks but only {n_train} training / {n_test} test samples; "
+            "use fewer ranks (-np) or a larger data set"
+        )
     if cfg.batch_size > n_train // size:
-        log.warning(f"warning: --batch-size {cfg.batch_size} is larger than the "
-                    f"{math.ceil(n_train / size)} training samples of each rank: every step "
-                    "is one partial batch")
+        log.warning(
+            f"warning: --batch-size {cfg.batch_size} is larger than the "
+            f"{math.ceil(n_train / size)} training samples of each rank: every step "
+            "is one partial batch"
+        )
     if device.type == "cuda" and cfg.loader_workers == 0:
         ds = ds.to(device)  # small data sets live on the GPU: a batch is one index op
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
@@ -143,10 +170,26 @@ def train(cfg: TrainConfig) -> dict:
 
     # Horovod: each rank trains on its own shard, reshuffled every epoch.
     sampler = data.EpochSampler(n_train, rank, size, cfg.seed)
-    train_batches = data.Batches(ds.train_x, ds.train_y, cfg.batch_size, sampler, device,
-                                 cfg.loader_workers, pin, cfg.channels_last)
-    test_batches = data.Batches(ds.test_x, ds.test_y, cfg.test_batch_size or max(256, cfg.batch_size),
-                                data.shard(n_test, rank, size), device, 0, pin, cfg.channels_last)
+    train_batches = data.Batches(
+        ds.train_x,
+        ds.train_y,
+        cfg.batch_size,
+        sampler,
+        device,
+        cfg.loader_workers,
+        pin,
+        cfg.channels_last,
+    )
+    test_batches = data.Batches(
+        ds.test_x,
+        ds.test_y,
+        cfg.test_batch_size or max(256, cfg.batch_size),
+        data.shard(n_test, rank, size),
+        device,
+        0,
+        pin,
+        cfg.channels_last,
+    )
 
     def steps_per_epoch(ranks: int) -> int:
         return math.ceil(math.ceil(math.ceil(n_train / ranks) / cfg.batch_size) / cfg.accum_steps)
@@ -163,20 +206,25 @@ def train(cfg: TrainConfig) -> dict:
         history = None  # the metrics of a run continued from another directory
         if cfg.resume:
             state, history, (p.samples, p.seconds) = dist.on_main(
-                lambda: resume(cfg, run, ident), name="resume")
+                lambda: resume(cfg, run, ident), name="resume"
+            )
             model.load_state_dict(state["model"])
             strategy.load_state_dict(state["strategy"])
             p.epoch = state["epoch"]
-        dist.on_main(lambda: run.prepare(p.epoch if cfg.resume else None, cfg.overwrite, history),
-                     name="prepare_out")
-        log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
-                 f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
-                 f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
-                 f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
-                 f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
-                 f"{torch.get_num_threads()} thread(s)/rank"
-                 + (f", elastic (commit every {cfg.commit_every} steps)" if elastic else "")
-                 + (f", resuming after epoch {p.epoch}" if p.epoch else ""))
+        dist.on_main(
+            lambda: run.prepare(p.epoch if cfg.resume else None, cfg.overwrite, history),
+            name="prepare_out",
+        )
+        log.info(
+            f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
+            f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
+            f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
+            f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
+            f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
+            f"{torch.get_num_threads()} thread(s)/rank"
+            + (f", elastic (commit every {cfg.commit_every} steps)" if elastic else "")
+            + (f", resuming after epoch {p.epoch}" if p.epoch else "")
+        )
         p.started, p.epoch_start = True, time.time()
 
     def fit(state) -> dict:
@@ -210,9 +258,18 @@ def train(cfg: TrainConfig) -> dict:
                     state.save()
                     state.check_host_updates(now.extra)
 
-            train_epoch(model, train_batches, strategy, device, cfg.amp, cfg.accum_steps, tally,
-                        bar, max_steps=2 if cfg.dry_run else None,
-                        after_step=after_step if elastic else None)
+            train_epoch(
+                model,
+                train_batches,
+                strategy,
+                device,
+                cfg.amp,
+                cfg.accum_steps,
+                tally,
+                bar,
+                max_steps=2 if cfg.dry_run else None,
+                after_step=after_step if elastic else None,
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.time() - p.epoch_start
@@ -222,20 +279,30 @@ def train(cfg: TrainConfig) -> dict:
             now = tally.reduce(f"train_metrics.{epoch}", state.host_view() if elastic else None)
             tr = now + p.partial
             if not math.isfinite(tr.loss):
-                raise UsageError(f"the training loss became {tr.loss} in epoch {epoch + 1}; "
-                                 f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
-                                 f"(the last good checkpoint is kept)")
-            test = evaluate(model, test_batches, device, cfg.amp,
-                            Tally(ds.num_classes, device)).reduce(name=f"test_metrics.{epoch}")
+                raise UsageError(
+                    f"the training loss became {tr.loss} in epoch {epoch + 1}; "
+                    f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
+                    f"(the last good checkpoint is kept)"
+                )
+            test = evaluate(
+                model, test_batches, device, cfg.amp, Tally(ds.num_classes, device)
+            ).reduce(name=f"test_metrics.{epoch}")
             # The sampler pads every rank's shard to the same length; those repeats are not
             # more samples (1,437 digits are 1,437 however many ranks see them).
             seen = min(tr.count, n_train)
-            row = {"epoch": epoch + 1, "epochs": cfg.epochs, **tr.as_dict("train"),
-                   "train_samples": seen,
-                   **test.as_dict("test"), "test_per_class_accuracy": test.per_class_accuracy,
-                   "lr": strategy.lr, "samples_per_sec": tr.count / epoch_time,
-                   "samples_per_sec_per_rank": tr.count / epoch_time / dist.size(),
-                   "epoch_time_s": epoch_time, "world_size": dist.size()}
+            row = {
+                "epoch": epoch + 1,
+                "epochs": cfg.epochs,
+                **tr.as_dict("train"),
+                "train_samples": seen,
+                **test.as_dict("test"),
+                "test_per_class_accuracy": test.per_class_accuracy,
+                "lr": strategy.lr,
+                "samples_per_sec": tr.count / epoch_time,
+                "samples_per_sec_per_rank": tr.count / epoch_time / dist.size(),
+                "epoch_time_s": epoch_time,
+                "world_size": dist.size(),
+            }
             log.info(epoch_line(row))
             p.epoch, p.step, p.done, p.partial = epoch + 1, 0, 0, None
             p.samples, p.seconds = p.samples + seen, p.seconds + epoch_time
@@ -245,11 +312,17 @@ def train(cfg: TrainConfig) -> dict:
             def record(epoch=epoch, row=row):
                 run.log_epoch(row)
                 if cfg.checkpoint and not cfg.dry_run:
-                    saved = {"model": model.state_dict(), "epoch": epoch + 1, "identity": ident,
-                             "strategy": strategy.state_dict(), "config": cfg.to_dict()}
+                    saved = {
+                        "model": model.state_dict(),
+                        "epoch": epoch + 1,
+                        "identity": ident,
+                        "strategy": strategy.state_dict(),
+                        "config": cfg.to_dict(),
+                    }
                     checkpoint.save(ckpt_path, saved)
                     if cfg.keep_checkpoints:
                         checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", saved)
+
             # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
             dist.on_main(record, name=f"record.{epoch}")
             p.epoch_start = time.time()
@@ -260,20 +333,39 @@ def train(cfg: TrainConfig) -> dict:
         if prof is not None:
             prof.stop()  # its summary goes into ours
         if test is None:  # resumed a finished run (or reset after the last epoch): evaluate
-            test = evaluate(model, test_batches, device, cfg.amp,
-                            Tally(ds.num_classes, device)).reduce(name="test_metrics.final")
-        extra = {"elastic": {"commit_every": cfg.commit_every, "resets": p.resets}} if elastic else {}
-        summary = report.summary(cfg, ds.name, strategy.name, dist.size(), n_params, test, row,
-                                 p.samples, p.seconds, time.perf_counter() - t_start, device.type,
-                                 torch.get_num_threads(), **report.profile_figures(prof), **extra)
+            test = evaluate(
+                model, test_batches, device, cfg.amp, Tally(ds.num_classes, device)
+            ).reduce(name="test_metrics.final")
+        extra = (
+            {"elastic": {"commit_every": cfg.commit_every, "resets": p.resets}} if elastic else {}
+        )
+        summary = report.summary(
+            cfg,
+            ds.name,
+            strategy.name,
+            dist.size(),
+            n_params,
+            test,
+            row,
+            p.samples,
+            p.seconds,
+            time.perf_counter() - t_start,
+            device.type,
+            torch.get_num_threads(),
+            **report.profile_figures(prof),
+            **extra,
+        )
         summary["train_samples"] = p.samples
 
         def finish():
             run.write_summary(summary)
             run.plot(test.confusion.numpy(), ds.classes)
+
         dist.on_main(finish, name="summary")
-        log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
-                 f"{summary['wall_time_s']:.1f} s; results in {run.path}/")
+        log.info(
+            f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
+            f"{summary['wall_time_s']:.1f} s; results in {run.path}/"
+        )
         return summary
 
     try:
@@ -294,9 +386,11 @@ def train(cfg: TrainConfig) -> dict:
                 with contextlib.suppress(UsageError):
                     run.lock()  # rank 0 may be a new process now; the old one is gone
             redone = event["steps_redone"]
-            log.info(f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
-                     f"epoch {event['epoch']} at step {event['step']} "
-                     f"({redone} step{'s' * (redone != 1)} redone)")
+            log.info(
+                f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
+                f"epoch {event['epoch']} at step {event['step']} "
+                f"({redone} step{'s' * (redone != 1)} redone)"
+            )
 
         state = hvd_elastic.TrainState(model, strategy, Progress(world=size), on_reset)
         return hvd_elastic.run(fit, state)
@@ -316,12 +410,16 @@ def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
     done, source = state["epoch"], report.RunDir(path.parent)
     if done >= cfg.epochs and (done > cfg.epochs or (path.parent / "summary.json").exists()):
         more = cfg.epochs if cfg.epochs < done else done  # read --epochs as "this many more"
-        raise UsageError(f"{path} has trained {done} epochs and --epochs is {cfg.epochs}, which "
-                         f"counts every epoch (the {done} included); to train more, pass "
-                         f"--epochs {done + more}")
+        raise UsageError(
+            f"{path} has trained {done} epochs and --epochs is {cfg.epochs}, which "
+            f"counts every epoch (the {done} included); to train more, pass "
+            f"--epochs {done + more}"
+        )
     rows = [r for r in source.read_metrics() if r["epoch"] <= done]
-    before = (sum(r.get("train_samples", 0) for r in rows),
-              sum(r.get("epoch_time_s", 0.0) for r in rows))
+    before = (
+        sum(r.get("train_samples", 0) for r in rows),
+        sum(r.get("epoch_time_s", 0.0) for r in rows),
+    )
     same = path.parent.resolve() == run.path.resolve()
     return state, None if same else rows, before
 
@@ -329,14 +427,19 @@ def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
 def train_shared(cfg: TrainConfig) -> dict:
     """HOGWILD and the parameter-server policies: one process that spawns the workers."""
     if dist.elastic():
-        raise UsageError(f"--strategy {cfg.strategy} runs on one host and cannot be elastic; "
-                         f"run it as one plain process: python -m hvdsgd.train --strategy "
-                         f"{cfg.strategy} --workers N")
+        raise UsageError(
+            f"--strategy {cfg.strategy} runs on one host and cannot be elastic; "
+            f"run it as one plain process: python -m hvdsgd.train --strategy "
+            f"{cfg.strategy} --workers N"
+        )
     if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
-        raise UsageError(f"--strategy {cfg.strategy} starts its own --workers processes; run it "
-                         f"as one plain process: python -m hvdsgd.train --strategy {cfg.strategy} "
-                         f"--workers N")
+        raise UsageError(
+            f"--strategy {cfg.strategy} starts its own --workers processes; run it "
+            f"as one plain process: python -m hvdsgd.train --strategy {cfg.strategy} "
+            f"--workers N"
+        )
     from .strategies import shared
+
     setup_logging(True)
     if cfg.dry_run:
         cfg.epochs = 1

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """An MNIST idx file: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, then the bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
@@ -45,13 +47,31 @@ def cifar10_dir(tmp_path):
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 256, (10, 3072)).astype(np.uint8),
-                 "labels": list(range(10)), "batch_label": name}
+        batch = {
+            "data": rng.integers(0, 256, (10, 3072)).astype(np.uint8),
+            "labels": list(range(10)),
+            "batch_label": name,
+        }
         with open(folder / name, "wb") as fh:
             pickle.dump(batch, fh)
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog",
-                                     "frog", "horse", "ship", "truck"]}, fh)
+        pickle.dump(
+            {
+                "label_names": [
+                    "airplane",
+                    "automobile",
+                    "bird",
+                    "cat",
+                    "deer",
+                    "dog",
+                    "frog",
+                    "horse",
+                    "ship",
+                    "truck",
+                ]
+            },
+            fh,
+        )
     return tmp_path
 
 
@@ -60,15 +80,22 @@ def horovodrun(np_, *args, timeout=240, cwd=None, env=None):
     exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
     cmd = [exe, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
-                          env=full_env)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=full_env
+    )
     if proc.returncode != 0:
         # Shown under "Captured stdout" when the test fails: the first lines that say what went
         # wrong (an assertion message shows only a tail, where the root cause rarely is).
-        key = [l for l in (proc.stdout + proc.stderr).splitlines()
-               if re.search(r"error|exception|timed? ?out|terminated|signal|abort", l, re.I)]
-        print(f"horovodrun -np {np_} exited {proc.returncode}; first lines naming an error:",
-              *key[:40], sep="\n")
+        key = [
+            l
+            for l in (proc.stdout + proc.stderr).splitlines()
+            if re.search(r"error|exception|timed? ?out|terminated|signal|abort", l, re.I)
+        ]
+        print(
+            f"horovodrun -np {np_} exited {proc.returncode}; first lines naming an error:",
+            *key[:40],
+            sep="\n",
+        )
     return proc
 
 
@@ -78,6 +105,7 @@ def _gpu_gate(request):
     if request.node.get_closest_marker("gpu") is None:
         return
     import torch
+
     if not torch.cuda.is_available():
         if os.environ.get("HVDSGD_TEST_GPU") == "1":
             pytest.fail("HVDSGD_TEST_GPU=1 but no CUDA GPU is visible")
@@ -91,8 +119,13 @@ SIM_HOSTS_SCRIPT = ROOT / "scripts" / "sim_hosts.sh"
 
 def sim_hosts_script(state: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``scripts/sim_hosts.sh ARGS`` with its state in ``state``."""
-    return subprocess.run([str(SIM_HOSTS_SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HVDSGD_SIM_DIR": str(state)})
+    return subprocess.run(
+        [str(SIM_HOSTS_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HVDSGD_SIM_DIR": str(state)},
+    )
 
 
 class SimHosts:
@@ -107,8 +140,11 @@ class SimHosts:
         self._read()
 
     def _read(self) -> None:
-        env = dict(line.split("=", 1) for line in (self.state / "env").read_text().splitlines()
-                   if "=" in line)
+        env = dict(
+            line.split("=", 1)
+            for line in (self.state / "env").read_text().splitlines()
+            if "=" in line
+        )
         self.hosts = env["SIM_HOSTS"].split(",")
         self.port = int(env["SIM_SSH_PORT"])
         self.identity = env["SIM_SSH_KEY"]
@@ -124,8 +160,15 @@ class SimHosts:
             raise RuntimeError(f"sim_hosts.sh up {n}: {proc.stderr.strip()}")
         self._read()
 
-    def command(self, spec: str | None, *args: str, np_: int | None = None, flags=(),
-                nic: str | None = "lo", python: bool = True) -> list[str]:
+    def command(
+        self,
+        spec: str | None,
+        *args: str,
+        np_: int | None = None,
+        flags=(),
+        nic: str | None = "lo",
+        python: bool = True,
+    ) -> list[str]:
         """``horovodrun -np N [-H spec] --gloo <ssh args> [--network-interface nic] FLAGS
         [python] ARGS``. N defaults to the slots in ``spec``. ``nic=None`` lets Horovod find the
         interfaces itself: an ssh round trip per host, about 2.5 s (cached for an hour per host
@@ -134,8 +177,16 @@ class SimHosts:
         exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
         if np_ is None:
             np_ = sum(int(h.rpartition(":")[2]) for h in spec.split(","))  # type: ignore[union-attr]
-        cmd = [exe, "-np", str(np_), *(["-H", spec] if spec else []), "--gloo", *self.ssh_args,
-               *(["--network-interface", nic] if nic else []), *flags]
+        cmd = [
+            exe,
+            "-np",
+            str(np_),
+            *(["-H", spec] if spec else []),
+            "--gloo",
+            *self.ssh_args,
+            *(["--network-interface", nic] if nic else []),
+            *flags,
+        ]
         return cmd + ([sys.executable] if python else []) + list(args)
 
     @staticmethod
@@ -143,28 +194,64 @@ class SimHosts:
         """The launch environment (horovodrun passes it to every rank): the repository on
         PYTHONPATH, unbuffered output; the caller's own ssh session variables left out, so a
         rank on a simulated host sees the ones its sshd set."""
-        base = {k: v for k, v in os.environ.items()
-                if k not in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "SSH_AUTH_SOCK")}
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "SSH_AUTH_SOCK")
+        }
         return {**base, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
 
-    def popen(self, spec: str | None, *args: str, np_: int | None = None, flags=(),
-              nic: str | None = "lo", python: bool = True, env=None, cwd=None,
-              **kwargs) -> subprocess.Popen:
+    def popen(
+        self,
+        spec: str | None,
+        *args: str,
+        np_: int | None = None,
+        flags=(),
+        nic: str | None = "lo",
+        python: bool = True,
+        env=None,
+        cwd=None,
+        **kwargs,
+    ) -> subprocess.Popen:
         """Start horovodrun (see :meth:`command`) and return the Popen; ``kwargs`` go to Popen
         (stdout=, stderr=, text=, preexec_fn= ...). The caller waits for it and stops it."""
-        return subprocess.Popen(self.command(spec, *args, np_=np_, flags=flags, nic=nic,
-                                             python=python),
-                                cwd=cwd or ROOT, env=self.env(env), **kwargs)
+        return subprocess.Popen(
+            self.command(spec, *args, np_=np_, flags=flags, nic=nic, python=python),
+            cwd=cwd or ROOT,
+            env=self.env(env),
+            **kwargs,
+        )
 
-    def horovodrun(self, spec: str | None, *args: str, np_: int | None = None, flags=(),
-                   nic: str | None = "lo", python: bool = True, timeout: float = 240, env=None,
-                   cwd=None, **kwargs) -> subprocess.CompletedProcess:
+    def horovodrun(
+        self,
+        spec: str | None,
+        *args: str,
+        np_: int | None = None,
+        flags=(),
+        nic: str | None = "lo",
+        python: bool = True,
+        timeout: float = 240,
+        env=None,
+        cwd=None,
+        **kwargs,
+    ) -> subprocess.CompletedProcess:
         """Run horovodrun (see :meth:`command`) to its end; a CompletedProcess with text stdout
         and stderr. Past ``timeout`` horovodrun is stopped (SIGTERM: it stops its ranks, here
         and on the simulated hosts) and TimeoutExpired is raised."""
-        proc = self.popen(spec, *args, np_=np_, flags=flags, nic=nic, python=python, env=env,
-                          cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          **kwargs)
+        proc = self.popen(
+            spec,
+            *args,
+            np_=np_,
+            flags=flags,
+            nic=nic,
+            python=python,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -176,17 +263,38 @@ class SimHosts:
             raise
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         if proc.returncode != 0:
-            key = [l for l in (out + err).splitlines()
-                   if re.search(r"error|exception|timed? ?out|terminated|signal|abort|ssh", l, re.I)]
-            print(f"horovodrun -H {spec} exited {proc.returncode}; first lines naming an error:",
-                  *key[:40], sep="\n")
+            key = [
+                l
+                for l in (out + err).splitlines()
+                if re.search(r"error|exception|timed? ?out|terminated|signal|abort|ssh", l, re.I)
+            ]
+            print(
+                f"horovodrun -H {spec} exited {proc.returncode}; first lines naming an error:",
+                *key[:40],
+                sep="\n",
+            )
         return result
 
     def ssh(self, host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a shell command on a simulated host through ssh, as horovodrun does."""
-        return subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                               "-p", str(self.port), "-i", self.identity, host, command],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [
+                "ssh",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-p",
+                str(self.port),
+                "-i",
+                self.identity,
+                host,
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def sim_hosts_unavailable(up: subprocess.CompletedProcess) -> None:
@@ -195,8 +303,9 @@ def sim_hosts_unavailable(up: subprocess.CompletedProcess) -> None:
     why = (up.stderr.strip().splitlines() or [f"exit status {up.returncode}"])[-1]
     if os.environ.get("HVDSGD_TEST_MULTIHOST") == "1":
         pytest.fail(f"HVDSGD_TEST_MULTIHOST=1 but the simulated hosts did not start: {why}")
-    pytest.skip(f"simulated hosts unavailable ({why}); HVDSGD_TEST_MULTIHOST=1 makes this a "
-                "failure")
+    pytest.skip(
+        f"simulated hosts unavailable ({why}); HVDSGD_TEST_MULTIHOST=1 makes this a failure"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -215,4 +324,3 @@ def sim_hosts(tmp_path_factory):
         yield SimHosts(state)
     finally:
         sim_hosts_script(state, "down", timeout=120)
-

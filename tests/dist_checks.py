@@ -2,6 +2,7 @@
 
 Each check raises AssertionError on failure (non-zero exit) and prints `CHECK ok` on rank 0.
 """
+
 import copy
 import sys
 
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 
 from hvdsgd import data, dist, models
 from hvdsgd.config import TrainConfig
-from hvdsgd.errors import UsageError, exit_on_usage_error
 from hvdsgd.engine import train_step
+from hvdsgd.errors import UsageError, exit_on_usage_error
 from hvdsgd.metrics import Tally
 from hvdsgd.strategies.allreduce import Allreduce
 
@@ -35,9 +36,11 @@ def check_identical_parameters():
     h, r, b = dist.hvd(), dist.rank(), 16
     for step in range(5):
         gathered = h.allgather(flat_params(model)[None], name=f"params.{step}")
-        assert all(torch.equal(gathered[0], g) for g in gathered[1:]), f"ranks differ at step {step}"
+        assert all(torch.equal(gathered[0], g) for g in gathered[1:]), (
+            f"ranks differ at step {step}"
+        )
         lo = (step * h.size() + r) * b  # each rank its own, different samples
-        batch = [(ds.train_x[lo:lo + b], ds.train_y[lo:lo + b])]
+        batch = [(ds.train_x[lo : lo + b], ds.train_y[lo : lo + b])]
         train_step(model, batch, strategy, device, "off", Tally(10, device))
     assert not torch.equal(flat_params(model), gathered[0]), "parameters did not change"
 
@@ -50,10 +53,12 @@ def check_gradient_average():
     x, y = ds.train_x[: b * h.size()], ds.train_y[: b * h.size()]
     F.cross_entropy(reference(x), y).backward()
 
-    strategy.backward(F.cross_entropy(model(x[r * b:(r + 1) * b]), y[r * b:(r + 1) * b]))
+    strategy.backward(F.cross_entropy(model(x[r * b : (r + 1) * b]), y[r * b : (r + 1) * b]))
     strategy.synchronize()  # Horovod: wait for the allreduce, grads now averaged
-    worst = max((p.grad - q.grad).abs().max().item()
-                for p, q in zip(model.parameters(), reference.parameters()))
+    worst = max(
+        (p.grad - q.grad).abs().max().item()
+        for p, q in zip(model.parameters(), reference.parameters())
+    )
     assert worst < 1e-5, f"averaged gradient differs from the full-batch one by {worst:.3g}"
     strategy.update()
 
@@ -69,8 +74,10 @@ def check_accumulation():
     for xm, ym in zip(x[mine].split(b), y[mine].split(b)):
         strategy.backward(F.cross_entropy(model(xm), ym) * 0.5)  # as engine.train_step scales
     strategy.synchronize()
-    worst = max((p.grad - q.grad).abs().max().item()
-                for p, q in zip(model.parameters(), reference.parameters()))
+    worst = max(
+        (p.grad - q.grad).abs().max().item()
+        for p, q in zip(model.parameters(), reference.parameters())
+    )
     assert worst < 1e-5, f"accumulated gradient differs from the full-batch one by {worst:.3g}"
     strategy.update()
 
@@ -90,20 +97,23 @@ def check_bucket_views():
         storages = {id(p): p.grad.untyped_storage().data_ptr() for p in model.parameters()}
         for step in range(2):
             reference = copy.deepcopy(model)
-            x = ds.train_x[step * b * h.size():(step + 1) * b * h.size()]
-            y = ds.train_y[step * b * h.size():(step + 1) * b * h.size()]
+            x = ds.train_x[step * b * h.size() : (step + 1) * b * h.size()]
+            y = ds.train_y[step * b * h.size() : (step + 1) * b * h.size()]
             for q in reference.parameters():
                 q.grad = None
             F.cross_entropy(reference(x), y).backward()
-            strategy.backward(F.cross_entropy(model(x[r * b:(r + 1) * b]), y[r * b:(r + 1) * b]))
+            strategy.backward(
+                F.cross_entropy(model(x[r * b : (r + 1) * b]), y[r * b : (r + 1) * b])
+            )
             strategy.synchronize()
             for p, q in zip(model.parameters(), reference.parameters()):
                 worst = (p.grad - q.grad).abs().max().item()
                 tol = 2e-3 * q.grad.abs().max().item() if fp16 else 1e-5
                 assert worst <= tol, f"fp16={fp16} step {step}: gradient off by {worst:.3g}"
             strategy.update()
-            assert all(p.grad.untyped_storage().data_ptr() == storages[id(p)]
-                       for p in model.parameters()), "a .grad is no longer a view into its bucket"
+            assert all(
+                p.grad.untyped_storage().data_ptr() == storages[id(p)] for p in model.parameters()
+            ), "a .grad is no longer a view into its bucket"
             assert all(not p.grad.any() for p in model.parameters()), "update() left gradients"
 
 
@@ -129,8 +139,11 @@ def check_tally_carries_extra_values():
     for t in tallies:
         t.add(torch.tensor(0.5 + r), torch.eye(3)[[r % 3, 1, 2]], torch.tensor([0, 1, r % 3]))
     plain = tallies[0].reduce("tally.plain")
-    extra = torch.tensor([7.0, 0.0, r + 1.0], dtype=torch.float64) if r == 0 else \
-        torch.tensor([0.0, 0.0, r + 1.0], dtype=torch.float64)
+    extra = (
+        torch.tensor([7.0, 0.0, r + 1.0], dtype=torch.float64)
+        if r == 0
+        else torch.tensor([0.0, 0.0, r + 1.0], dtype=torch.float64)
+    )
     both = tallies[1].reduce("tally.extra", extra)
     assert plain.extra is None and both.extra.tolist() == [7.0, 0.0, size * (size + 1) / 2]
     assert both.loss_sum == plain.loss_sum and torch.equal(both.confusion, plain.confusion)
@@ -141,12 +154,14 @@ def check_usage_error_on_one_rank():
     """Bad input on rank 1 alone (its --data-dir, say) while rank 0 waits for it in a collective:
     rank 1 says so in one line (rank 0 has nothing to say), rank 0 leaves without a traceback, and
     horovodrun adds nothing. The test checks the output; here every rank exits 2 or is stopped."""
+
     @exit_on_usage_error
     def main():
         dist.init("cpu", threads=1)
         if dist.rank() == 1:
             raise UsageError("--data-dir /nonexistent does not exist on rank 1")
         dist.hvd().allreduce(torch.ones(1), name="wait.for.rank.1")
+
     main()
 
 

@@ -8,6 +8,7 @@ device handles are opaque pointers whose address names the GPU. A C function the
 raises AttributeError, which pynvml turns into NVML_ERROR_FUNCTION_NOT_FOUND, as with an old
 driver.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,6 +30,7 @@ def now_us() -> int:
 @dataclass
 class FakeGpu:
     """One fake GPU: what it reports, and which calls fail with which nvmlReturn_t."""
+
     uuid: str
     name: str = "NVIDIA H200"
     util: int = 40  # % in each generated GPU_UTILIZATION sample
@@ -75,6 +77,7 @@ def _set_handle(arg: object, address: int) -> None:
 
 def _device(fn):
     """A device call: look the GPU up, record the call, fail it as configured."""
+
     @functools.wraps(fn)
     def call(self: FakeNvml, handle: object, *args: object) -> int:
         gpu = self.gpus[_handle(handle) - _BASE]
@@ -84,6 +87,7 @@ def _device(fn):
         if fn.__name__ in gpu.errors:
             return gpu.errors[fn.__name__]
         return fn(self, gpu, *args)
+
     return call
 
 
@@ -188,7 +192,7 @@ class FakeNvml:
             return N.NVML_ERROR_NOT_FOUND
         value_type._obj.value = N.NVML_VALUE_TYPE_UNSIGNED_INT
         if samples is not None:
-            for k, (ts, v) in enumerate(new[:count._obj.value]):
+            for k, (ts, v) in enumerate(new[: count._obj.value]):
                 samples[k].timeStamp, samples[k].sampleValue.uiVal = ts, v
         count._obj.value = min(len(new), count._obj.value) if samples is not None else len(new)
         return OK
@@ -241,11 +245,12 @@ class FakeNvml:
     def nvmlDeviceGetProcessUtilization(self, gpu, samples, count, last_seen) -> int:
         if samples is None:  # size query: take one record per process, now
             t = now_us()
-            self._proc_pending = [(pid, t, sm) for pid, sm in gpu.procs.items()
-                                  if t > last_seen.value]
+            self._proc_pending = [
+                (pid, t, sm) for pid, sm in gpu.procs.items() if t > last_seen.value
+            ]
             count._obj.value = len(self._proc_pending)
             return N.NVML_ERROR_INSUFFICIENT_SIZE if self._proc_pending else N.NVML_ERROR_NOT_FOUND
-        for k, (pid, t, sm) in enumerate(self._proc_pending[:count._obj.value]):
+        for k, (pid, t, sm) in enumerate(self._proc_pending[: count._obj.value]):
             samples[k].pid, samples[k].timeStamp, samples[k].smUtil = pid, t, sm
         return OK
 

@@ -1,5 +1,6 @@
 """`make bench-quick`: every bench/ script in its reduced form, so that none rots unnoticed;
 and `bench/readme.py`, which builds the README's Results section from bench/results/."""
+
 import json
 import math
 import re
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -63,9 +63,13 @@ def check_techniques(out: Path) -> None:
 
 
 def check_strategies(out: Path) -> None:
-    rows = {r["strategy"]: r for r in json.loads((out / "strategies-quick.json").read_text())["rows"]}
+    rows = {
+        r["strategy"]: r for r in json.loads((out / "strategies-quick.json").read_text())["rows"]
+    }
     assert set(rows) == {"allreduce", "sync", "async-apply", "async-deferred", "hogwild", "sharded"}
-    assert all(r["samples_per_sec"][0] > 0 and 0.5 < r["test_accuracy"][0] <= 1 for r in rows.values())
+    assert all(
+        r["samples_per_sec"][0] > 0 and 0.5 < r["test_accuracy"][0] <= 1 for r in rows.values()
+    )
     assert rows["allreduce"]["staleness_mean"][0] == 0 == rows["sync"]["staleness_mean"][0]
     for name in ("hogwild", "sharded", "async-apply", "async-deferred"):
         assert rows[name]["staleness_mean"][0] > 0, name  # two writers: updates land in between
@@ -77,10 +81,19 @@ def check_hogwild(out: Path) -> None:
     [kernel] = result["kernel"]
     assert all(v and min(v) > 0 for v in kernel["gbps"].values())
     assert [r["workers"] for r in result["e2e"]] == [1, 2]
-    assert all(r["hvdsgd"]["samples_per_sec"] > 0 and r["reference"]["samples_per_sec"] > 0
-               for r in result["e2e"])
+    assert all(
+        r["hvdsgd"]["samples_per_sec"] > 0 and r["reference"]["samples_per_sec"] > 0
+        for r in result["e2e"]
+    )
     assert {r["policy"] for r in result["policies"]} == {
-        "hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred"}
+        "hogwild",
+        "atomic",
+        "locked",
+        "sharded",
+        "sync",
+        "async-apply",
+        "async-deferred",
+    }
     assert "hvdsgd / reference" in (out / "hogwild-quick.md").read_text()
 
 
@@ -118,6 +131,7 @@ def check_lottery(out: Path) -> None:
 
 def check_elastic(out: Path) -> None:
     from hvdsgd.config import TrainConfig
+
     result = json.loads((out / "elastic-quick.json").read_text())
     d, steps = TrainConfig.commit_every, result["config"]["steps"]
     assert result["config"]["commit_default"] == d
@@ -139,12 +153,31 @@ def check_elastic(out: Path) -> None:
 
 @pytest.mark.dist
 def test_make_bench_quick_runs_every_script(tmp_path):
-    proc = subprocess.run(["make", "--no-print-directory", "bench-quick", "SETUP=",
-                           f"PY={sys.executable}", f"BENCH_OUT={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "bench-quick",
+            "SETUP=",
+            f"PY={sys.executable}",
+            f"BENCH_OUT={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for script in ("throughput", "scaling", "techniques", "strategies", "hogwild", "kfold", "lottery",
-                   "elastic"):
+    for script in (
+        "throughput",
+        "scaling",
+        "techniques",
+        "strategies",
+        "hogwild",
+        "kfold",
+        "lottery",
+        "elastic",
+    ):
         globals()[f"check_{script}"](tmp_path)
     check_occupancy(tmp_path, proc.stdout)
     for md in tmp_path.glob("*-quick.md"):  # what bench/readme.py reads: "`COMMAND` on MACHINE"
@@ -153,13 +186,20 @@ def test_make_bench_quick_runs_every_script(tmp_path):
 
 # ------------------------------------------------------------------------ bench/readme.py
 
+
 def test_readme_section_is_built_from_the_results_files(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    (results / "kfold.md").write_text("`python bench/kfold.py` on 2 cores (x86_64), no GPU\n\n| a |\n|---|\n| 1.5 |\n")
+    (results / "kfold.md").write_text(
+        "`python bench/kfold.py` on 2 cores (x86_64), no GPU\n\n| a |\n|---|\n| 1.5 |\n"
+    )
     (results / "kfold.png").write_bytes(PNG)
-    (results / "kfold-h200.md").write_text("`python bench/kfold.py --gpu` on 16 cores, NVIDIA H200\n\n| b |\n")
-    (results / "kfold-quick.md").write_text("`python bench/kfold.py --quick` on 2 cores\n\n| never |\n")
+    (results / "kfold-h200.md").write_text(
+        "`python bench/kfold.py --gpu` on 16 cores, NVIDIA H200\n\n| b |\n"
+    )
+    (results / "kfold-quick.md").write_text(
+        "`python bench/kfold.py --quick` on 2 cores\n\n| never |\n"
+    )
     readme_md = tmp_path / "README.md"
     readme_md.write_text(f"# x\n\nbefore\n\n{readme.BEGIN}\nold figures\n{readme.END}\n\nafter\n")
     args = ["--readme", str(readme_md), "--results", str(results)]

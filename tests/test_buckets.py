@@ -1,4 +1,5 @@
 """DDP-style gradient buckets for the CPU allreduce."""
+
 from hvdsgd import models
 from hvdsgd.strategies.allreduce import gradient_buckets
 

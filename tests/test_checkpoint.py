@@ -1,4 +1,5 @@
 """Atomic checkpoints and the checks on load."""
+
 import os
 import pickle
 import stat
@@ -29,8 +30,10 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(UsageError, match=f"cannot write checkpoint {path} .disk full.; the last "
-                                         "good checkpoint is kept") as e:
+    with pytest.raises(
+        UsageError,
+        match=f"cannot write checkpoint {path} .disk full.; the last good checkpoint is kept",
+    ) as e:
         checkpoint.save(path, {"model": {}, "epoch": 2, "identity": IDENT})
     assert "\n" not in str(e.value)
     assert path.read_bytes() == good
@@ -43,12 +46,16 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
     checkpoint.save(path, {"model": {}, "epoch": 1, "identity": IDENT})
 
     def full(obj, fh):
-        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
-                           "failed writing file data/0: file write failed\nunexpected pos")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+            "failed writing file data/0: file write failed\nunexpected pos"
+        )
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(UsageError, match=f"cannot write checkpoint {path} .*file write failed"
-                                         ".*last good checkpoint is kept") as e:
+    with pytest.raises(
+        UsageError,
+        match=f"cannot write checkpoint {path} .*file write failed.*last good checkpoint is kept",
+    ) as e:
         checkpoint.save(path, {"model": {}, "epoch": 2, "identity": IDENT})
     assert "\n" not in str(e.value)
     assert checkpoint.load(path, IDENT)["epoch"] == 1
@@ -71,8 +78,9 @@ def test_a_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
 
     path = tmp_path / "checkpoint.pt"
     with open(path, "wb") as fh:
-        pickle.dump({"format": checkpoint.FORMAT, "model": Payload(), "identity": IDENT}, fh,
-                    protocol=2)
+        pickle.dump(
+            {"format": checkpoint.FORMAT, "model": Payload(), "identity": IDENT}, fh, protocol=2
+        )
     with pytest.raises(UsageError, match="refusing to load checkpoint .* could run code") as e:
         checkpoint.load(path, IDENT)
     assert "\n" not in str(e.value)
@@ -100,6 +108,7 @@ def test_checkpoint_files_follow_the_umask_but_never_world_writable(tmp_path):
 
 def test_resume_names_a_file_or_a_run_directory(tmp_path):
     from hvdsgd.config import RESUME_OUT
+
     assert checkpoint.resolve(RESUME_OUT, tmp_path) == tmp_path / "checkpoint.pt"
     assert checkpoint.resolve(str(tmp_path), tmp_path / "x") == tmp_path / "checkpoint.pt"
     assert checkpoint.resolve(str(tmp_path / "a.pt"), tmp_path / "x") == tmp_path / "a.pt"

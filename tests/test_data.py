@@ -1,4 +1,5 @@
 """Data sets: digits split, the real MNIST/CIFAR formats, and the bad-file errors."""
+
 import os
 import pickle
 import re
@@ -52,7 +53,9 @@ def test_missing_files_are_listed(tmp_path):
         data.load("mnist", str(tmp_path))
 
 
-@pytest.mark.parametrize("victim", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"])
+@pytest.mark.parametrize(
+    "victim", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]
+)
 def test_truncated_mnist_is_reported(mnist_dir, victim):
     f = mnist_dir / victim
     f.write_bytes(f.read_bytes()[:-7])
@@ -91,11 +94,26 @@ def test_batches_with_loader_workers_match_in_place_slicing():
 
 # ------------------------------------------------------------ bad labels, too much memory
 
+
 def run_train(*args, timeout=120):
     """``python -m hvdsgd.train ARGS`` in one plain process; the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--dry-run",
-                           "--no-progress", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvdsgd.train",
+            "--model",
+            "mlp",
+            "--dry-run",
+            "--no-progress",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def one_error_line(proc) -> str:
@@ -106,8 +124,9 @@ def one_error_line(proc) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("split, file", [("train", "train-labels-idx1-ubyte"),
-                                         ("t10k", "t10k-labels-idx1-ubyte")])
+@pytest.mark.parametrize(
+    "split, file", [("train", "train-labels-idx1-ubyte"), ("t10k", "t10k-labels-idx1-ubyte")]
+)
 def test_mnist_label_out_of_range_names_file_label_and_range(mnist_dir, split, file):
     labels = np.arange(60 if split == "train" else 20) % 10
     labels[7] = 15
@@ -115,8 +134,10 @@ def test_mnist_label_out_of_range_names_file_label_and_range(mnist_dir, split, f
     path = mnist_dir / "MNIST" / "raw" / file
     with pytest.raises(UsageError) as e:
         data.load("mnist", str(mnist_dir))
-    assert str(e.value) == (f"mnist file {path} holds label 15 (sample 7), outside the "
-                            "10 classes 0-9; delete it and fetch it again (--download)")
+    assert str(e.value) == (
+        f"mnist file {path} holds label 15 (sample 7), outside the "
+        "10 classes 0-9; delete it and fetch it again (--download)"
+    )
 
 
 def rewrite_cifar_labels(folder: Path, name: str, key: str, index: int, label: int) -> Path:
@@ -135,17 +156,23 @@ def test_cifar_label_out_of_range_names_its_batch_file(cifar10_dir, name, label)
     path = rewrite_cifar_labels(cifar10_dir / "cifar-10-batches-py", name, "labels", 3, label)
     with pytest.raises(UsageError) as e:
         data.load("cifar10", str(cifar10_dir))
-    assert str(e.value) == (f"cifar10 file {path} holds label {label} (sample 3), outside the "
-                            "10 classes 0-9; delete it and fetch it again (--download)")
+    assert str(e.value) == (
+        f"cifar10 file {path} holds label {label} (sample 3), outside the "
+        "10 classes 0-9; delete it and fetch it again (--download)"
+    )
 
 
 def test_bad_label_is_one_line_from_train_not_an_index_error(cifar10_dir, tmp_path):
-    path = rewrite_cifar_labels(cifar10_dir / "cifar-10-batches-py", "data_batch_2", "labels", 0, 15)
-    proc = run_train("--dataset", "cifar10", "--data-dir", str(cifar10_dir),
-                     "--out", str(tmp_path / "run"))
+    path = rewrite_cifar_labels(
+        cifar10_dir / "cifar-10-batches-py", "data_batch_2", "labels", 0, 15
+    )
+    proc = run_train(
+        "--dataset", "cifar10", "--data-dir", str(cifar10_dir), "--out", str(tmp_path / "run")
+    )
     assert one_error_line(proc) == (
         f"hvdsgd: error: cifar10 file {path} holds label 15 (sample 0), outside the 10 classes "
-        "0-9; delete it and fetch it again (--download)")
+        "0-9; delete it and fetch it again (--download)"
+    )
 
 
 @pytest.fixture
@@ -165,9 +192,11 @@ def test_synthetic_too_big_for_memory_is_refused_before_allocating(little_memory
     assert data.synthetic_bytes((3, 32, 32), 10, 4096) == 4608 * (3 * 32 * 32 * 4 + 8)
     with pytest.raises(UsageError) as e:  # ... twice that does not
         data.load("synthetic", input_shape=(3, 32, 32), synthetic_samples=8192)
-    assert str(e.value) == ("synthetic data of 8,192 + 1,024 test samples of shape 3x32x32 needs "
-                            "113 MB of memory, 67.1 MB available; lower --synthetic-samples "
-                            "or --input-shape")
+    assert str(e.value) == (
+        "synthetic data of 8,192 + 1,024 test samples of shape 3x32x32 needs "
+        "113 MB of memory, 67.1 MB available; lower --synthetic-samples "
+        "or --input-shape"
+    )
     with pytest.raises(UsageError, match=r"needs 113 MB .*; lower --synthetic-samples$"):
         data.load("cifar10", synthetic=True, synthetic_samples=8192)  # shaped like cifar10
 
@@ -182,34 +211,53 @@ def test_resize_too_big_for_memory_is_refused(little_memory, monkeypatch):
     monkeypatch.setattr(data.F, "interpolate", lambda *a, **k: pytest.fail("allocated anyway"))
     with pytest.raises(UsageError) as e:  # 576 x 3 x 224 x 224 floats: 347 MB
         data.resize(ds, 224)
-    assert str(e.value) == ("resizing synthetic from 8x8 to 224x224 for this --model needs "
-                            "347 MB of memory, 67.1 MB available; lower --synthetic-samples "
-                            "or choose a --model that takes 8x8 inputs")
+    assert str(e.value) == (
+        "resizing synthetic from 8x8 to 224x224 for this --model needs "
+        "347 MB of memory, 67.1 MB available; lower --synthetic-samples "
+        "or choose a --model that takes 8x8 inputs"
+    )
 
 
 def test_memory_of_every_rank_on_the_host_counts(little_memory, monkeypatch):
     monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "4")  # 4 ranks x 18.9 MB > 64 MiB
-    with pytest.raises(UsageError, match=r"needs 75.6 MB of memory \(4 ranks on this host x "
-                                         r"18.9 MB\), 67.1 MB available"):
+    with pytest.raises(
+        UsageError,
+        match=r"needs 75.6 MB of memory \(4 ranks on this host x "
+        r"18.9 MB\), 67.1 MB available",
+    ):
         data.load("synthetic", input_shape=(1, 32, 32), synthetic_samples=4096)
 
 
 def test_huge_synthetic_set_is_one_line_from_train(tmp_path):
-    proc = run_train("--dataset", "synthetic", "--synthetic-samples", "100000000",
-                     "--out", str(tmp_path / "run"), timeout=60)
+    proc = run_train(
+        "--dataset",
+        "synthetic",
+        "--synthetic-samples",
+        "100000000",
+        "--out",
+        str(tmp_path / "run"),
+        timeout=60,
+    )
     line = one_error_line(proc)
-    assert re.fullmatch(r"hvdsgd: error: synthetic data of 100,000,000 \+ 12,500,000 test samples "
-                        r"of shape 3x32x32 needs 1\.38 TB of memory, [0-9.]+ [MGT]B available; "
-                        r"lower --synthetic-samples or --input-shape", line), line
+    assert re.fullmatch(
+        r"hvdsgd: error: synthetic data of 100,000,000 \+ 12,500,000 test samples "
+        r"of shape 3x32x32 needs 1\.38 TB of memory, [0-9.]+ [MGT]B available; "
+        r"lower --synthetic-samples or --input-shape",
+        line,
+    ), line
 
 
-def test_synthetic_and_its_resize_are_checked_together_before_allocating(little_memory, monkeypatch):
+def test_synthetic_and_its_resize_are_checked_together_before_allocating(
+    little_memory, monkeypatch
+):
     monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("allocated anyway"))
     with pytest.raises(UsageError) as e:  # 3.6 MB of 8x8 images, 2.77 GB once resized
         data.load("synthetic", input_shape=(3, 8, 8), synthetic_samples=4096, resize_to=224)
-    assert str(e.value) == ("synthetic data of 4,096 + 512 test samples of shape 3x8x8, resized "
-                            "to 224x224 for this --model, needs 2.78 GB of memory, 67.1 MB "
-                            "available; lower --synthetic-samples or --input-shape")
+    assert str(e.value) == (
+        "synthetic data of 4,096 + 512 test samples of shape 3x8x8, resized "
+        "to 224x224 for this --model, needs 2.78 GB of memory, 67.1 MB "
+        "available; lower --synthetic-samples or --input-shape"
+    )
 
 
 def test_load_resizes_for_the_model():

@@ -1,4 +1,5 @@
 """Multi-rank behaviour under `horovodrun -np 2 -H localhost:2 --gloo` (CPU, loopback)."""
+
 import json
 import os
 import re
@@ -12,7 +13,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import ROOT, horovodrun
 
 pytestmark = pytest.mark.dist
@@ -28,13 +28,22 @@ def error_lines(proc):
     return [l for l in (proc.stdout + proc.stderr).splitlines() if "hvdsgd: error:" in l]
 
 
-@pytest.mark.parametrize("check", ["identical_parameters", "gradient_average", "accumulation",
-                                   "bucket_views", "many_small_collectives",
-                                   "tally_carries_extra_values"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        "identical_parameters",
+        "gradient_average",
+        "accumulation",
+        "bucket_views",
+        "many_small_collectives",
+        "tally_carries_extra_values",
+    ],
+)
 def test_allreduce_checks(check):
     # A 10 s Gloo timeout: a rank that hangs fails the check quickly instead of after 120 s.
-    proc = horovodrun(2, "tests/dist_checks.py", check, timeout=120,
-                      env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
+    proc = horovodrun(
+        2, "tests/dist_checks.py", check, timeout=120, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"{check} ok" in proc.stdout
 
@@ -50,16 +59,33 @@ def test_digits_default_reaches_97_percent(tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 16))
     assert len(rows[-1]["test_per_class_accuracy"]) == 10
-    assert (out / "curves.png").stat().st_size > 10_000 and (out / "confusion.png").stat().st_size > 10_000
+    assert (out / "curves.png").stat().st_size > 10_000 and (
+        out / "confusion.png"
+    ).stat().st_size > 10_000
     # rank 0 alone prints: one line per epoch, not one per rank
     assert sum("epoch  15/15" in l for l in proc.stdout.splitlines()) == 1
 
 
-@pytest.mark.parametrize("flags", [
-    ("--amp", "bf16", "--fp16-allreduce", "--channels-last", "--model", "cnn"),
-    ("--accum-steps", "2", "--loader-workers", "1", "--optimizer", "adamw", "--lr", "0.002",
-     "--scheduler", "step", "--model", "mlp"),
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--amp", "bf16", "--fp16-allreduce", "--channels-last", "--model", "cnn"),
+        (
+            "--accum-steps",
+            "2",
+            "--loader-workers",
+            "1",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.002",
+            "--scheduler",
+            "step",
+            "--model",
+            "mlp",
+        ),
+    ],
+)
 def test_training_options_train_to_a_useful_model(tmp_path, flags):
     proc, out = run_train(tmp_path, "--epochs", "4", "--no-checkpoint", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,17 +114,37 @@ def test_resume_ends_with_the_same_weights(tmp_path):
 
 
 def test_plain_process_without_horovodrun(tmp_path):
-    import subprocess, sys, os
+    import os
+    import subprocess
+    import sys
+
     from conftest import ROOT
+
     out = tmp_path / "single"
-    proc = subprocess.run([sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--dry-run",
-                           "--out", str(out), "--no-progress"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvdsgd.train",
+            "--model",
+            "mlp",
+            "--dry-run",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 1
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def bad_mnist(tmp_path, mnist_dir):
     f = mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
@@ -122,9 +168,14 @@ BAD = {
     "unknown dataset": (["--dataset", "imagenet"], "unknown dataset"),
     "negative lr": (["--lr", "-1"], "--lr must be > 0"),
     "zero batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
-    "more ranks than samples": (["--dataset", "synthetic", "--synthetic-samples", "1", "--model", "mlp"],
-                                "2 ranks but only 1 training"),
-    "missing data dir": (["--dataset", "mnist", "--data-dir", "/nonexistent/hvdsgd"], "does not exist"),
+    "more ranks than samples": (
+        ["--dataset", "synthetic", "--synthetic-samples", "1", "--model", "mlp"],
+        "2 ranks but only 1 training",
+    ),
+    "missing data dir": (
+        ["--dataset", "mnist", "--data-dir", "/nonexistent/hvdsgd"],
+        "does not exist",
+    ),
     "truncated data file": (bad_mnist, "truncated or corrupt"),
     "corrupt checkpoint": (corrupt_checkpoint, "is corrupt, truncated or not a checkpoint"),
     "unwritable out": (file_in_the_way, "cannot write to --out"),
@@ -168,6 +219,7 @@ def test_nan_loss_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------- a job that goes wrong
 
+
 def start_training(tmp_path, epochs=100, flags=("--no-progress",), ready=r"epoch +1/"):
     """horovodrun -np 2 training an mlp, output in a file; returns (Popen, log path, --out)
     once the log shows ``ready`` (by default: rank 0 has finished its first epoch)."""
@@ -175,10 +227,29 @@ def start_training(tmp_path, epochs=100, flags=("--no-progress",), ready=r"epoch
     exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [exe, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvdsgd.train",
-             "--model", "mlp", "--epochs", str(epochs), *flags, "--out", str(out)],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+            [
+                exe,
+                "-np",
+                "2",
+                "-H",
+                "localhost:2",
+                "--gloo",
+                sys.executable,
+                "-m",
+                "hvdsgd.train",
+                "--model",
+                "mlp",
+                "--epochs",
+                str(epochs),
+                *flags,
+                "--out",
+                str(out),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        )
     deadline = time.monotonic() + 60
     while not re.search(ready, log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -211,11 +282,19 @@ def finish(proc, log, out):
 
 
 def test_bad_input_on_one_rank_is_that_ranks_one_line():
-    proc = horovodrun(2, "tests/dist_checks.py", "usage_error_on_one_rank", timeout=60,
-                      env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
-    said = [l for l in (proc.stdout + proc.stderr).splitlines()
-            if not re.match(r"\[\d+\]<stdout>:", l)]
-    assert said == ["[1]<stderr>:hvdsgd: error: --data-dir /nonexistent does not exist on rank 1"], said
+    proc = horovodrun(
+        2,
+        "tests/dist_checks.py",
+        "usage_error_on_one_rank",
+        timeout=60,
+        env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"},
+    )
+    said = [
+        l for l in (proc.stdout + proc.stderr).splitlines() if not re.match(r"\[\d+\]<stdout>:", l)
+    ]
+    assert said == [
+        "[1]<stderr>:hvdsgd: error: --data-dir /nonexistent does not exist on rank 1"
+    ], said
     assert proc.returncode == 2
 
 
@@ -237,6 +316,7 @@ def test_a_rank_lost_mid_epoch_stops_the_job_within_60_s_and_resume_finishes_it(
     from hvdsgd import checkpoint, models
     from hvdsgd.config import parse_args
     from hvdsgd.train import load_data
+
     # 2 samples a rank a step: an epoch takes ~1 s, so the kill lands inside epoch 2, after
     # rank 0 checkpointed epoch 1 (it does so before any rank starts epoch 2).
     steps = ("--batch-size", "2", "--log-interval", "20")
@@ -261,8 +341,9 @@ def test_a_rank_lost_mid_epoch_stops_the_job_within_60_s_and_resume_finishes_it(
     # The last checkpoint loads, for the identity train checks on --resume.
     cfg = parse_args(list(flags))
     ds = load_data(cfg)
-    ident = checkpoint.identity(cfg, models.build(cfg.model, ds.input_shape, ds.num_classes),
-                                ds.input_shape, ds.num_classes)
+    ident = checkpoint.identity(
+        cfg, models.build(cfg.model, ds.input_shape, ds.num_classes), ds.input_shape, ds.num_classes
+    )
     state = checkpoint.load(out / "checkpoint.pt", ident)
     assert state["epoch"] == 1
 
@@ -278,8 +359,13 @@ def test_a_rank_lost_mid_epoch_stops_the_job_within_60_s_and_resume_finishes_it(
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
 
 
-@pytest.mark.parametrize("sig,status,line", [(signal.SIGINT, 130, "horovodrun: interrupted"),
-                                             (signal.SIGTERM, 143, "horovodrun: stopped by SIGTERM")])
+@pytest.mark.parametrize(
+    "sig,status,line",
+    [
+        (signal.SIGINT, 130, "horovodrun: interrupted"),
+        (signal.SIGTERM, 143, "horovodrun: stopped by SIGTERM"),
+    ],
+)
 def test_stopping_horovodrun_is_one_line_and_leaves_no_rank(tmp_path, sig, status, line):
     proc, log, out = start_training(tmp_path)
     proc.send_signal(sig)  # Ctrl-C reaches horovodrun only: the ranks run in their own session
@@ -290,12 +376,21 @@ def test_stopping_horovodrun_is_one_line_and_leaves_no_rank(tmp_path, sig, statu
 def test_a_rank_that_loses_its_peers_unstopped_says_so_in_one_line():
     # No horovodrun stops it (a network failure, no rank died): after the grace time the rank
     # names the lost connection in one line instead of a traceback.
-    code = ("from hvdsgd.errors import exit_on_usage_error\n"
-            "exit_on_usage_error(lambda: (_ for _ in ()).throw(RuntimeError(\n"
-            "    'gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer')))()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_RANK": "1"})
+    code = (
+        "from hvdsgd.errors import exit_on_usage_error\n"
+        "exit_on_usage_error(lambda: (_ for _ in ()).throw(RuntimeError(\n"
+        "    'gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer')))()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_RANK": "1"},
+    )
     assert proc.stderr.splitlines() == [
         "hvdsgd: error: rank 1 lost contact with the other ranks "
-        "(gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer)"], proc.stderr
+        "(gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer)"
+    ], proc.stderr
     assert proc.returncode == 1

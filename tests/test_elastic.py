@@ -5,6 +5,7 @@ an sshd of its own through which Horovod starts that host's rank (the `sim_hosts
 The fault-free comparison uses two names of this machine (localhost and 127.0.0.1), which
 Horovod's elastic driver counts as two hosts.
 """
+
 import json
 import math
 import os
@@ -18,17 +19,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import ROOT
 from torch.utils.data.distributed import DistributedSampler
 
-from conftest import ROOT
 from hvdsgd import checkpoint, data
 
 HOSTS = ("localhost", "127.0.0.1")  # two names of this machine
-SIM = ("127.0.0.1", "127.0.0.2")     # this machine and a simulated host, reached through ssh
+SIM = ("127.0.0.1", "127.0.0.2")  # this machine and a simulated host, reached through ssh
 EXE = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
 
 
 # ------------------------------------------------------------------------------ the sampler
+
 
 @pytest.mark.parametrize("n", [1437, 10, 7])
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -65,6 +67,7 @@ def test_the_rest_of_an_epoch_is_split_over_the_new_ranks(before, after):
 
 
 # ----------------------------------------------------------------------------- elastic runs
+
 
 def discovery(tmp_path, *hosts):
     """A discovery script printing the hosts in ``tmp_path/hosts`` (1 slot each)."""
@@ -105,8 +108,14 @@ def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS, elastic=True, 
     ranks = tmp_path / "ranks"
     ranks.mkdir(exist_ok=True)
     if elastic:
-        how = ["--min-np", str(min_np), "--max-np", str(max_np),
-               "--host-discovery-script", str(discovery(tmp_path, *hosts))]
+        how = [
+            "--min-np",
+            str(min_np),
+            "--max-np",
+            str(max_np),
+            "--host-discovery-script",
+            str(discovery(tmp_path, *hosts)),
+        ]
         if len(hosts) == 1:
             # Horovod finds the hosts' common network interface by probing two of them; an
             # elastic job that starts on one host must name the interface.
@@ -116,12 +125,34 @@ def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS, elastic=True, 
     if sim is not None:
         how += sim.ssh_args
     log = open(tmp_path / "horovodrun.log", "w")
-    STARTED.append(subprocess.Popen(
-        [EXE, "-np", str(np_), *how, "--gloo", sys.executable, "tests/elastic_rank.py",
-         "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1", *flags],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env={**(sim.env() if sim else os.environ), "PYTHONPATH": str(ROOT),
-             "PYTHONUNBUFFERED": "1", "HVDSGD_TEST_RANKS": str(ranks)}))
+    STARTED.append(
+        subprocess.Popen(
+            [
+                EXE,
+                "-np",
+                str(np_),
+                *how,
+                "--gloo",
+                sys.executable,
+                "tests/elastic_rank.py",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--threads",
+                "1",
+                *flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={
+                **(sim.env() if sim else os.environ),
+                "PYTHONPATH": str(ROOT),
+                "PYTHONUNBUFFERED": "1",
+                "HVDSGD_TEST_RANKS": str(ranks),
+            },
+        )
+    )
     return STARTED[-1]
 
 
@@ -149,8 +180,10 @@ def rank_on(host):
     """The rank process that horovodrun started on ``host``."""
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "tests/elastic_rank.py" in (p.info["cmdline"] or []) and \
-                    p.environ().get("HOROVOD_HOSTNAME") == host:
+            if (
+                "tests/elastic_rank.py" in (p.info["cmdline"] or [])
+                and p.environ().get("HOROVOD_HOSTNAME") == host
+            ):
                 return p
         except psutil.Error:
             pass
@@ -169,12 +202,13 @@ def metrics(tmp_path):
 def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
     commit = 8
     # 8 epochs: after 5, one rank reaches 97.5% but a run with a reset 96.9% (CI, once).
-    proc = launch(tmp_path, 2, ["--epochs", "8", "--commit-every", str(commit)], hosts=SIM,
-                  sim=sim_hosts)
+    proc = launch(
+        tmp_path, 2, ["--epochs", "8", "--commit-every", str(commit)], hosts=SIM, sim=sim_hosts
+    )
     wait_for(tmp_path, proc, r"epoch +1/8")
     time.sleep(0.5)  # into epoch 2
     set_hosts(tmp_path, SIM[0])  # the discovery script drops the host ...
-    rank_on(SIM[1]).kill()       # ... whose rank dies (SIGKILL, as the OOM killer does)
+    rank_on(SIM[1]).kill()  # ... whose rank dies (SIGKILL, as the OOM killer does)
     status, lines, reports = finish(tmp_path, proc)
     assert status == 0, "\n".join(lines[-30:])
     s = summary(tmp_path)
@@ -182,9 +216,11 @@ def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
     assert (reset["cause"], reset["from"], reset["to"]) == ("rank lost", 2, 1)
     assert 0 <= reset["steps_redone"] <= commit and reset["step"] % commit == 0
     said = [l for l in lines if l.startswith("rank lost:")]
-    assert said == [f"rank lost: 2 -> 1 ranks; resuming epoch {reset['epoch']} at step "
-                    f"{reset['step']} ({reset['steps_redone']} step"
-                    f"{'s' * (reset['steps_redone'] != 1)} redone)"], lines
+    assert said == [
+        f"rank lost: 2 -> 1 ranks; resuming epoch {reset['epoch']} at step "
+        f"{reset['step']} ({reset['steps_redone']} step"
+        f"{'s' * (reset['steps_redone'] != 1)} redone)"
+    ], lines
     assert s["world_size"] == 1 and s["test_accuracy"] >= 0.97, s["test_accuracy"]
     rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == list(range(1, 9))
@@ -198,15 +234,35 @@ def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
 @pytest.mark.multihost
 def test_a_host_added_mid_run_joins_and_every_rank_ends_identical(tmp_path, sim_hosts):
     # A constant rate shows the Horovod recipe at work: the peak is --lr x ranks.
-    proc = launch(tmp_path, 1, ["--epochs", "4", "--commit-every", "5", "--scheduler", "constant",
-                                "--warmup-epochs", "0", "--lr", "0.01"], hosts=SIM[:1], sim=sim_hosts)
+    proc = launch(
+        tmp_path,
+        1,
+        [
+            "--epochs",
+            "4",
+            "--commit-every",
+            "5",
+            "--scheduler",
+            "constant",
+            "--warmup-epochs",
+            "0",
+            "--lr",
+            "0.01",
+        ],
+        hosts=SIM[:1],
+        sim=sim_hosts,
+    )
     wait_for(tmp_path, proc, r"epoch +1/4")
     set_hosts(tmp_path, *SIM)
     status, lines, reports = finish(tmp_path, proc)
     assert status == 0, "\n".join(lines[-30:])
     [reset] = summary(tmp_path)["elastic"]["resets"]
-    assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == \
-        ("host added", 1, 2, 0)
+    assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == (
+        "host added",
+        1,
+        2,
+        0,
+    )
     assert summary(tmp_path)["world_size"] == 2
     assert sorted(r["host"] for r in reports) == sorted(SIM)
     assert len({r["digest"] for r in reports}) == 1, reports  # identical parameters
@@ -225,8 +281,12 @@ def test_a_host_removed_mid_run_leaves_quietly_and_the_rest_goes_on(tmp_path, si
     print("\n".join(lines))
     assert status == 0, "\n".join(lines[-30:])
     [reset] = summary(tmp_path)["elastic"]["resets"]
-    assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == \
-        ("host removed", 2, 1, 0)
+    assert (reset["cause"], reset["from"], reset["to"], reset["steps_redone"]) == (
+        "host removed",
+        2,
+        1,
+        0,
+    )
     assert all(r["train_samples"] == 1437 for r in metrics(tmp_path))
     assert [r["host"] for r in reports] == [SIM[0]]
     assert not any("Traceback" in l or "terminate called" in l for l in lines), lines
@@ -242,23 +302,37 @@ def test_an_elastic_run_without_a_fault_equals_the_fixed_run(tmp_path):
         assert status == 0, "\n".join(lines[-30:])
         assert len({r["digest"] for r in reports}) == 1
     # Bitwise: the commits copy and sum metrics, but never touch a weight or the data order.
-    fixed, elastic = (torch.load(tmp_path / n / "run" / checkpoint.NAME, weights_only=True)
-                      for n in ("fixed", "elastic"))
+    fixed, elastic = (
+        torch.load(tmp_path / n / "run" / checkpoint.NAME, weights_only=True)
+        for n in ("fixed", "elastic")
+    )
     for key, value in fixed["model"].items():
         assert torch.equal(value, elastic["model"][key]), key
-    assert "elastic" in summary(tmp_path / "elastic") and "elastic" not in summary(tmp_path / "fixed")
+    assert "elastic" in summary(tmp_path / "elastic") and "elastic" not in summary(
+        tmp_path / "fixed"
+    )
 
 
 def test_shared_buffer_strategies_refuse_an_elastic_launch():
     proc = subprocess.run(
         [sys.executable, "-m", "hvdsgd.train", "--strategy", "hogwild", "--dry-run"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_ELASTIC": "1", "HOROVOD_RANK": "0",
-             "HOROVOD_SIZE": "1"})
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HOROVOD_ELASTIC": "1",
+            "HOROVOD_RANK": "0",
+            "HOROVOD_SIZE": "1",
+        },
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "hvdsgd: error: --strategy hogwild runs on one host and cannot be elastic; run it as "
-        "one plain process: python -m hvdsgd.train --strategy hogwild --workers N"], proc.stderr
+        "one plain process: python -m hvdsgd.train --strategy hogwild --workers N"
+    ], proc.stderr
 
 
 def test_host_discovery_runs_the_script_without_a_python_middleman(tmp_path, monkeypatch):
@@ -269,12 +343,15 @@ def test_host_discovery_runs_the_script_without_a_python_middleman(tmp_path, mon
 
     def spawn(*args, **kwargs):
         raise AssertionError("the discovery script went through safe_shell_exec")
+
     monkeypatch.setattr(safe_shell_exec, "execute", spawn)
     script = tmp_path / "discover.sh"
     script.write_text("#!/bin/sh\necho host1:2\necho host2\n")
     script.chmod(0o755)
-    assert HostDiscoveryScript(str(script), 3).find_available_hosts_and_slots() == \
-        {"host1": 2, "host2": 3}
+    assert HostDiscoveryScript(str(script), 3).find_available_hosts_and_slots() == {
+        "host1": 2,
+        "host2": 3,
+    }
     script.write_text("#!/bin/sh\nexit 3\n")
     with pytest.raises(RuntimeError, match="Exit code: 3"):
         HostDiscoveryScript(str(script), 3).find_available_hosts_and_slots()

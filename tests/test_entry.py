@@ -1,4 +1,5 @@
 """``python -m hvdsgd``: the entry points and launch lines, fast, without torch or Horovod."""
+
 import importlib.util
 import os
 import re
@@ -17,8 +18,14 @@ def hvdsgd_main(*args, python_flags=()):
     """``python [FLAGS] -m hvdsgd ARGS``; the CompletedProcess and its wall time in seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, *python_flags, "-m", "hvdsgd", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30, env=env)
+    proc = subprocess.run(
+        [sys.executable, *python_flags, "-m", "hvdsgd", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     return proc, time.monotonic() - start
 
 
@@ -26,22 +33,31 @@ def test_lists_version_entry_points_and_launch_lines_without_torch():
     proc, seconds = hvdsgd_main(python_flags=("-X", "importtime"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0] == f"hvdsgd {hvdsgd.__version__}: parallel and distributed training with PyTorch"
+    assert (
+        lines[0] == f"hvdsgd {hvdsgd.__version__}: parallel and distributed training with PyTorch"
+    )
     for name, what in ENTRY_POINTS.items():  # one line each
         assert [l for l in lines if l.split()[:1] == [name]] == [f"  {name:<13}  {what}"]
-    for command in ["horovodrun -np 4 python -m hvdsgd.train", "python -m hvdsgd.build_horovod",
-                    *LAUNCH]:
+    for command in [
+        "horovodrun -np 4 python -m hvdsgd.train",
+        "python -m hvdsgd.build_horovod",
+        *LAUNCH,
+    ]:
         assert sum(l.strip().startswith(command + " ") for l in lines) == 1, command
-    imported = {l.split("|")[-1].strip() for l in proc.stderr.splitlines()
-                if l.startswith("import time:")}
+    imported = {
+        l.split("|")[-1].strip() for l in proc.stderr.splitlines() if l.startswith("import time:")
+    }
     assert "hvdsgd.__main__" in imported or "hvdsgd" in imported  # importtime did report
     heavy = sorted(m for m in imported if re.match(r"(torch|horovod)(\.|$)", m))
     assert heavy == [] and seconds < 5, (heavy, seconds)
 
 
 def test_every_entry_point_listed_runs_and_every_runnable_module_is_listed():
-    runnable = {p.stem for p in (ROOT / "hvdsgd").glob("*.py")
-                if 'if __name__ == "__main__":' in p.read_text() and p.stem != "__main__"}
+    runnable = {
+        p.stem
+        for p in (ROOT / "hvdsgd").glob("*.py")
+        if 'if __name__ == "__main__":' in p.read_text() and p.stem != "__main__"
+    }
     runnable |= {p.parent.name for p in (ROOT / "hvdsgd").glob("*/__main__.py")}
     assert set(ENTRY_POINTS) == runnable
     for name in ENTRY_POINTS:
@@ -53,15 +69,22 @@ def test_every_entry_point_listed_runs_and_every_runnable_module_is_listed():
 def test_version():
     proc, _ = hvdsgd_main("--version")
     assert proc.returncode == 0 and proc.stderr == ""
-    assert re.fullmatch(rf"hvdsgd {re.escape(hvdsgd.__version__)} \(torch [^,]+, horovod [^)]+\)\n",
-                        proc.stdout), proc.stdout
+    assert re.fullmatch(
+        rf"hvdsgd {re.escape(hvdsgd.__version__)} \(torch [^,]+, horovod [^)]+\)\n", proc.stdout
+    ), proc.stdout
 
 
-@pytest.mark.parametrize("args, line", [
-    (["--bogus"], "hvdsgd: error: unrecognized arguments: --bogus (see --help)"),
-    (["train"], "hvdsgd: error: unrecognized arguments: train (see --help)"),
-    (["--vers"], "hvdsgd: error: unrecognized arguments: --vers (see --help)"),  # no abbreviations
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--bogus"], "hvdsgd: error: unrecognized arguments: --bogus (see --help)"),
+        (["train"], "hvdsgd: error: unrecognized arguments: train (see --help)"),
+        (
+            ["--vers"],
+            "hvdsgd: error: unrecognized arguments: --vers (see --help)",
+        ),  # no abbreviations
+    ],
+)
 def test_unknown_arguments_are_one_line_and_exit_2(args, line):
     proc, _ = hvdsgd_main(*args)
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", line + "\n")

@@ -1,25 +1,34 @@
 """The entry-point wrapper: one line and the usual exit status, whatever ends the run."""
+
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT
 
 
 def entry(body: str, env=None):
-    code = textwrap.dedent("""
+    code = (
+        textwrap.dedent("""
         import multiprocessing, signal
         from hvdsgd.errors import UsageError, Terminated, exit_on_usage_error
 
         @exit_on_usage_error
         def main():
-        """) + textwrap.indent(textwrap.dedent(body), "    ") + "\nmain()\n"
+        """)
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + "\nmain()\n"
+    )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, env={**clean, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def test_a_signal_wrapped_by_an_import_is_still_one_line():
@@ -48,8 +57,15 @@ def test_under_another_launcher_only_rank_0_speaks_and_nobody_waits(rank, lines)
 
 
 def test_files_are_never_world_writable_even_under_umask_0(tmp_path):
-    proc = subprocess.run(["sh", "-c", f"umask 000; {sys.executable} -c \"from hvdsgd.errors import "
-                           f"exit_on_usage_error as w; w(lambda: open('{tmp_path}/g', 'w'))()\""],
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    proc = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'umask 000; {sys.executable} -c "from hvdsgd.errors import '
+            f"exit_on_usage_error as w; w(lambda: open('{tmp_path}/g', 'w'))()\"",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
     assert proc.returncode == 0
     assert not (tmp_path / "g").stat().st_mode & 0o002

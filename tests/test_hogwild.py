@@ -1,4 +1,5 @@
 """HOGWILD and the parameter-server strategies end to end: accuracy, run directory, faults."""
+
 import json
 import os
 import signal
@@ -23,13 +24,25 @@ def ours(pid: int) -> list[str]:
 
 
 def train_cmd(out, *args):
-    return [sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--out", str(out),
-            "--no-progress", "--eval-interval", "0.5", *args]
+    return [
+        sys.executable,
+        "-m",
+        "hvdsgd.train",
+        "--model",
+        "mlp",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--eval-interval",
+        "0.5",
+        *args,
+    ]
 
 
 def run_train(out, *args, timeout=240):
-    proc = subprocess.run(train_cmd(out, *args), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        train_cmd(out, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     return proc
 
 
@@ -38,6 +51,7 @@ def summary_of(out) -> dict:
 
 
 # ------------------------------------------------------------------------------ units
+
 
 def test_shard_sampler_equal_disjoint_and_reshuffled():
     n, workers = 103, 4
@@ -68,8 +82,9 @@ def test_grad_buffer_receives_backward_in_place():
     ptr = flat.data_ptr()
     flat.zero_()
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    assert flat.data_ptr() == ptr and torch.equal(torch.cat(
-        [p.grad.reshape(-1) for p in model.parameters()]), flat)
+    assert flat.data_ptr() == ptr and torch.equal(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]), flat
+    )
 
 
 def test_shared_model_views_are_live_and_unlinked():
@@ -92,11 +107,23 @@ def test_shared_model_views_are_live_and_unlinked():
 
 # ----------------------------------------------------------------------- end to end
 
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     # 60 epochs: each worker's epoch is its own 1/workers shard; the whole run lasts ~1 s.
-    proc = run_train(tmp_path, "--strategy", "hogwild", "--workers", str(workers), "--lr", "0.05",
-                     "--epochs", "60", "--eval-interval", "0.02")
+    proc = run_train(
+        tmp_path,
+        "--strategy",
+        "hogwild",
+        "--workers",
+        str(workers),
+        "--lr",
+        "0.05",
+        "--epochs",
+        "60",
+        "--eval-interval",
+        "0.02",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(tmp_path)
     # Reached 97% on the clock (the parent evaluates the live weights every 20 ms); the last
@@ -104,8 +131,15 @@ def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     assert s["time_to_accuracy_s"]["0.97"] is not None, s["test_accuracy"]
     assert s["test_accuracy"] >= 0.96, s["test_accuracy"]
     assert s["strategy"] == "hogwild" and s["workers"] == workers == s["world_size"]
-    for key in ("staleness_mean", "staleness_p95", "staleness_max", "samples_per_sec",
-                "test_macro_f1", "time_to_accuracy_s", "updates"):
+    for key in (
+        "staleness_mean",
+        "staleness_p95",
+        "staleness_max",
+        "samples_per_sec",
+        "test_macro_f1",
+        "time_to_accuracy_s",
+        "updates",
+    ):
         assert s[key] is not None, key
     assert s["updates"] > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -119,8 +153,9 @@ def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     assert "staleness" in proc.stdout
 
 
-@pytest.mark.parametrize("strategy", ["sync", "async-apply", "async-deferred", "lockfree",
-                                      "sharded", "atomic", "locked"])
+@pytest.mark.parametrize(
+    "strategy", ["sync", "async-apply", "async-deferred", "lockfree", "sharded", "atomic", "locked"]
+)
 def test_every_policy_reaches_95_percent(tmp_path, strategy):
     proc = run_train(tmp_path, "--strategy", strategy, "--workers", "2", "--lr", "0.05")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -135,9 +170,15 @@ def test_every_policy_reaches_95_percent(tmp_path, strategy):
 
 # ---------------------------------------------------------------------------- faults
 
+
 def _start(tmp_path, *args):
-    return subprocess.Popen(train_cmd(tmp_path, "--epochs", "3000", *args), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        train_cmd(tmp_path, "--epochs", "3000", *args),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _workers_of(pid: int, n: int, timeout=60.0) -> list:
@@ -171,9 +212,23 @@ def _wait_training(tmp_path, timeout=60.0):
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_killed_worker_is_reported(tmp_path, mode):
     epochs = "3000"  # seconds of training: the kill lands mid-run
-    proc = subprocess.Popen(train_cmd(tmp_path, "--strategy", "hogwild", "--workers", "2",
-                                      "--epochs", epochs, "--on-worker-failure", mode),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            tmp_path,
+            "--strategy",
+            "hogwild",
+            "--workers",
+            "2",
+            "--epochs",
+            epochs,
+            "--on-worker-failure",
+            mode,
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     victim = _workers_of(proc.pid, 2)[1]
     _wait_training(tmp_path)
     victim.send_signal(signal.SIGKILL)
@@ -194,9 +249,14 @@ def test_killed_worker_is_reported(tmp_path, mode):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_parent_stops_workers_and_unlinks(tmp_path, sig):
     import psutil
-    proc = subprocess.Popen(train_cmd(tmp_path, "--strategy", "locked", "--workers", "2",
-                                      "--epochs", "400"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "--strategy", "locked", "--workers", "2", "--epochs", "400"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kids = _workers_of(proc.pid, 2)
     assert ours(proc.pid), "the segment exists while the workers start"
     proc.send_signal(sig)
@@ -231,14 +291,17 @@ def test_exception_in_parent_stops_workers_and_unlinks(tmp_path, monkeypatch):
     assert ours(os.getpid()) == []
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--strategy", "sharded", "--shards", "1"], "--shards >= 2"),
-    (["--strategy", "hogwild", "--optimizer", "adamw"], "--optimizer sgd"),
-    (["--strategy", "hogwild", "--workers", "0"], "--workers must be >= 1"),
-    (["--strategy", "sync", "--on-worker-failure", "continue"], "abort"),
-    (["--strategy", "hogwild", "--resume"], "allreduce only"),
-    (["--strategy", "nope"], "unknown strategy"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--strategy", "sharded", "--shards", "1"], "--shards >= 2"),
+        (["--strategy", "hogwild", "--optimizer", "adamw"], "--optimizer sgd"),
+        (["--strategy", "hogwild", "--workers", "0"], "--workers must be >= 1"),
+        (["--strategy", "sync", "--on-worker-failure", "continue"], "abort"),
+        (["--strategy", "hogwild", "--resume"], "allreduce only"),
+        (["--strategy", "nope"], "unknown strategy"),
+    ],
+)
 def test_bad_input(tmp_path, args, needle):
     proc = run_train(tmp_path, *args, timeout=60)
     assert proc.returncode == 2

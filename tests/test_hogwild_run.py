@@ -1,5 +1,6 @@
 """HOGWILD runs as a user sees them: epoch lines, sample counts, threads, start-up progress,
 interruption (a checkpoint, one line, 128 + signal) and errors after training started."""
+
 import json
 import os
 import re
@@ -11,13 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from test_hogwild import ROOT, _wait_training, _workers_of, ours, run_train, summary_of
 
 from hvdsgd import checkpoint, data, models, report
 from hvdsgd.config import TrainConfig
 from hvdsgd.errors import UsageError
 from hvdsgd.strategies import shared
-
-from test_hogwild import ROOT, _wait_training, _workers_of, ours, run_train, summary_of
 
 N_TRAIN = 1437  # digits: the fixed 80% training split
 
@@ -30,8 +30,9 @@ def _rows(out) -> list[dict]:
 def default_run(tmp_path_factory):
     """The issue's command (2 workers, the default 15 epochs), evaluated every 20 ms."""
     out = tmp_path_factory.mktemp("hogwild") / "run"
-    proc = run_train(out, "--strategy", "hogwild", "--workers", "2", "--eval-interval", "0.02",
-                     timeout=180)
+    proc = run_train(
+        out, "--strategy", "hogwild", "--workers", "2", "--eval-interval", "0.02", timeout=180
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, out
 
@@ -67,8 +68,19 @@ def test_threads_default_to_one_per_worker(default_run):
 def test_threads_oversubscription_warning_and_start_progress(tmp_path):
     cores = len(os.sched_getaffinity(0))
     workers = max(6, 3 * cores)
-    proc = run_train(tmp_path, "--strategy", "hogwild", "--workers", str(workers), "--threads",
-                     "2", "--epochs", "1", "--progress", timeout=180)
+    proc = run_train(
+        tmp_path,
+        "--strategy",
+        "hogwild",
+        "--workers",
+        str(workers),
+        "--threads",
+        "2",
+        "--epochs",
+        "1",
+        "--progress",
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     warnings = [ln for ln in out.splitlines() if "oversubscribed" in ln]
@@ -86,14 +98,36 @@ def test_threads_oversubscription_warning_and_start_progress(tmp_path):
 
 # ------------------------------------------------------------------------- interruption
 
-@pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "hvdsgd: stopped by SIGTERM"),
-                                           (signal.SIGINT, 130, "hvdsgd: interrupted")])
+
+@pytest.mark.parametrize(
+    "sig,code,line",
+    [
+        (signal.SIGTERM, 143, "hvdsgd: stopped by SIGTERM"),
+        (signal.SIGINT, 130, "hvdsgd: interrupted"),
+    ],
+)
 def test_interrupted_run_writes_a_weights_only_checkpoint(tmp_path, sig, code, line):
-    cmd = [sys.executable, "-m", "hvdsgd.train", "--model", "mlp", "--out", str(tmp_path),
-           "--no-progress", "--eval-interval", "0.2", "--strategy", "hogwild", "--workers", "2",
-           "--epochs", "3000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hvdsgd.train",
+        "--model",
+        "mlp",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--eval-interval",
+        "0.2",
+        "--strategy",
+        "hogwild",
+        "--workers",
+        "2",
+        "--epochs",
+        "3000",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         kids = _workers_of(proc.pid, 2)
         _wait_training(tmp_path)
@@ -103,8 +137,9 @@ def test_interrupted_run_writes_a_weights_only_checkpoint(tmp_path, sig, code, l
         proc.kill()
     assert proc.returncode == code, out + err
     assert err.strip().splitlines() == [line], err  # one line, no resource-tracker warning
-    assert ours(proc.pid) == [] and not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE
-                                            for k in kids)
+    assert ours(proc.pid) == [] and not any(
+        k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids
+    )
     state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
     model = models.build("mlp", (1, 8, 8), 10)
     assert state["model"].keys() == model.state_dict().keys()
@@ -118,13 +153,16 @@ def test_interrupted_run_writes_a_weights_only_checkpoint(tmp_path, sig, code, l
 
 # ----------------------------------------------------------- errors after training starts
 
+
 def _our_workers() -> list:
     """This process's HOGWILD workers still running (not the resource tracker)."""
+
     def alive_worker(c) -> bool:
         try:
             return c.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(c.cmdline())
         except psutil.Error:
             return False
+
     return [c for c in psutil.Process().children() if alive_worker(c)]
 
 
@@ -138,8 +176,9 @@ def test_write_error_after_start_stops_workers_and_unlinks(tmp_path, monkeypatch
         monkeypatch.setattr(checkpoint, "save", _fail)
     else:
         monkeypatch.setattr(report.RunDir, "log_epoch", _fail)
-    cfg = TrainConfig(model="mlp", strategy="hogwild", workers=2, epochs=2, out=str(tmp_path),
-                      progress=False)
+    cfg = TrainConfig(
+        model="mlp", strategy="hogwild", workers=2, epochs=2, out=str(tmp_path), progress=False
+    )
     with pytest.raises(UsageError, match="Is a directory"):
         shared.run(cfg, data.load_digits())
     assert ours(os.getpid()) == []
@@ -154,8 +193,9 @@ def test_directory_at_checkpoint_path_is_a_usage_error(tmp_path, monkeypatch):
         (self.path / checkpoint.NAME).mkdir()
 
     monkeypatch.setattr(report.RunDir, "write_summary", and_block_the_checkpoint)
-    cfg = TrainConfig(model="mlp", strategy="hogwild", workers=2, epochs=1, out=str(tmp_path),
-                      progress=False)
+    cfg = TrainConfig(
+        model="mlp", strategy="hogwild", workers=2, epochs=1, out=str(tmp_path), progress=False
+    )
     with pytest.raises(UsageError, match=re.escape(str(tmp_path / checkpoint.NAME))):
         shared.run(cfg, data.load_digits())
     assert ours(os.getpid()) == [] and _our_workers() == []

@@ -1,12 +1,13 @@
 """hvdsgd.lottery: magnitude pruning, masked training, and the command line."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, horovodrun
+
 from hvdsgd import lottery, models
 from hvdsgd.errors import UsageError
 
@@ -20,9 +21,13 @@ def mlp(seed: int = 0) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- pruning
 
+
 def test_prunable_weights_are_conv_and_linear_weights_only():
-    assert list(lottery.prunable(models.build("cnn", (1, 28, 28), 10))) == \
-        ["0.weight", "3.weight", "7.weight"]
+    assert list(lottery.prunable(models.build("cnn", (1, 28, 28), 10))) == [
+        "0.weight",
+        "3.weight",
+        "7.weight",
+    ]
     assert list(lottery.prunable(mlp())) == ["1.weight", "3.weight"]
 
 
@@ -72,15 +77,18 @@ def test_rounds_prune_the_same_fraction_of_survivors_and_masks_are_nested():
 
 # --------------------------------------------------------------------- masked training
 
+
 def test_pruned_weights_stay_exactly_zero_through_training():
-    cfg = lottery.LotteryConfig(model="mlp", epochs=2, lr=0.1, momentum=0.9, weight_decay=1e-2,
-                                progress=False)
+    cfg = lottery.LotteryConfig(
+        model="mlp", epochs=2, lr=0.1, momentum=0.9, weight_decay=1e-2, progress=False
+    )
     ds = lottery._dataset(cfg)
     model = mlp()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     masks = lottery.prune(lottery.prunable(model), 0.7)
-    result = lottery.train_masked(cfg, model, masks, (ds.train_x, ds.train_y),
-                                  (ds.test_x, ds.test_y), 10, seed=1)
+    result = lottery.train_masked(
+        cfg, model, masks, (ds.train_x, ds.train_y), (ds.test_x, ds.test_y), 10, seed=1
+    )
     assert result["updates"] == 46 and result["test_accuracy"] > 0.5
     params = dict(model.named_parameters())
     for name, m in masks.items():
@@ -91,6 +99,7 @@ def test_pruned_weights_stay_exactly_zero_through_training():
     free = mlp()
     lottery.apply_masks(free, masks)
     from hvdsgd.strategies.local import fit
+
     fit(cfg, free, (ds.train_x, ds.train_y), (ds.test_x, ds.test_y), 10, seed=1)
     assert int(torch.count_nonzero(free.get_parameter("1.weight")[~masks["1.weight"]])) > 0
 
@@ -101,8 +110,9 @@ def test_each_round_prunes_the_trained_weights_and_resets_survivors_to_theta_k(m
     calls, real = [], lottery.train_masked
 
     def spy(cfg, model, masks, *args):
-        calls.append({"start": {k: v.clone() for k, v in model.state_dict().items()},
-                      "masks": masks})
+        calls.append(
+            {"start": {k: v.clone() for k, v in model.state_dict().items()}, "masks": masks}
+        )
         out = real(cfg, model, masks, *args)
         calls[-1]["end"] = {k: v.clone() for k, v in model.state_dict().items()}
         return out
@@ -118,8 +128,9 @@ def test_each_round_prunes_the_trained_weights_and_resets_survivors_to_theta_k(m
     for i, c in enumerate(calls):
         assert all(torch.equal(c["masks"][k], expected[k]) for k in expected)
         if i + 1 < len(calls):  # the next round prunes this round's trained survivors
-            expected = lottery.prune({k: c["end"][k] for k in expected}, [0.75, 0.875][i],
-                                     c["masks"])
+            expected = lottery.prune(
+                {k: c["end"][k] for k in expected}, [0.75, 0.875][i], c["masks"]
+            )
     assert r["achieved_sparsity"] == pytest.approx(0.875, abs=1 / 3700)
     assert r["reset_step"] == 7 and r["updates"] == 3 * 23 and len(r["per_round"]) == 3
 
@@ -135,11 +146,31 @@ def test_amdahl_figures():
 
 # ----------------------------------------------------------------------- command line
 
+
 def run_lottery(out, *args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "hvdsgd.lottery", "--model", "mlp", "--epochs",
-                           "1", "--sparsities", "0.5,0.8", "--reset-steps", "0,5", "--no-progress",
-                           "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvdsgd.lottery",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--sparsities",
+            "0.5,0.8",
+            "--reset-steps",
+            "0,5",
+            "--no-progress",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_tickets(s: dict) -> None:
@@ -154,7 +185,8 @@ def check_tickets(s: dict) -> None:
         assert r["remaining_weights"] == 3700 - round(sparsity * 3700)
         assert r["pruned_nonzero"] == 0 and r["updates"] == 2 * 23 and r["error"] is None
         assert [p["sparsity"] for p in r["per_round"]] == pytest.approx(
-            lottery.round_sparsities(sparsity, 2), abs=1 / 3700)
+            lottery.round_sparsities(sparsity, 2), abs=1 / 3700
+        )
     assert rows[(0.5, 0)]["test_loss"] != rows[(0.5, 5)]["test_loss"]  # different rewind points
 
 
@@ -183,8 +215,10 @@ def test_lottery_compare_serial_reports_speedup_against_amdahl(tmp_path):
     f = s["serial_phase_s"] / (s["serial_phase_s"] + s["serial"]["tickets_s"])
     assert s["serial_fraction"] == pytest.approx(f) and s["serial_fraction_from"] == "serial run"
     assert s["amdahl_speedup"] == pytest.approx(1 / (f + (1 - f) / 2))
-    assert s["speedup"] == pytest.approx((s["serial_phase_s"] + s["serial"]["tickets_s"])
-                                         / (s["serial_phase_s"] + s["parallel_phase_s"]))
+    assert s["speedup"] == pytest.approx(
+        (s["serial_phase_s"] + s["serial"]["tickets_s"])
+        / (s["serial_phase_s"] + s["parallel_phase_s"])
+    )
     assert s["efficiency"] == pytest.approx(s["speedup"] / 2)
     assert s["identical_per_task"] is True
     for png in ("accuracy.png", "cpu.png"):
@@ -193,19 +227,47 @@ def test_lottery_compare_serial_reports_speedup_against_amdahl(tmp_path):
 
 
 def per_task(out) -> list[tuple]:
-    return [(r["name"], r["result"]["test_accuracy"], r["result"]["test_loss"],
-             r["result"]["achieved_sparsity"])
-            for r in map(json.loads, (out / "tasks.jsonl").read_text().splitlines())]
+    return [
+        (
+            r["name"],
+            r["result"]["test_accuracy"],
+            r["result"]["test_loss"],
+            r["result"]["achieved_sparsity"],
+        )
+        for r in map(json.loads, (out / "tasks.jsonl").read_text().splitlines())
+    ]
 
 
 @pytest.mark.dist
 def test_lottery_under_horovod_matches_a_serial_run(tmp_path):
     serial, ranks = tmp_path / "serial", tmp_path / "hvd"
-    lottery.lottery(lottery.LotteryConfig(model="mlp", epochs=1, sparsities="0.5,0.8",
-                                          reset_steps="0,5", serial=True, progress=False,
-                                          out=str(serial)))
-    proc = horovodrun(2, "-m", "hvdsgd.lottery", "--model", "mlp", "--epochs", "1", "--sparsities",
-                      "0.5,0.8", "--reset-steps", "0,5", "--no-progress", "--out", str(ranks))
+    lottery.lottery(
+        lottery.LotteryConfig(
+            model="mlp",
+            epochs=1,
+            sparsities="0.5,0.8",
+            reset_steps="0,5",
+            serial=True,
+            progress=False,
+            out=str(serial),
+        )
+    )
+    proc = horovodrun(
+        2,
+        "-m",
+        "hvdsgd.lottery",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--sparsities",
+        "0.5,0.8",
+        "--reset-steps",
+        "0,5",
+        "--no-progress",
+        "--out",
+        str(ranks),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert per_task(serial) == per_task(ranks)
     rows = (ranks / "tasks.jsonl").read_text().splitlines()
@@ -222,8 +284,16 @@ def test_lottery_a_failing_ticket_is_reported_and_exits_nonzero(monkeypatch, cap
         return real(cfg, sparsity, reset_step, **kw)
 
     monkeypatch.setattr(lottery, "find_ticket", flaky)
-    cfg = lottery.LotteryConfig(model="mlp", epochs=1, sparsities="0.5,0.8", reset_steps="0,5",
-                                rounds=1, serial=True, progress=False, out=str(tmp_path))
+    cfg = lottery.LotteryConfig(
+        model="mlp",
+        epochs=1,
+        sparsities="0.5,0.8",
+        reset_steps="0,5",
+        rounds=1,
+        serial=True,
+        progress=False,
+        out=str(tmp_path),
+    )
     with pytest.raises(SystemExit) as e:
         lottery.lottery(cfg)
     assert e.value.code == 1
@@ -235,21 +305,26 @@ def test_lottery_a_failing_ticket_is_reported_and_exits_nonzero(monkeypatch, cap
     assert (s["mode"], s["workers"], s["amdahl_speedup"]) == ("serial", 1, 1.0)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sparsities", "0.5,1.2"], "--sparsities must lie strictly between 0 and 1 (got 1.2)"),
-    (["--sparsities", "half"], "--sparsities must be comma-separated fractions in (0, 1)"),
-    (["--sparsities", "0.5,0.5"], "--sparsities lists a value twice"),
-    (["--reset-steps", "0,-3"], "--reset-steps must be >= 0 (got -3)"),
-    (["--reset-steps", "0,1.5"], "--reset-steps must be comma-separated update counts"),
-    (["--rounds", "0"], "--rounds must be >= 1 (got 0)"),
-    (["--serial", "--compare-serial"], "--serial and --compare-serial exclude each other"),
-    (["--start-method", "teleport"], "--start-method must be one of"),
-    (["--start-method", "fork", "--task-threads", "2"],
-     "--start-method fork cannot run --task-threads 2"),
-    (["--resume"], "--resume applies to python -m hvdsgd.train"),
-    (["--tensorboard"], "--tensorboard applies to python -m hvdsgd.train"),
-    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsities", "0.5,1.2"], "--sparsities must lie strictly between 0 and 1 (got 1.2)"),
+        (["--sparsities", "half"], "--sparsities must be comma-separated fractions in (0, 1)"),
+        (["--sparsities", "0.5,0.5"], "--sparsities lists a value twice"),
+        (["--reset-steps", "0,-3"], "--reset-steps must be >= 0 (got -3)"),
+        (["--reset-steps", "0,1.5"], "--reset-steps must be comma-separated update counts"),
+        (["--rounds", "0"], "--rounds must be >= 1 (got 0)"),
+        (["--serial", "--compare-serial"], "--serial and --compare-serial exclude each other"),
+        (["--start-method", "teleport"], "--start-method must be one of"),
+        (
+            ["--start-method", "fork", "--task-threads", "2"],
+            "--start-method fork cannot run --task-threads 2",
+        ),
+        (["--resume"], "--resume applies to python -m hvdsgd.train"),
+        (["--tensorboard"], "--tensorboard applies to python -m hvdsgd.train"),
+        (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    ],
+)
 def test_bad_flags_are_one_clear_usage_error(args, message):
     with pytest.raises(UsageError) as e:
         lottery.parse_args(args, cls=lottery.LotteryConfig)
@@ -259,33 +334,55 @@ def test_bad_flags_are_one_clear_usage_error(args, message):
 def test_default_reset_steps_follow_the_dense_run(tmp_path):
     auto = lottery.LotteryConfig(model="mlp", epochs=1)
     assert lottery.resolve_reset_steps(auto, 23).reset_list == [0, 5, 18]  # 0, 20%, 80%
-    assert lottery.resolve_reset_steps(auto, 2).reset_list == [0, 2]       # each step once
+    assert lottery.resolve_reset_steps(auto, 2).reset_list == [0, 2]  # each step once
     given = lottery.LotteryConfig(model="mlp", reset_steps="0,7")
     assert lottery.resolve_reset_steps(given, 23) is given
-    s = lottery.lottery(lottery.LotteryConfig(model="mlp", epochs=1, sparsities="0.5", rounds=1,
-                                              serial=True, progress=False, out=str(tmp_path)))
+    s = lottery.lottery(
+        lottery.LotteryConfig(
+            model="mlp",
+            epochs=1,
+            sparsities="0.5",
+            rounds=1,
+            serial=True,
+            progress=False,
+            out=str(tmp_path),
+        )
+    )
     assert s["reset_steps"] == [0, 5, 18] and s["dense"]["updates"] == 23 and not s["failed"]
     assert s["config"]["reset_steps"] == "0,5,18"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--reset-steps", "0,999"], "--reset-steps 999 is past the end of the dense run (23 updates "
-                                 "in 1 epochs); use steps up to 23 or more --epochs"),
-    (["--sparsities", "0.99999", "--reset-steps", "0"],
-     "--sparsities 0.99999 prunes all 3700 prunable weights of mlp"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--reset-steps", "0,999"],
+            "--reset-steps 999 is past the end of the dense run (23 updates "
+            "in 1 epochs); use steps up to 23 or more --epochs",
+        ),
+        (
+            ["--sparsities", "0.99999", "--reset-steps", "0"],
+            "--sparsities 0.99999 prunes all 3700 prunable weights of mlp",
+        ),
+    ],
+)
 def test_impossible_runs_stop_before_training(tmp_path, args, message):
-    cfg = lottery.parse_args(["--model", "mlp", "--epochs", "1", "--out", str(tmp_path), *args],
-                             cls=lottery.LotteryConfig)
+    cfg = lottery.parse_args(
+        ["--model", "mlp", "--epochs", "1", "--out", str(tmp_path), *args],
+        cls=lottery.LotteryConfig,
+    )
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         lottery.lottery(cfg)
     assert not (tmp_path / "summary.json").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--reset-steps", "0,999"], "--reset-steps 999 is past the end of the dense run"),
-    (["--sparsities", "0,0.5"], "--sparsities must lie strictly between 0 and 1 (got 0)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--reset-steps", "0,999"], "--reset-steps 999 is past the end of the dense run"),
+        (["--sparsities", "0,0.5"], "--sparsities must lie strictly between 0 and 1 (got 0)"),
+    ],
+)
 def test_lottery_bad_input_exits_2_with_one_line(tmp_path, args, message):
     proc = run_lottery(tmp_path, *args, timeout=120)
     assert proc.returncode == 2

@@ -1,4 +1,5 @@
 """The model zoo: every model builds, runs forward/backward, and rejects bad arguments."""
+
 import pytest
 import torch
 
@@ -22,8 +23,19 @@ def _n_params(model: torch.nn.Module) -> int:
 
 
 def test_names_in_order():
-    assert models.NAMES == ("mlp", "cnn", "lenet", "alexnet", "vgg11", "vgg16", "mobilenet_v2",
-                            "resnet18", "resnet50", "efficientnet_b0", "vit")
+    assert models.NAMES == (
+        "mlp",
+        "cnn",
+        "lenet",
+        "alexnet",
+        "vgg11",
+        "vgg16",
+        "mobilenet_v2",
+        "resnet18",
+        "resnet50",
+        "efficientnet_b0",
+        "vit",
+    )
 
 
 def test_cnn_parameter_count():
@@ -68,8 +80,9 @@ def test_wrong_input_size():
         models.build("resnet18", (3, 28, 28), 10)
 
 
-@pytest.mark.parametrize("shape, classes", [((1, 28, 28), 1), ((0, 28, 28), 10),
-                                            ((28, 28), 10), ((1, 28, 28), 0)])
+@pytest.mark.parametrize(
+    "shape, classes", [((1, 28, 28), 1), ((0, 28, 28), 10), ((28, 28), 10), ((1, 28, 28), 0)]
+)
 def test_bad_arguments(shape, classes):
     with pytest.raises(UsageError):
         models.build("cnn", shape, classes)

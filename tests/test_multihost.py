@@ -4,6 +4,7 @@
 Run as a script (``python tests/test_multihost.py REPORTS TRAIN-ARGS``), this file is the rank
 side of the training test: it trains with ``hvdsgd.train.main`` and writes what the rank saw.
 """
+
 import hashlib
 import json
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import sim_hosts_script, sim_hosts_unavailable, write_mnist
 
 pytestmark = pytest.mark.multihost
@@ -28,8 +28,11 @@ TRAIN = ("--model", "cnn", "--epochs", "6", "--no-progress")
 
 
 def not_on_a_rank_stdout(proc):
-    return [l for l in (proc.stdout + proc.stderr).splitlines()
-            if l.strip() and not re.match(r"\[\d+\]<stdout>:", l)]
+    return [
+        l
+        for l in (proc.stdout + proc.stderr).splitlines()
+        if l.strip() and not re.match(r"\[\d+\]<stdout>:", l)
+    ]
 
 
 def wait_until(cond, timeout, what):
@@ -61,6 +64,7 @@ def processes_writing(out):
 
 # --------------------------------------------------------------------------- the script
 
+
 def test_sim_hosts_up_is_idempotent_and_down_leaves_nothing(tmp_path):
     state, known = tmp_path / "state", Path.home() / ".ssh" / "known_hosts"
     before = known.read_bytes() if known.exists() else None
@@ -73,17 +77,36 @@ def test_sim_hosts_up_is_idempotent_and_down_leaves_nothing(tmp_path):
         host = psutil.Process(int((state / "sshd-127.0.0.2.pid").read_text()))  # its unshare
         values = dict(l.split("=", 1) for l in first.splitlines())
         assert values["SIM_HOSTS"] == "127.0.0.2"
-        assert f"--ssh-port {values['SIM_SSH_PORT']} --ssh-identity-file {values['SIM_SSH_KEY']}" in up.stdout
+        assert (
+            f"--ssh-port {values['SIM_SSH_PORT']} --ssh-identity-file {values['SIM_SSH_KEY']}"
+            in up.stdout
+        )
         # Key login, on the host's own address, as a host of its own name.
-        ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-p",
-               values["SIM_SSH_PORT"], "-i", values["SIM_SSH_KEY"], "127.0.0.2"]
-        said = subprocess.run(ssh + ["hostname; echo $SSH_CONNECTION"], capture_output=True,
-                              text=True, timeout=30).stdout.split()
+        ssh = [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-p",
+            values["SIM_SSH_PORT"],
+            "-i",
+            values["SIM_SSH_KEY"],
+            "127.0.0.2",
+        ]
+        said = subprocess.run(
+            ssh + ["hostname; echo $SSH_CONNECTION"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
         assert said[0] == "hvdsgd-sim-2" and said[3] == "127.0.0.2", said
         # A process left running on the host (a rank horovodrun could not stop) goes with it.
-        subprocess.run(ssh + ["setsid sleep 1000 </dev/null >/dev/null 2>&1 &"], timeout=30, check=True)
-        wait_until(lambda: any(c.name() == "sleep" for c in host.children(recursive=True)), 10,
-                   "the sleep did not start on 127.0.0.2")
+        subprocess.run(
+            ssh + ["setsid sleep 1000 </dev/null >/dev/null 2>&1 &"], timeout=30, check=True
+        )
+        wait_until(
+            lambda: any(c.name() == "sleep" for c in host.children(recursive=True)),
+            10,
+            "the sleep did not start on 127.0.0.2",
+        )
         left = [c for c in host.children(recursive=True) if c.name() == "sleep"]
         # up again: nothing restarted, the same flags; up 2 adds 127.0.0.3, up 1 stops it
         again = sim_hosts_script(state, "up", "1")
@@ -98,12 +121,15 @@ def test_sim_hosts_up_is_idempotent_and_down_leaves_nothing(tmp_path):
         down = sim_hosts_script(state, "down")
     assert down.returncode == 0, down.stderr
     assert host is not None and gone(host) and left and all(gone(p) for p in left)
-    assert (known.read_bytes() if known.exists() else None) == before  # exactly what up added is gone
+    assert (
+        known.read_bytes() if known.exists() else None
+    ) == before  # exactly what up added is gone
     assert not state.exists()
     assert sim_hosts_script(state, "down").returncode == 0
 
 
 # --------------------------------------------------------------------------- training on 2 hosts
+
 
 def test_two_hosts_train_in_step_and_rank_0_alone_writes(sim_hosts, tmp_path):
     out, reports = tmp_path / "run", tmp_path / "reports"
@@ -114,8 +140,16 @@ def test_two_hosts_train_in_step_and_rank_0_alone_writes(sim_hosts, tmp_path):
     # rank computes with must follow its own host. nic=None: Horovod finds the interfaces itself
     # through ssh, as on a cluster.
     t0 = time.monotonic()
-    proc = sim_hosts.horovodrun(SPEC, __file__, str(reports), "--out", str(out), *TRAIN, nic=None,
-                                preexec_fn=lambda: os.sched_setaffinity(0, one_cpu))
+    proc = sim_hosts.horovodrun(
+        SPEC,
+        __file__,
+        str(reports),
+        "--out",
+        str(out),
+        *TRAIN,
+        nic=None,
+        preexec_fn=lambda: os.sched_setaffinity(0, one_cpu),
+    )
     print(f"2 hosts x 1 rank, {' '.join(TRAIN)}: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -146,22 +180,32 @@ def test_two_hosts_train_in_step_and_rank_0_alone_writes(sim_hosts, tmp_path):
 
 # --------------------------------------------------------------------------- failures
 
+
 def test_a_host_without_the_data_dir_is_named_in_one_line(sim_hosts, tmp_path):
     # The data set is on 127.0.0.1 only: the host-local directory is empty on 127.0.0.2.
     data = write_mnist(sim_hosts.local_dir / tmp_path.name)
     assert sim_hosts.ssh("127.0.0.2", f"test -e {data}").returncode == 1
     out, status = tmp_path / "run", tmp_path / "status"
     status.mkdir()
-    train = (f"{sys.executable} -m hvdsgd.train --dataset mnist --data-dir {data} --model mlp "
-             f"--epochs 1 --no-progress --out {out}")
+    train = (
+        f"{sys.executable} -m hvdsgd.train --dataset mnist --data-dir {data} --model mlp "
+        f"--epochs 1 --no-progress --out {out}"
+    )
     t0 = time.monotonic()
     # sh records each rank's own exit status (horovodrun sees only the first).
-    proc = sim_hosts.horovodrun(SPEC, "sh", "-c", f"{train}; s=$?; echo $s >{status}/$HOROVOD_RANK; exit $s",
-                                python=False, timeout=120)
+    proc = sim_hosts.horovodrun(
+        SPEC,
+        "sh",
+        "-c",
+        f"{train}; s=$?; echo $s >{status}/$HOROVOD_RANK; exit $s",
+        python=False,
+        timeout=120,
+    )
     elapsed = time.monotonic() - t0
     assert not_on_a_rank_stdout(proc) == [
         f"[0]<stderr>:hvdsgd: error: rank 1 on 127.0.0.2: --data-dir {data} does not exist; "
-        f"create it and put the mnist files in {data}/MNIST/raw, or pass --download"]
+        f"create it and put the mnist files in {data}/MNIST/raw, or pass --download"
+    ]
     assert proc.returncode == 2
     # Every rank exits, non-zero; none is left running, here or on 127.0.0.2.
     wait_until(lambda: (status / "1").exists(), 30, "rank 1 on 127.0.0.2 did not exit")
@@ -174,22 +218,44 @@ def test_a_host_without_the_data_dir_is_named_in_one_line(sim_hosts, tmp_path):
 def test_an_unreachable_host_is_one_line_from_the_launcher(sim_hosts, tmp_path):
     # No sshd listens on 127.0.0.9. Needs the launcher patch in scripts/build_horovod.sh.
     t0 = time.monotonic()
-    proc = sim_hosts.horovodrun("127.0.0.1:1,127.0.0.9:1", "-m", "hvdsgd.train", "--epochs", "1",
-                                "--out", str(tmp_path / "run"), timeout=120)
+    proc = sim_hosts.horovodrun(
+        "127.0.0.1:1,127.0.0.9:1",
+        "-m",
+        "hvdsgd.train",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        timeout=120,
+    )
     elapsed = time.monotonic() - t0
     p, key = sim_hosts.port, sim_hosts.identity
     assert not_on_a_rank_stdout(proc) == [
         f"horovodrun: cannot ssh to 127.0.0.9 (ssh: connect to host 127.0.0.9 port {p}: "
-        f"Connection refused); this must work without a password: ssh -p {p} -i {key} 127.0.0.9 true"]
+        f"Connection refused); this must work without a password: ssh -p {p} -i {key} 127.0.0.9 true"
+    ]
     assert proc.returncode == 1 and proc.stdout == ""
     assert elapsed < 30, elapsed
 
 
 # --------------------------------------------------------------------------- the rank side
 
-_WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate",
-                 "os.link", "os.symlink", "os.chmod", "os.chown", "os.utime", "shutil.copyfile",
-                 "shutil.move", "shutil.copytree"}
+_WRITE_EVENTS = {
+    "os.mkdir",
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "shutil.rmtree",
+    "os.truncate",
+    "os.link",
+    "os.symlink",
+    "os.chmod",
+    "os.chown",
+    "os.utime",
+    "shutil.copyfile",
+    "shutil.move",
+    "shutil.copytree",
+}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -198,6 +264,7 @@ def rank_main(reports: str, argv: list[str]) -> None:
     audit hook: opens for writing, mkdir, rename, remove ...), then write this rank's report to
     ``REPORTS/rank<R>.json``: host, ssh session, threads, a hash of the parameters, the writes."""
     import torch
+
     import hvdsgd.models
     from hvdsgd import dist
     from hvdsgd.train import main
@@ -240,12 +307,18 @@ def rank_main(reports: str, argv: list[str]) -> None:
         digest.update(name.encode())
         digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     h = dist.library()
-    report = {"rank": h.rank(), "local_size": h.local_size(),
-              "hostname": socket.gethostname(), "horovod_hostname": os.environ.get("HOROVOD_HOSTNAME"),
-              "ssh_connection": os.environ.get("SSH_CONNECTION"),
-              "parent": psutil.Process(os.getppid()).name(),
-              "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
-              "params": digest.hexdigest(), "writes": sorted(set(writes))}
+    report = {
+        "rank": h.rank(),
+        "local_size": h.local_size(),
+        "hostname": socket.gethostname(),
+        "horovod_hostname": os.environ.get("HOROVOD_HOSTNAME"),
+        "ssh_connection": os.environ.get("SSH_CONNECTION"),
+        "parent": psutil.Process(os.getppid()).name(),
+        "threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "params": digest.hexdigest(),
+        "writes": sorted(set(writes)),
+    }
     Path(reports, f"rank{h.rank()}.json").write_text(json.dumps(report))
 
 

@@ -4,6 +4,7 @@ sdist hold what they are built from, and the metadata pins the tested torch/torc
 Fast checks only (setup.py's own commands, no wheel build); the full install as a user does it
 is measured in the README's install section.
 """
+
 import os
 import re
 import signal
@@ -28,8 +29,9 @@ except ModuleNotFoundError:  # Python < 3.11
 
 
 def run(*args, timeout=60, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, **kwargs
+    )
 
 
 def test_wheel_holds_the_horovod_build_script(tmp_path):
@@ -48,8 +50,12 @@ def test_sdist_holds_what_the_wheel_is_built_from(tmp_path):
     proc = run("setup.py", "-q", "egg_info", "--egg-base", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     sources = set((tmp_path / "hvdsgd.egg-info" / "SOURCES.txt").read_text().split())
-    needed = {"CMakeLists.txt", "scripts/build_horovod.sh", "hvdsgd/build_horovod.py",
-              *(f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir())}
+    needed = {
+        "CMakeLists.txt",
+        "scripts/build_horovod.sh",
+        "hvdsgd/build_horovod.py",
+        *(f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir()),
+    }
     assert needed <= sources, f"missing from the sdist: {sorted(needed - sources)}"
 
 
@@ -71,14 +77,19 @@ def fake_layout(root: Path, in_package: bool, in_scripts: bool) -> Path:
     return root / "hvdsgd" / "build_horovod.py"
 
 
-@pytest.mark.parametrize("in_package, in_scripts, found", [
-    (True, True, "hvdsgd"),     # an installed wheel: its own copy, whatever lies beside it
-    (False, True, "scripts"),   # a source checkout or an editable install
-])
-def test_script_is_found_installed_or_in_a_checkout(tmp_path, monkeypatch, in_package,
-                                                    in_scripts, found):
-    monkeypatch.setattr(build_horovod, "__file__", str(fake_layout(tmp_path, in_package,
-                                                                   in_scripts)))
+@pytest.mark.parametrize(
+    "in_package, in_scripts, found",
+    [
+        (True, True, "hvdsgd"),  # an installed wheel: its own copy, whatever lies beside it
+        (False, True, "scripts"),  # a source checkout or an editable install
+    ],
+)
+def test_script_is_found_installed_or_in_a_checkout(
+    tmp_path, monkeypatch, in_package, in_scripts, found
+):
+    monkeypatch.setattr(
+        build_horovod, "__file__", str(fake_layout(tmp_path, in_package, in_scripts))
+    )
     assert build_horovod.script_path() == tmp_path / found / "build_horovod.sh"
 
 
@@ -106,10 +117,13 @@ def test_sigterm_stops_the_whole_build(tmp_path):
     runs pip, cmake and the compilers under bash), with one line and exit 128 + 15."""
     script, pid_file = tmp_path / "build_horovod.sh", tmp_path / "child.pid"
     script.write_text(f"sleep 60 & echo $! > {pid_file}\nwait\n")
-    code = ("import sys; from pathlib import Path; from hvdsgd import build_horovod as b; "
-            f"b.script_path = lambda: Path({str(script)!r}); sys.exit(b.main([]))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True)
+    code = (
+        "import sys; from pathlib import Path; from hvdsgd import build_horovod as b; "
+        f"b.script_path = lambda: Path({str(script)!r}); sys.exit(b.main([]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 20
         while not (pid_file.is_file() and pid_file.read_text().strip()):
@@ -138,11 +152,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("tools, missing", [
-    ((), "bash"),
-    (("bash",), "make"),
-    (("bash", "make"), r"a C\+\+ compiler \(c\+\+, g\+\+ or clang\+\+\)"),
-])
+@pytest.mark.parametrize(
+    "tools, missing",
+    [
+        ((), "bash"),
+        (("bash",), "make"),
+        (("bash", "make"), r"a C\+\+ compiler \(c\+\+, g\+\+ or clang\+\+\)"),
+    ],
+)
 def test_a_missing_tool_is_one_line(tmp_path, tools, missing):
     """Without bash, make or a C++ compiler on PATH: one line naming it, exit 2, no build."""
     bin_dir = tmp_path / "bin"
@@ -152,8 +169,11 @@ def test_a_missing_tool_is_one_line(tmp_path, tools, missing):
     env = {**os.environ, "PATH": str(bin_dir), "CXX": ""}
     proc = run("-m", "hvdsgd.build_horovod", env=env, timeout=30)
     assert proc.returncode == 2
-    assert re.fullmatch(f"hvdsgd: error: building Horovod needs {missing}, and it is not on "
-                        r"PATH; install it .*\n", proc.stderr)
+    assert re.fullmatch(
+        f"hvdsgd: error: building Horovod needs {missing}, and it is not on "
+        r"PATH; install it .*\n",
+        proc.stderr,
+    )
 
 
 def test_console_script_runs_the_build():
@@ -163,8 +183,9 @@ def test_console_script_runs_the_build():
 
 def requirement_pins(lines) -> dict:
     """{name: version} of the ``name==version`` lines."""
-    return dict(m.groups() for line in lines if (m := re.fullmatch(r"\s*([\w.-]+)==(\S+)\s*",
-                                                                   line)))
+    return dict(
+        m.groups() for line in lines if (m := re.fullmatch(r"\s*([\w.-]+)==(\S+)\s*", line))
+    )
 
 
 def test_metadata_pins_the_tested_torch_pair():
@@ -174,8 +195,9 @@ def test_metadata_pins_the_tested_torch_pair():
     deps = project["dependencies"]
     pinned = requirement_pins(deps)
     tested = requirement_pins((ROOT / "requirements.txt").read_text().splitlines())
-    assert {k: pinned.get(k) for k in ("torch", "torchvision")} == \
-        {k: tested[k] for k in ("torch", "torchvision")}
-    assert project["requires-python"] == ">=3.10"     # torch 2.14.0's oldest CPython
-    assert "tomli; python_version < '3.11'" in deps    # config.py's tomllib fallback
-    assert "tensorboard" in deps                       # --tensorboard
+    assert {k: pinned.get(k) for k in ("torch", "torchvision")} == {
+        k: tested[k] for k in ("torch", "torchvision")
+    }
+    assert project["requires-python"] == ">=3.10"  # torch 2.14.0's oldest CPython
+    assert "tomli; python_version < '3.11'" in deps  # config.py's tomllib fallback
+    assert "tensorboard" in deps  # --tensorboard

@@ -13,6 +13,7 @@ hvd.init() segfaulted there; the build script gives it the global context's inte
 
 Run as a script under horovodrun, this file is the worker: N x (hvd.init, allreduce, shutdown).
 """
+
 import re
 import subprocess
 import sys
@@ -20,7 +21,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import horovodrun
 
 
@@ -64,8 +64,9 @@ def test_ten_reinitialisations_on_3_busy_ranks():
     # peers between rendezvous steps at random, which is what leaves a scope uncleared upstream.
     # Unpatched, this caught the bug in 9 of 10 runs ("Connection refused" within 10 s);
     # patched, it passed 11 of 11 (13-23 s on 2 loaded cores).
-    proc = horovodrun(3, "tests/test_rendezvous.py", "10", timeout=300,
-                      env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
+    proc = horovodrun(
+        3, "tests/test_rendezvous.py", "10", timeout=300, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"}
+    )
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
     assert len(re.findall(r"10 re-initialisations ok", proc.stdout)) == 3
 
@@ -95,12 +96,14 @@ def test_a_rank_on_a_host_whose_name_does_not_resolve_initialises():
 
 def reinitialise(n: int) -> None:
     import threading
-    import torch
+
     import horovod.torch as hvd
+    import torch
 
     def spin():
         while True:
             pass
+
     threading.Thread(target=spin, daemon=True).start()
     for i in range(n):
         hvd.init()  # Horovod: a new Gloo context each time, met through the rendezvous server

@@ -1,16 +1,16 @@
 """A run's directory and life: no reuse without --resume/--overwrite, one run per --out, what
 --resume means, permissions, writes that fail, and one plain process without Horovod."""
+
 import json
 import os
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-
 from conftest import ROOT, horovodrun
+
 from hvdsgd import checkpoint
 from hvdsgd.config import TrainConfig
 from hvdsgd.errors import UsageError
@@ -31,8 +31,14 @@ def entry(*args, env=None, timeout=120, cwd=None):
     """``python ARGS`` with the repository on the path; returns the CompletedProcess."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
     full.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full,
-                          timeout=timeout, cwd=cwd or ROOT)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
 
 
 def test_an_out_with_results_is_refused_until_resume_or_overwrite(tmp_path):
@@ -50,9 +56,17 @@ def test_an_out_with_results_is_refused_until_resume_or_overwrite(tmp_path):
 def test_a_live_run_holds_the_directory_and_is_named_by_pid(tmp_path):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from hvdsgd.report import RunDir; "
-         "RunDir(sys.argv[1]).prepare(); print('locked', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from hvdsgd.report import RunDir; "
+            "RunDir(sys.argv[1]).prepare(); print('locked', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UsageError, match=f"in use by a running hvdsgd \\(pid {holder.pid} "):
@@ -68,13 +82,26 @@ def test_resume_counts_every_epoch_and_keeps_the_summary_whole(tmp_path):
     out = tmp_path / "r"
     first = run(out, epochs=2)
     for epochs in (2, 1):  # finished, or fewer than done: nothing to train, and how to go on
-        with pytest.raises(UsageError, match=f"has trained 2 epochs and --epochs is {epochs}.*"
-                                             "pass --epochs"):
+        with pytest.raises(
+            UsageError, match=f"has trained 2 epochs and --epochs is {epochs}.*pass --epochs"
+        ):
             run(out, epochs=epochs, resume=True)
     # --resume PATH (a checkpoint file) without --out goes on in that file's run directory.
     from hvdsgd.train import main
-    main(["--model", "mlp", "--lr", "0.05", "--no-progress", "--epochs", "3",
-          "--resume", str(out / "checkpoint.pt")])
+
+    main(
+        [
+            "--model",
+            "mlp",
+            "--lr",
+            "0.05",
+            "--no-progress",
+            "--epochs",
+            "3",
+            "--resume",
+            str(out / "checkpoint.pt"),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
     assert summary["epochs"] == 3 and summary["train_samples"] == 3 * 1437
@@ -90,18 +117,30 @@ def test_resume_counts_every_epoch_and_keeps_the_summary_whole(tmp_path):
 
 def test_the_run_directory_is_private_and_nothing_is_world_writable(tmp_path):
     out = tmp_path / "perm"
-    proc = entry("-c", "import os, sys; os.umask(0); from hvdsgd.train import main; main(sys.argv[1:])",
-                 "--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(out))
+    proc = entry(
+        "-c",
+        "import os, sys; os.umask(0); from hvdsgd.train import main; main(sys.argv[1:])",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     files = [f for f in out.iterdir() if f.is_file()]
-    assert {"summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png"} <= {f.name for f in files}
+    assert {"summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png"} <= {
+        f.name for f in files
+    }
     for f in files:
         assert not f.stat().st_mode & stat.S_IWOTH, f"{f.name} is world-writable"
 
 
-def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_one(tmp_path,
-                                                                                   monkeypatch):
+def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_one(
+    tmp_path, monkeypatch
+):
     out = tmp_path / "full"
     real, calls = torch.save, []
 
@@ -112,8 +151,11 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_o
         return real(obj, fh, *a, **k)
 
     monkeypatch.setattr(torch, "save", disk_fills_in_epoch_2)
-    with pytest.raises(UsageError, match=f"cannot write checkpoint {out}/checkpoint.pt .*file "
-                                         "write failed.*last good checkpoint is kept"):
+    with pytest.raises(
+        UsageError,
+        match=f"cannot write checkpoint {out}/checkpoint.pt .*file "
+        "write failed.*last good checkpoint is kept",
+    ):
         run(out, epochs=3)
     monkeypatch.setattr(torch, "save", real)
     assert checkpoint.load(out / "checkpoint.pt", json.loads("{}"))["epoch"] == 1
@@ -135,6 +177,7 @@ def test_gpu_without_a_gpu_is_one_line(tmp_path):
 def test_tensorboard_scalars_are_the_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "tb"
     run(out, epochs=2, tensorboard=True)
     events = EventAccumulator(str(out))
@@ -153,8 +196,10 @@ def test_torchrun_launch_is_one_line_from_rank_0_only(tmp_path):
         proc = entry(*argv, env={"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
         assert proc.returncode == 2
         lines += (proc.stdout + proc.stderr).splitlines()
-    assert lines == ["hvdsgd: error: started by torchrun as 2 processes, but hvdsgd's ranks come "
-                     "from Horovod; launch with: horovodrun -np 2 python -m hvdsgd.train ..."]
+    assert lines == [
+        "hvdsgd: error: started by torchrun as 2 processes, but hvdsgd's ranks come "
+        "from Horovod; launch with: horovodrun -np 2 python -m hvdsgd.train ..."
+    ]
     assert not (tmp_path / "t").exists()
 
 
@@ -167,14 +212,40 @@ def no_horovod(tmp_path):
     return {"PYTHONPATH": f"{shim.parent}{os.pathsep}{ROOT}"}
 
 
-@pytest.mark.parametrize("argv", [
-    ["-m", "hvdsgd.train", "--model", "mlp", "--epochs", "1"],
-    ["-m", "hvdsgd.train", "--strategy", "hogwild", "--workers", "2", "--model", "mlp",
-     "--epochs", "1"],
-    ["-m", "hvdsgd.kfold", "--folds", "2", "--epochs", "1", "--model", "mlp"],
-    ["-m", "hvdsgd.lottery", "--epochs", "1", "--model", "mlp", "--sparsities", "0.5",
-     "--reset-steps", "0", "--rounds", "1"],
-], ids=["train", "hogwild", "kfold", "lottery"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "hvdsgd.train", "--model", "mlp", "--epochs", "1"],
+        [
+            "-m",
+            "hvdsgd.train",
+            "--strategy",
+            "hogwild",
+            "--workers",
+            "2",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+        ],
+        ["-m", "hvdsgd.kfold", "--folds", "2", "--epochs", "1", "--model", "mlp"],
+        [
+            "-m",
+            "hvdsgd.lottery",
+            "--epochs",
+            "1",
+            "--model",
+            "mlp",
+            "--sparsities",
+            "0.5",
+            "--reset-steps",
+            "0",
+            "--rounds",
+            "1",
+        ],
+    ],
+    ids=["train", "hogwild", "kfold", "lottery"],
+)
 def test_every_single_process_entry_point_runs_without_horovod(tmp_path, no_horovod, argv):
     out = tmp_path / "out"
     proc = entry(*argv, "--out", str(out), "--no-progress", env=no_horovod, timeout=240)
@@ -185,20 +256,37 @@ def test_every_single_process_entry_point_runs_without_horovod(tmp_path, no_horo
 
 
 def test_the_profiler_runs_without_horovod(tmp_path, no_horovod):
-    proc = entry("-m", "hvdsgd.profiler", "--interval", "0.05", "--out", str(tmp_path / "p"),
-                 "--no-plot", "--", sys.executable, "-c", "import time; time.sleep(0.5)",
-                 env=no_horovod)
+    proc = entry(
+        "-m",
+        "hvdsgd.profiler",
+        "--interval",
+        "0.05",
+        "--out",
+        str(tmp_path / "p"),
+        "--no-plot",
+        "--",
+        sys.executable,
+        "-c",
+        "import time; time.sleep(0.5)",
+        env=no_horovod,
+    )
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert list((tmp_path / "p").glob("profile*.csv"))
 
 
 def test_under_horovodrun_horovod_is_required(tmp_path, no_horovod):
-    proc = entry("-m", "hvdsgd.train", "--out", str(tmp_path / "h"),
-                 env={**no_horovod, "HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"})
+    proc = entry(
+        "-m",
+        "hvdsgd.train",
+        "--out",
+        str(tmp_path / "h"),
+        env={**no_horovod, "HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "hvdsgd: error: horovod.torch is not importable (horovod is not installed (test shim)); "
-        "build it with `python -m hvdsgd.build_horovod` (or `make setup` in a checkout)"]
+        "build it with `python -m hvdsgd.build_horovod` (or `make setup` in a checkout)"
+    ]
 
 
 @pytest.mark.dist
@@ -208,8 +296,19 @@ def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path)
     outs = {}
     for name, flags in (("plain", []), ("predivide", ["--gradient-predivide-factor", "2"])):
         outs[name] = tmp_path / name
-        proc = horovodrun(2, "-m", "hvdsgd.train", "--model", "mlp", "--epochs", "2",
-                          "--no-progress", "--out", str(outs[name]), *flags)
+        proc = horovodrun(
+            2,
+            "-m",
+            "hvdsgd.train",
+            "--model",
+            "mlp",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--out",
+            str(outs[name]),
+            *flags,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["train_samples"] for r in rows(outs["plain"])] == [1437, 1437]
     assert json.loads((outs["plain"] / "summary.json").read_text())["train_samples"] == 2 * 1437
@@ -221,9 +320,25 @@ def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path)
 def test_tensorboard_of_a_hogwild_run(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "hw"
-    proc = entry("-m", "hvdsgd.train", "--strategy", "hogwild", "--workers", "2", "--model", "mlp",
-                 "--epochs", "2", "--no-progress", "--tensorboard", "--out", str(out), timeout=240)
+    proc = entry(
+        "-m",
+        "hvdsgd.train",
+        "--strategy",
+        "hogwild",
+        "--workers",
+        "2",
+        "--model",
+        "mlp",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--tensorboard",
+        "--out",
+        str(out),
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-1500:]
     events = EventAccumulator(str(out))
     events.Reload()

@@ -1,4 +1,5 @@
 """Learning-rate schedules and the metrics computed from a confusion matrix."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """hvdsgd._C.sgd_step against a NumPy reference and against torch.optim.SGD."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +28,16 @@ def test_matches_numpy(n, momentum, nesterov, wd):
     buf_ref = np.zeros(n) if momentum else None
     for step in range(3):
         g = rng.standard_normal(n, dtype=np.float32)
-        _C.sgd_step(p, g, 0.1, buf, momentum=momentum, weight_decay=wd, nesterov=nesterov,
-                    first_step=step == 0)
+        _C.sgd_step(
+            p,
+            g,
+            0.1,
+            buf,
+            momentum=momentum,
+            weight_decay=wd,
+            nesterov=nesterov,
+            first_step=step == 0,
+        )
         reference(p_ref, g.astype(np.float64), buf_ref, 0.1, momentum, wd, nesterov, step == 0)
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
     if momentum:
@@ -38,14 +47,24 @@ def test_matches_numpy(n, momentum, nesterov, wd):
 def test_matches_torch_sgd():
     torch.manual_seed(0)
     w = torch.randn(513)
-    opt = torch.optim.SGD([w.requires_grad_()], lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt = torch.optim.SGD(
+        [w.requires_grad_()], lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True
+    )
     p, buf = w.detach().clone().numpy(), np.zeros(513, np.float32)
     for step in range(4):
         g = torch.randn(513)
         w.grad = g.clone()
         opt.step()
-        _C.sgd_step(p, g.numpy(), 0.05, buf, momentum=0.9, weight_decay=1e-3, nesterov=True,
-                    first_step=step == 0)
+        _C.sgd_step(
+            p,
+            g.numpy(),
+            0.05,
+            buf,
+            momentum=0.9,
+            weight_decay=1e-3,
+            nesterov=True,
+            first_step=step == 0,
+        )
     np.testing.assert_allclose(p, w.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 

@@ -2,6 +2,7 @@
 sparse kernels: each update policy against a NumPy reference, staleness accounting, no
 lost updates across processes for atomic/locked/sharded (hogwild's losses are measured),
 robust locks, and the header checks on attach."""
+
 import multiprocessing as mp
 import os
 import re
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_sgd_kernel import reference  # the NumPy SGD reference, shared with the plain kernel
 
 from hvdsgd import _C
@@ -52,6 +52,7 @@ def sparse_reference(p2d, idx, values, lr, wd):
 
 # --- each policy against NumPy ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("n", [1, 7, 1000, 4099])  # odd lengths and unaligned tails
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
@@ -67,9 +68,18 @@ def test_dense_apply_matches_numpy(make, policy, n, momentum, nesterov, wd):
     fresh = np.full(n, np.nan, np.float32)
     for step in range(3):
         g = rng.standard_normal(n, dtype=np.float32)
-        staleness = buf.apply(1, g, 0.1, policy, momentum_buf=mbuf, momentum=momentum,
-                              weight_decay=wd, nesterov=nesterov, first_step=step == 0,
-                              read_into=fresh)
+        staleness = buf.apply(
+            1,
+            g,
+            0.1,
+            policy,
+            momentum_buf=mbuf,
+            momentum=momentum,
+            weight_decay=wd,
+            nesterov=nesterov,
+            first_step=step == 0,
+            read_into=fresh,
+        )
         reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, wd, nesterov, step == 0)
         assert staleness == 0
         np.testing.assert_array_equal(fresh, p)  # read_into got the params after the update
@@ -110,10 +120,16 @@ def test_sparse_apply_matches_numpy(make, policy, wd):
         idx = rng.integers(0, rows, 40)
         idx[:3] = [5, 5, rows - 1]  # duplicates and the last row
         values = rng.standard_normal((40, dim), dtype=np.float32)
-        assert buf.apply_sparse(0, offset, rows, dim, idx, values, 0.1, policy,
-                                weight_decay=wd) == 0
-        sparse_reference(p_ref[offset:offset + rows * dim].reshape(rows, dim), idx,
-                         values.astype(np.float64), 0.1, wd)
+        assert (
+            buf.apply_sparse(0, offset, rows, dim, idx, values, 0.1, policy, weight_decay=wd) == 0
+        )
+        sparse_reference(
+            p_ref[offset : offset + rows * dim].reshape(rows, dim),
+            idx,
+            values.astype(np.float64),
+            0.1,
+            wd,
+        )
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
     assert buf.updates == 3
 
@@ -140,8 +156,16 @@ def test_standalone_atomic_step_matches_numpy(n, momentum, nesterov):
     p_ref, mbuf_ref = p.astype(np.float64), (np.zeros(n) if momentum else None)
     for step in range(3):
         g = rng.standard_normal(n, dtype=np.float32)
-        _C.sgd_step_atomic(p, g, 0.1, mbuf, momentum=momentum, weight_decay=1e-2,
-                           nesterov=nesterov, first_step=step == 0)
+        _C.sgd_step_atomic(
+            p,
+            g,
+            0.1,
+            mbuf,
+            momentum=momentum,
+            weight_decay=1e-2,
+            nesterov=nesterov,
+            first_step=step == 0,
+        )
         reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, 1e-2, nesterov, step == 0)
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
 
@@ -197,6 +221,7 @@ def test_slots_are_separate_aligned_views(make):
 
 # --- staleness ---------------------------------------------------------------------------
 
+
 def test_staleness_counts_updates_between_read_and_apply(make):
     buf = make(8, workers=2)
     g = np.zeros(8, np.float32)
@@ -211,10 +236,13 @@ def test_staleness_counts_updates_between_read_and_apply(make):
     assert buf.apply(0, g, 0.1, read_version=buf.updates + 10) == 0  # clamped at 0
     assert buf.apply(0, g, 0.1) == 0  # no read_version
     s0 = buf.stats(0)
-    assert s0 == {"updates": 8, "staleness_mean": 3 / 8, "staleness_p95": 3.0,
-                  "staleness_max": 3}
-    assert buf.stats(1) == {"updates": 3, "staleness_mean": 0.0, "staleness_p95": 0.0,
-                            "staleness_max": 0}
+    assert s0 == {"updates": 8, "staleness_mean": 3 / 8, "staleness_p95": 3.0, "staleness_max": 3}
+    assert buf.stats(1) == {
+        "updates": 3,
+        "staleness_mean": 0.0,
+        "staleness_p95": 0.0,
+        "staleness_max": 0,
+    }
     total = buf.stats()
     assert total["updates"] == 11 == buf.updates
     assert total["staleness_mean"] == pytest.approx(3 / 11)
@@ -287,8 +315,9 @@ def run_workers(pool, buf, policy):
     return buf.params()
 
 
-@pytest.mark.parametrize("policy,n,shards", [("atomic", 16, 1), ("locked", 16, 1),
-                                             ("sharded", 64, 4)])
+@pytest.mark.parametrize(
+    "policy,n,shards", [("atomic", 16, 1), ("locked", 16, 1), ("sharded", 64, 4)]
+)
 def test_no_lost_updates_across_processes(make, pool, policy, n, shards):
     buf = make(n, workers=N_PROCS, shards=shards)
     p = run_workers(pool, buf, policy)
@@ -301,8 +330,10 @@ def test_hogwild_lost_updates_are_measured(make, pool, record_property):
     expected = N_PROCS * K_STEPS
     lost = 1.0 - float(p.astype(np.float64).mean()) / expected
     record_property("hogwild_lost_update_fraction", lost)
-    print(f"\nhogwild: {N_PROCS} processes x {K_STEPS} updates of 16 floats on "
-          f"{os.cpu_count()} cores: lost-update fraction {lost:.6f}")
+    print(
+        f"\nhogwild: {N_PROCS} processes x {K_STEPS} updates of 16 floats on "
+        f"{os.cpu_count()} cores: lost-update fraction {lost:.6f}"
+    )
     assert 0.0 <= lost < 1.0
     assert (p <= expected).all()
 
@@ -320,8 +351,12 @@ time.sleep(120)
 @pytest.mark.parametrize("policy,lock", [("locked", 0), ("sharded", 2)])
 def test_a_killed_lock_holder_does_not_deadlock_the_others(make, policy, lock):
     buf = make(64, workers=2, shards=4)
-    child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, buf.name, str(lock)], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, buf.name, str(lock)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         done = threading.Event()
@@ -353,6 +388,7 @@ def test_relocking_from_the_holding_thread_is_an_error_not_a_hang(make):
 
 
 # --- names, modes, unlink, attach checks ------------------------------------------------
+
 
 def test_name_is_unguessable_and_mode_0600(make):
     a, b = make(4), make(4)
@@ -408,8 +444,10 @@ def test_unlink_is_idempotent_and_views_outlive_it():
 
 def test_attach_missing_is_file_not_found():
     name = f"/hvdsgd-test-missing-{uuid.uuid4().hex}"
-    with pytest.raises(FileNotFoundError, match=f"no hvdsgd shared buffer named {name}: "
-                                                "the run that created it has ended"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"no hvdsgd shared buffer named {name}: the run that created it has ended",
+    ):
         _C.SharedBuffer.attach(name)
 
 
@@ -467,14 +505,18 @@ def test_attach_corrupted_header(make):
 
 # --- argument checks -----------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(n=0), "n must be > 0"),
-    (dict(n=-3), "n must be > 0"),
-    (dict(n=8, workers=0), "workers must be >= 1"),
-    (dict(n=8, shards=0), "shards must be in"),
-    (dict(n=8, shards=9), "shards must be in"),
-    (dict(n=8, slots=-1), "slots must be >= 0"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=0), "n must be > 0"),
+        (dict(n=-3), "n must be > 0"),
+        (dict(n=8, workers=0), "workers must be >= 1"),
+        (dict(n=8, shards=0), "shards must be in"),
+        (dict(n=8, shards=9), "shards must be in"),
+        (dict(n=8, slots=-1), "slots must be >= 0"),
+    ],
+)
 def test_create_checks_its_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _C.SharedBuffer.create(**kwargs)

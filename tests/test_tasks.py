@@ -1,4 +1,5 @@
 """hvdsgd.tasks and hvdsgd.kfold: independent tasks over processes and Horovod ranks."""
+
 import json
 import os
 import subprocess
@@ -6,17 +7,22 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, horovodrun
-from hvdsgd import kfold, tasks
 
+from hvdsgd import kfold, tasks
 
 # -------------------------------------------------------- task functions (importable)
 
+
 def square(x: int) -> dict:
     import torch
-    return {"x": x, "value": x * x, "draw": torch.rand(1).item(),
-            "threads": torch.get_num_threads()}
+
+    return {
+        "x": x,
+        "value": x * x,
+        "draw": torch.rand(1).item(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def fail_on(x: int, bad: int) -> dict:
@@ -33,6 +39,7 @@ def die_on(x: int, bad: int) -> dict:
 
 def sleep_then(x: int, seconds: float) -> dict:
     import time
+
     time.sleep(seconds)
     return {"x": x, "pid": os.getpid()}
 
@@ -49,10 +56,13 @@ def pair_step(x: int, fail_role: int = -1, pair=None) -> dict | None:
 
 
 def _tasks(fn=square, n=5, **kw):
-    return [tasks.Task(f"t{i}", fn, {"x": i, **kw}, seed=100 + i, inputs={"x": i}) for i in range(n)]
+    return [
+        tasks.Task(f"t{i}", fn, {"x": i, **kw}, seed=100 + i, inputs={"x": i}) for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------- tasks
+
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_results_do_not_depend_on_where_a_task_ran(method):
@@ -60,13 +70,14 @@ def test_results_do_not_depend_on_where_a_task_ran(method):
     pooled = tasks.run(_tasks(), "processes", workers=2, progress=False, method=method)
     assert [r.result for r in serial] == [r.result for r in pooled]  # seeded draws match
     assert all(r.ok and r.result["threads"] == 1 for r in pooled)
-    assert [r.name for r in pooled] == [f"t{i}" for i in range(5)]    # task order kept
+    assert [r.name for r in pooled] == [f"t{i}" for i in range(5)]  # task order kept
 
 
 def test_a_free_worker_takes_the_next_task():
     # one long task and four short ones on 2 workers: the short ones all go to the other worker
-    ts = [tasks.Task("long", sleep_then, {"x": 0, "seconds": 1.5})] + \
-         [tasks.Task(f"short{i}", sleep_then, {"x": i, "seconds": 0.1}) for i in range(1, 5)]
+    ts = [tasks.Task("long", sleep_then, {"x": 0, "seconds": 1.5})] + [
+        tasks.Task(f"short{i}", sleep_then, {"x": i, "seconds": 0.1}) for i in range(1, 5)
+    ]
     results = tasks.run(ts, "processes", workers=2, progress=False)
     long_pid = results[0].result["pid"]
     assert all(r.result["pid"] != long_pid for r in results[1:])
@@ -79,14 +90,16 @@ def test_a_failing_task_is_reported_and_the_others_complete():
     bad = results[2]
     assert "ValueError: task 2 is broken on purpose" in bad.error and bad.inputs == {"x": 2}
     text = tasks.failures_text(results)
-    assert text.startswith('task t2 failed') and '{"x": 2}' in text
+    assert text.startswith("task t2 failed") and '{"x": 2}' in text
 
 
 def test_a_worker_that_dies_fails_its_task_not_the_run():
     results = tasks.run(_tasks(die_on, n=3, bad=1), "processes", workers=2, progress=False)
     pid = results[1].worker.removeprefix("pid ")
-    assert not results[1].ok and results[1].error == \
-        f"the worker process (pid {pid}) running it died: exit status 9"
+    assert (
+        not results[1].ok
+        and results[1].error == f"the worker process (pid {pid}) running it died: exit status 9"
+    )
     assert results[0].ok and results[2].ok  # its replacement or the other worker ran the rest
 
 
@@ -107,6 +120,7 @@ def test_task_records(tmp_path):
 
 # ----------------------------------------------------------------------------- kfold
 
+
 def test_folds_are_stratified_disjoint_and_cover_the_data():
     y = np.repeat(np.arange(4), [30, 20, 10, 7])
     folds = kfold.split(y, 5, seed=0, classes=list("abcd"))
@@ -125,30 +139,57 @@ def test_more_folds_than_a_class_has_samples():
 
 
 def run_kfold(out, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "hvdsgd.kfold", "--model", "mlp", "--folds", "3",
-                           "--epochs", "2", "--no-progress", "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvdsgd.kfold",
+            "--model",
+            "mlp",
+            "--folds",
+            "3",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ------------------------------------------------------------ split tail (hvdsgd.pair)
 
+
 def test_split_tail_plan():
     ts = lambda n, ok=True: [tasks.Task(f"t{i}", square, splittable=ok) for i in range(n)]
-    assert tasks.split_tail(ts(5), 2) == [4]        # 2 + 2 whole, the fifth on both workers
-    assert tasks.split_tail(ts(4), 2) == []         # even: nothing idles
-    assert tasks.split_tail(ts(6), 4) == [4, 5]     # two left over, two workers each
-    assert tasks.split_tail(ts(7), 4) == []         # three left over need six workers
+    assert tasks.split_tail(ts(5), 2) == [4]  # 2 + 2 whole, the fifth on both workers
+    assert tasks.split_tail(ts(4), 2) == []  # even: nothing idles
+    assert tasks.split_tail(ts(6), 4) == [4, 5]  # two left over, two workers each
+    assert tasks.split_tail(ts(7), 4) == []  # three left over need six workers
     assert tasks.split_tail(ts(5, ok=False), 2) == []
 
 
 def test_split_task_runs_on_two_workers_and_a_failing_half_fails_it_without_hanging():
-    ok = tasks.run([tasks.Task(f"t{i}", pair_step, {"x": i}, splittable=True) for i in range(3)],
-                   "processes", workers=2, progress=False)
+    ok = tasks.run(
+        [tasks.Task(f"t{i}", pair_step, {"x": i}, splittable=True) for i in range(3)],
+        "processes",
+        workers=2,
+        progress=False,
+    )
     assert all(r.ok for r in ok) and [r.result["split"] for r in ok] == [False, False, True]
     assert " + " in ok[2].worker and ok[2].worker.count("pid") == 2
     for role in (0, 1):
-        ts = [tasks.Task(f"t{i}", pair_step, {"x": i, "fail_role": role}, splittable=True,
-                         inputs={"x": i}) for i in range(3)]
+        ts = [
+            tasks.Task(
+                f"t{i}", pair_step, {"x": i, "fail_role": role}, splittable=True, inputs={"x": i}
+            )
+            for i in range(3)
+        ]
         results = tasks.run(ts, "processes", workers=2, progress=False)
         assert [r.ok for r in results] == [True, True, False]
         assert f"half {role} is broken on purpose" in results[2].error  # the cause, not the echo
@@ -158,18 +199,29 @@ def test_splittable_models():
     import torch
 
     from hvdsgd import models, pair
+
     x = torch.randn(2, 1, 28, 28)
     assert pair.splittable(models.build("cnn", (1, 28, 28), 10), x)
-    assert not pair.splittable(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5),
-                                                   torch.nn.Linear(784, 10)), x)      # RNG
-    assert not pair.splittable(torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(),
-                                                   torch.nn.Linear(784, 10)), x)      # buffers
+    assert not pair.splittable(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(784, 10)), x
+    )  # RNG
+    assert not pair.splittable(
+        torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(), torch.nn.Linear(784, 10)),
+        x,
+    )  # buffers
 
 
 def test_split_fold_is_bit_for_bit_the_serial_fold(tmp_path):
     """3 folds on 2 workers: fold 3 runs on both, with every figure equal to the serial run."""
-    cfg = kfold.KFoldConfig(model="cnn", folds=3, epochs=1, batch_size=32, accum_steps=3,
-                            out=str(tmp_path), progress=False)
+    cfg = kfold.KFoldConfig(
+        model="cnn",
+        folds=3,
+        epochs=1,
+        batch_size=32,
+        accum_steps=3,
+        out=str(tmp_path),
+        progress=False,
+    )
     ts = kfold.make_tasks(cfg)
     serial = tasks.run(ts, "serial", progress=False)
     pooled = tasks.run(ts, "processes", workers=2, progress=False)
@@ -181,9 +233,22 @@ def test_split_fold_is_bit_for_bit_the_serial_fold(tmp_path):
 
 def test_kfold_table_time_row_is_the_mean_of_its_rows():
     def fold(name, seconds, train_time):
-        return tasks.Result(name, True, {"test_accuracy": 0.5, "test_macro_f1": 0.5,
-                                         "test_loss": 1.0, "train_time_s": train_time},
-                            None, {}, "pid 1", 0.0, seconds)
+        return tasks.Result(
+            name,
+            True,
+            {
+                "test_accuracy": 0.5,
+                "test_macro_f1": 0.5,
+                "test_loss": 1.0,
+                "train_time_s": train_time,
+            },
+            None,
+            {},
+            "pid 1",
+            0.0,
+            seconds,
+        )
+
     text = kfold.table({"serial": [fold("fold 1", 1.0, 0.5), fold("fold 2", 3.0, 0.7)]})
     assert "serial task time (s)" in text.splitlines()[0]
     assert "| 1.00 |" in text and "| 3.00 |" in text
@@ -192,8 +257,15 @@ def test_kfold_table_time_row_is_the_mean_of_its_rows():
 
 def per_fold(out) -> list[tuple]:
     rows = [json.loads(line) for line in (out / "tasks.jsonl").read_text().splitlines()]
-    return [(r["name"], r["result"]["test_accuracy"], r["result"]["test_loss"],
-             r["result"]["test_macro_f1"]) for r in rows]
+    return [
+        (
+            r["name"],
+            r["result"]["test_accuracy"],
+            r["result"]["test_loss"],
+            r["result"]["test_macro_f1"],
+        )
+        for r in rows
+    ]
 
 
 def test_kfold_compare_serial_reports_speedup_and_identical_folds(tmp_path):
@@ -224,11 +296,25 @@ def test_kfold_per_fold_results_identical_serial_workers_and_horovod(tmp_path):
     for out, args in ((serial, ["--serial"]), (pool, ["--workers", "2"])):
         proc = run_kfold(out, *args)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    proc = horovodrun(2, "-m", "hvdsgd.kfold", "--model", "mlp", "--folds", "3", "--epochs", "2",
-                      "--no-progress", "--out", str(ranks))
+    proc = horovodrun(
+        2,
+        "-m",
+        "hvdsgd.kfold",
+        "--model",
+        "mlp",
+        "--folds",
+        "3",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--out",
+        str(ranks),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert per_fold(serial) == per_fold(pool) == per_fold(ranks)
-    workers = {json.loads(line)["worker"] for line in (ranks / "tasks.jsonl").read_text().splitlines()}
+    workers = {
+        json.loads(line)["worker"] for line in (ranks / "tasks.jsonl").read_text().splitlines()
+    }
     assert workers == {"rank 0", "rank 1"}  # both ranks took folds
     assert json.loads((ranks / "summary.json").read_text())["mode"] == "horovod"
 
@@ -242,8 +328,9 @@ def test_kfold_a_failing_fold_is_reported_and_exits_nonzero(monkeypatch, capsys,
         return real(cfg, fold, train_idx, test_idx, seed)
 
     monkeypatch.setattr(kfold, "train_fold", flaky)
-    cfg = kfold.KFoldConfig(model="mlp", folds=3, epochs=1, serial=True, progress=False,
-                            out=str(tmp_path))
+    cfg = kfold.KFoldConfig(
+        model="mlp", folds=3, epochs=1, serial=True, progress=False, out=str(tmp_path)
+    )
     with pytest.raises(SystemExit) as e:
         kfold.kfold(cfg)
     assert e.value.code == 1
@@ -254,12 +341,18 @@ def test_kfold_a_failing_fold_is_reported_and_exits_nonzero(monkeypatch, capsys,
     assert s["failed"] == ["fold 2"] and len([r for r in s["per_fold"] if r["error"] is None]) == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--folds", "200"], "--folds 200 but class '8' has only 174 samples; use --folds 174 or fewer"),
-    (["--workers", "0"], "--workers must be >= 1 (got 0)"),
-    (["--model", "nope"], "unknown model 'nope'"),
-    (["--folds", "1"], "--folds must be >= 2 (got 1)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--folds", "200"],
+            "--folds 200 but class '8' has only 174 samples; use --folds 174 or fewer",
+        ),
+        (["--workers", "0"], "--workers must be >= 1 (got 0)"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--folds", "1"], "--folds must be >= 2 (got 1)"),
+    ],
+)
 def test_kfold_bad_input_is_one_line(tmp_path, args, message):
     proc = run_kfold(tmp_path, *args, timeout=120)
     assert proc.returncode == 2

@@ -15,9 +15,17 @@ From the shell (returns the command's exit code)::
 Writes ``profile[-rankN].csv`` (a row per sample), ``.json`` (summary) and ``.png`` (timeline).
 Without a GPU or driver it says so in one log line and records CPU metrics only.
 """
+
 from .nvml import GpuRef, parse_cuda_visible_devices, visible_gpus
 from .output import plot_timeline, read_csv, summarize
 from .sampler import Profiler
 
-__all__ = ["GpuRef", "Profiler", "parse_cuda_visible_devices", "plot_timeline", "read_csv",
-           "summarize", "visible_gpus"]
+__all__ = [
+    "GpuRef",
+    "Profiler",
+    "parse_cuda_visible_devices",
+    "plot_timeline",
+    "read_csv",
+    "summarize",
+    "visible_gpus",
+]

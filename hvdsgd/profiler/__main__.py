@@ -7,6 +7,7 @@
 Exits with the command's status (128+N if a signal N killed it; 127 if it was not found), and
 forwards SIGINT/SIGTERM to it. Bad input: one line on stderr and status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,23 +38,45 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Options before ``--``, and the command after it."""
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    p = _Parser(prog="python -m hvdsgd.profiler", description=__doc__.split("\n\n")[0],
-                allow_abbrev=False,
-                usage="%(prog)s [options] -- COMMAND [ARGS...]  |  %(prog)s [options] --duration S")
-    p.add_argument("--interval", type=float, default=0.1, metavar="S",
-                   help=f"seconds between samples, at most {MAX_INTERVAL_S:.0f} (default: 0.1)")
-    p.add_argument("--out", default="profile", metavar="DIR",
-                   help="output folder (default: ./profile)")
-    p.add_argument("--duration", type=float, metavar="S",
-                   help="profile for S seconds instead of a command (at most a year)")
+    p = _Parser(
+        prog="python -m hvdsgd.profiler",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        usage="%(prog)s [options] -- COMMAND [ARGS...]  |  %(prog)s [options] --duration S",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.1,
+        metavar="S",
+        help=f"seconds between samples, at most {MAX_INTERVAL_S:.0f} (default: 0.1)",
+    )
+    p.add_argument(
+        "--out", default="profile", metavar="DIR", help="output folder (default: ./profile)"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="profile for S seconds instead of a command (at most a year)",
+    )
     p.add_argument("--prefix", default="profile", help="file name prefix (default: profile)")
     p.add_argument("--rank", type=int, metavar="N", help="append -rankN to the file names")
-    p.add_argument("--cuda-device", type=int, metavar="K",
-                   help="watch only CUDA device K of the visible ones (default: all visible)")
-    p.add_argument("--pid", type=int, action="append", default=[],
-                   help="also watch this process tree (repeatable)")
+    p.add_argument(
+        "--cuda-device",
+        type=int,
+        metavar="K",
+        help="watch only CUDA device K of the visible ones (default: all visible)",
+    )
+    p.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        help="also watch this process tree (repeatable)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    args, command = p.parse_args(argv[:cut]), argv[cut + 1:]
+    args, command = p.parse_args(argv[:cut]), argv[cut + 1 :]
     _check_floats(args)
     if command and args.duration is not None:
         raise UsageError("give either a command after -- or --duration, not both")
@@ -69,8 +92,10 @@ def _check_floats(args: argparse.Namespace) -> None:
     for name, (high, example) in FLOAT_FLAGS.items():
         value = getattr(args, name)
         if value is not None and not 0 < value <= high:  # NaN fails every comparison
-            raise UsageError(f"--{name} must be > 0 and <= {high:.0f} seconds (got {value}); "
-                             f"e.g. --{name} {example}")
+            raise UsageError(
+                f"--{name} must be > 0 and <= {high:.0f} seconds (got {value}); "
+                f"e.g. --{name} {example}"
+            )
 
 
 @contextlib.contextmanager
@@ -100,12 +125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, command = parse_args(sys.argv[1:] if argv is None else argv)
         if command and shutil.which(command[0]) is None:
-            print(f"hvdsgd.profiler: error: command not found: {command[0]} "
-                  "(check the name or PATH)", file=sys.stderr)
+            print(
+                f"hvdsgd.profiler: error: command not found: {command[0]} (check the name or PATH)",
+                file=sys.stderr,
+            )
             return 127
-        prof = Profiler(args.out, args.interval, cuda_ordinal=args.cuda_device,
-                        pids=args.pid, prefix=args.prefix, rank=args.rank,
-                        plot=not args.no_plot)
+        prof = Profiler(
+            args.out,
+            args.interval,
+            cuda_ordinal=args.cuda_device,
+            pids=args.pid,
+            prefix=args.prefix,
+            rank=args.rank,
+            plot=not args.no_plot,
+        )
         with prof:
             if command:
                 rc = _run_command(prof, command)

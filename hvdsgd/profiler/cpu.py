@@ -4,6 +4,7 @@ Core utilisation is computed from ``psutil.cpu_times(percpu=True)`` between this
 ticks: the same arithmetic as ``psutil.cpu_percent(percpu=True)``, without sharing its
 module-level state with any other caller of ``cpu_percent`` in the host process.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,7 +33,9 @@ class CpuSampler:
         self._last = [_busy_total(t) for t in psutil.cpu_times(percpu=True)]
 
     def columns(self) -> list[str]:
-        return ["cpu_util", "cpu_busy_cores", "rss_mib"] + [f"cpu{k}_util" for k in range(self.cores)]
+        return ["cpu_util", "cpu_busy_cores", "rss_mib"] + [
+            f"cpu{k}_util" for k in range(self.cores)
+        ]
 
     def watch(self, pid: int) -> None:
         """Add a root whose tree is profiled (e.g. the command the CLI started)."""
@@ -42,8 +45,10 @@ class CpuSampler:
     def read(self) -> tuple[dict[str, float], set[int]]:
         """One row of CPU columns, and the pids of the profiled trees (for NVML's per-process)."""
         now = [_busy_total(t) for t in psutil.cpu_times(percpu=True)]
-        pct = [min(100.0, max(0.0, 100 * (b - b0) / (t - t0))) if t > t0 else 0.0
-               for (b, t), (b0, t0) in zip(now, self._last)]
+        pct = [
+            min(100.0, max(0.0, 100 * (b - b0) / (t - t0))) if t > t0 else 0.0
+            for (b, t), (b0, t0) in zip(now, self._last)
+        ]
         self._last = now
         row = {f"cpu{k}_util": p for k, p in enumerate(pct)}
         row["cpu_util"] = sum(pct) / len(pct) if pct else 0.0

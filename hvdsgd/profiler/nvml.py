@@ -6,6 +6,7 @@ again; ``GPU is lost`` from any call marks the whole device lost, and it is not 
 NVML numbers devices in PCI order and ignores ``CUDA_VISIBLE_DEVICES``, so devices are matched
 by UUID (:func:`resolve`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover - a dependency of the profiler only
 log = logging.getLogger("hvdsgd")
 
 GPM_MIN_GAP_S = 0.1  # NVIDIA: the two samples of a GPM pair must be >= 100 ms apart
-_GPM_WAIT_S = 0.01   # a pair due within this much is waited for rather than skipped
+_GPM_WAIT_S = 0.01  # a pair due within this much is waited for rather than skipped
 GPM_METRICS = {  # column -> (NVML_GPM_METRIC_* id, DCGM-style name of value / 100)
     "graphics_util": (1, "gr_engine_active"),
     "sm_util": (2, "sm_active"),
@@ -33,9 +34,21 @@ GPM_METRICS = {  # column -> (NVML_GPM_METRIC_* id, DCGM-style name of value / 1
     "fp32_util": (12, "pipe_fp32_active"),
     "fp16_util": (13, "pipe_fp16_active"),
 }
-COLUMNS = ("util", "mem_util", "mem_used_mib", "mem_total_mib", "power_w", "energy_j",
-           "sm_clock_mhz", "mem_clock_mhz", "temp_c", "pcie_rx_mb_s", "pcie_tx_mb_s",
-           "proc_sm_util", *GPM_METRICS)  # per GPU, each prefixed gpu{i}_
+COLUMNS = (
+    "util",
+    "mem_util",
+    "mem_used_mib",
+    "mem_total_mib",
+    "power_w",
+    "energy_j",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "temp_c",
+    "pcie_rx_mb_s",
+    "pcie_tx_mb_s",
+    "proc_sm_util",
+    *GPM_METRICS,
+)  # per GPU, each prefixed gpu{i}_
 # Refusals that will not change during the run: NOT_SUPPORTED, NO_PERMISSION,
 # FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH.
 _PERMANENT = (3, 4, 13, 25)
@@ -67,9 +80,11 @@ def _value(kind: int, v: Any) -> float:
 
 # ---------------------------------------------------------------- choosing devices
 
+
 @dataclass
 class GpuRef:
     """One GPU as this process sees it."""
+
     uuid: str
     name: str
     nvml_index: int | None  # None for a MIG instance
@@ -97,8 +112,9 @@ def _match(tok: str, uuids: list[str], handles: list[Any]) -> tuple[int | None, 
     return (hits[0], handles[hits[0]]) if len(hits) == 1 else None  # a prefix must be unique
 
 
-def resolve(tokens: list[str] | None, cuda_ordinal: int | None = None,
-            by_cuda: bool = True) -> tuple[list[tuple[GpuRef, Any]], str]:
+def resolve(
+    tokens: list[str] | None, cuda_ordinal: int | None = None, by_cuda: bool = True
+) -> tuple[list[tuple[GpuRef, Any]], str]:
     """The (GpuRef, handle) pairs for ``tokens``, in their order, and why the list is empty.
 
     ``tokens`` are ``CUDA_VISIBLE_DEVICES`` entries (None: all GPUs): NVML indices, ``GPU-``
@@ -116,11 +132,14 @@ def resolve(tokens: list[str] | None, cuda_ordinal: int | None = None,
         if hit is None or (hit[0] is not None and hit[0] in [p[0] for p in picked]):
             break
         picked.append(hit)
-    refs = [(GpuRef(N.nvmlDeviceGetUUID(h), N.nvmlDeviceGetName(h), i,
-                    k if by_cuda else None), h) for k, (i, h) in enumerate(picked)]
+    refs = [
+        (GpuRef(N.nvmlDeviceGetUUID(h), N.nvmlDeviceGetName(h), i, k if by_cuda else None), h)
+        for k, (i, h) in enumerate(picked)
+    ]
     if not refs:
-        return [], (f"NVML sees {count} GPU(s), none of them visible here"
-                    if count else "NVML found no GPU")
+        return [], (
+            f"NVML sees {count} GPU(s), none of them visible here" if count else "NVML found no GPU"
+        )
     if cuda_ordinal is None:
         return refs, ""
     if 0 <= cuda_ordinal < len(refs):
@@ -128,15 +147,19 @@ def resolve(tokens: list[str] | None, cuda_ordinal: int | None = None,
     return [], f"no CUDA device {cuda_ordinal}: {len(refs)} visible to this process"
 
 
-def visible_gpus(cuda_ordinal: int | None = None,
-                 cuda_visible_devices: str | None = None) -> list[GpuRef]:
+def visible_gpus(
+    cuda_ordinal: int | None = None, cuda_visible_devices: str | None = None
+) -> list[GpuRef]:
     """The GPUs CUDA numbers 0, 1, ... in this process, without initialising CUDA.
 
     Reads ``CUDA_VISIBLE_DEVICES`` from the environment unless given; ``cuda_ordinal`` (e.g.
     Horovod's local rank) keeps only that device. Raises ``pynvml.NVMLError`` without NVML.
     """
-    env = cuda_visible_devices if cuda_visible_devices is not None else \
-        os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = (
+        cuda_visible_devices
+        if cuda_visible_devices is not None
+        else os.environ.get("CUDA_VISIBLE_DEVICES")
+    )
     N.nvmlInit()
     try:
         return [ref for ref, _ in resolve(parse_cuda_visible_devices(env), cuda_ordinal)[0]]
@@ -145,6 +168,7 @@ def visible_gpus(cuda_ordinal: int | None = None,
 
 
 # ---------------------------------------------------------------- sampling one GPU
+
 
 class GpuSampler:
     """Reads one GPU once per tick; never raises, and stops polling a lost GPU."""
@@ -161,9 +185,14 @@ class GpuSampler:
         self._gpm_ids = {col: mid for col, (mid, _) in GPM_METRICS.items()}
         self._gpm_bufs: list[Any] | None = None
         self._gpm_t: float | None = None
-        self.info: dict[str, Any] = {"column": prefix.rstrip("_"), "uuid": ref.uuid,
-                                     "name": ref.name, "nvml_index": ref.nvml_index,
-                                     "cuda_ordinal": ref.cuda_ordinal, "lost": False}
+        self.info: dict[str, Any] = {
+            "column": prefix.rstrip("_"),
+            "uuid": ref.uuid,
+            "name": ref.name,
+            "nvml_index": ref.nvml_index,
+            "cuda_ordinal": ref.cuda_ordinal,
+            "lost": False,
+        }
         try:
             self._describe()
             self._setup_gpm()
@@ -201,15 +230,18 @@ class GpuSampler:
     def _mark_lost(self, t: float, e: Exception) -> None:
         self.lost = self.info["lost"] = True
         self._gpm_bufs = None  # freeing them needs the device
-        self._warn(f"{self.info['column']} ({self.ref.name}, {self.ref.uuid}) lost at "
-                   f"{t:.1f} s ({e}); no longer polled")
+        self._warn(
+            f"{self.info['column']} ({self.ref.name}, {self.ref.uuid}) lost at "
+            f"{t:.1f} s ({e}); no longer polled"
+        )
 
     # -- setup
     def _describe(self) -> None:
         cc = _query(N.nvmlDeviceGetCudaComputeCapability, self.h)
         mode = _query(N.nvmlDeviceGetMigMode, self.h)
-        self.info.update(compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
-                         mig_mode=bool(mode and mode[0]))
+        self.info.update(
+            compute_capability=f"{cc[0]}.{cc[1]}" if cc else None, mig_mode=bool(mode and mode[0])
+        )
 
     def _setup_gpm(self) -> None:
         """GPM buffers where the device supports GPM; MIG instances sample their GPU instance."""
@@ -256,8 +288,9 @@ class GpuSampler:
         h, v = self.h, {}
         v["util"] = self._buffered("util", N.NVML_GPU_UTILIZATION_SAMPLES)
         v["mem_util"] = self._buffered("mem_util", N.NVML_MEMORY_UTILIZATION_SAMPLES)
-        mem = self._call(("mem_used_mib", "mem_total_mib"), N.nvmlDeviceGetMemoryInfo, h,
-                         N.nvmlMemory_v2)
+        mem = self._call(
+            ("mem_used_mib", "mem_total_mib"), N.nvmlDeviceGetMemoryInfo, h, N.nvmlMemory_v2
+        )
         if mem is not None:
             v["mem_used_mib"], v["mem_total_mib"] = mem.used / 2**20, mem.total / 2**20
         v["power_w"] = self._power_w()
@@ -266,10 +299,14 @@ class GpuSampler:
             self._energy0 = mj if self._energy0 is None else self._energy0
             v["energy_j"] = (mj - self._energy0) / 1000
         v["sm_clock_mhz"] = self._call("sm_clock_mhz", N.nvmlDeviceGetClockInfo, h, N.NVML_CLOCK_SM)
-        v["mem_clock_mhz"] = self._call("mem_clock_mhz", N.nvmlDeviceGetClockInfo, h, N.NVML_CLOCK_MEM)
+        v["mem_clock_mhz"] = self._call(
+            "mem_clock_mhz", N.nvmlDeviceGetClockInfo, h, N.NVML_CLOCK_MEM
+        )
         v["temp_c"] = self._call("temp_c", N.nvmlDeviceGetTemperature, h, N.NVML_TEMPERATURE_GPU)
-        for col, counter in (("pcie_rx_mb_s", N.NVML_PCIE_UTIL_RX_BYTES),
-                             ("pcie_tx_mb_s", N.NVML_PCIE_UTIL_TX_BYTES)):
+        for col, counter in (
+            ("pcie_rx_mb_s", N.NVML_PCIE_UTIL_RX_BYTES),
+            ("pcie_tx_mb_s", N.NVML_PCIE_UTIL_TX_BYTES),
+        ):
             kb = self._call(col, N.nvmlDeviceGetPcieThroughput, h, counter)  # KB/s
             v[col] = None if kb is None else kb / 1000
         v["proc_sm_util"] = self._proc_sm_util(pids)
@@ -354,8 +391,12 @@ class GpuSampler:
     def _gpm_metrics(self, s1: Any, s2: Any) -> dict[str, float | None]:
         cols = list(self._gpm_ids)
         mg = N.c_nvmlGpmMetricsGet_t()
-        mg.version, mg.numMetrics, mg.sample1, mg.sample2 = \
-            N.NVML_GPM_METRICS_GET_VERSION, len(cols), s1, s2
+        mg.version, mg.numMetrics, mg.sample1, mg.sample2 = (
+            N.NVML_GPM_METRICS_GET_VERSION,
+            len(cols),
+            s1,
+            s2,
+        )
         for k, col in enumerate(cols):
             mg.metrics[k].metricId = self._gpm_ids[col]
         try:

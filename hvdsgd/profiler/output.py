@@ -6,6 +6,7 @@
 - ``{stem}.json``: mean, p50, p95 and max per column, GPU idle share, DCGM-style ratios.
 - ``{stem}.png``: GPU utilisation, SM occupancy, tensor, memory, power; CPU cores heatmap.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,9 @@ class CsvLog:
         self.fh.flush()
 
     def write(self, row: dict[str, float | None]) -> None:
-        self.writer.writerow({k: "" if v is None else f"{v:.4f}".rstrip("0").rstrip(".")
-                              for k, v in row.items()})
+        self.writer.writerow(
+            {k: "" if v is None else f"{v:.4f}".rstrip("0").rstrip(".") for k, v in row.items()}
+        )
         self.fh.flush()
 
     def close(self) -> None:
@@ -47,8 +49,10 @@ def read_csv(path: str | Path) -> dict[str, list[float | None]]:
         rows = list(csv.reader(fh))
     if not rows:
         return {}
-    return {name: [float(r[k]) if k < len(r) and r[k] else None for r in rows[1:]]
-            for k, name in enumerate(rows[0])}
+    return {
+        name: [float(r[k]) if k < len(r) and r[k] else None for r in rows[1:]]
+        for k, name in enumerate(rows[0])
+    }
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -62,13 +66,18 @@ def _percentile(xs: list[float], q: float) -> float:
 def stats(values: list[float]) -> dict[str, float]:
     """mean, p50, p95, max and n of ``values`` (non-empty)."""
     xs = sorted(values)
-    out = {"mean": sum(xs) / len(xs), "p50": _percentile(xs, 0.5),
-           "p95": _percentile(xs, 0.95), "max": xs[-1]}
+    out = {
+        "mean": sum(xs) / len(xs),
+        "p50": _percentile(xs, 0.5),
+        "p95": _percentile(xs, 0.95),
+        "max": xs[-1],
+    }
     return {**{k: round(v, 6) for k, v in out.items()}, "n": len(xs)}
 
 
-def summarize(csv_path: str | Path, raw: dict[str, list[float]] | None = None,
-              idle_below: float = 5.0) -> dict[str, Any]:
+def summarize(
+    csv_path: str | Path, raw: dict[str, list[float]] | None = None, idle_below: float = 5.0
+) -> dict[str, Any]:
     """Statistics of a profile CSV.
 
     ``raw`` holds every driver sample of buffered columns (``gpu0_util``, ``gpu0_mem_util``);
@@ -92,9 +101,14 @@ def summarize(csv_path: str | Path, raw: dict[str, list[float]] | None = None,
             if ratios:
                 dcgm[g][name] = stats(ratios)
     elapsed = [t for t in cols.get("elapsed_s", []) if t is not None]
-    return {"samples": len(elapsed), "duration_s": elapsed[-1] if elapsed else 0.0,
-            "idle_below_pct": idle_below, "gpu_idle_share": idle, "dcgm": dcgm,
-            "metrics": metrics}
+    return {
+        "samples": len(elapsed),
+        "duration_s": elapsed[-1] if elapsed else 0.0,
+        "idle_below_pct": idle_below,
+        "gpu_idle_share": idle,
+        "dcgm": dcgm,
+        "metrics": metrics,
+    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -128,26 +142,39 @@ def plot_timeline(csv_path: str | Path, png_path: str | Path) -> None:
 def timeline_figure(csv_path: str | Path) -> Any:
     """The figure :func:`plot_timeline` saves (matplotlib's Agg backend); the caller closes it."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = read_csv(csv_path)
     t = cols.get("elapsed_s", [])
     gpus = sorted({m.group(1) for m in map(_GPU.match, cols) if m})
-    panels = [("GPU utilisation %", ["util", "proc_sm_util", "sm_util"]),
-              ("SM occupancy %", ["sm_occupancy"]),
-              ("tensor / FP pipes %", ["tensor_util", "fp16_util", "fp32_util"]),
-              ("memory %", ["mem_util", "dram_bw_util", "mem_used_pct"]),
-              ("power W", ["power_w"])]
+    panels = [
+        ("GPU utilisation %", ["util", "proc_sm_util", "sm_util"]),
+        ("SM occupancy %", ["sm_occupancy"]),
+        ("tensor / FP pipes %", ["tensor_util", "fp16_util", "fp32_util"]),
+        ("memory %", ["mem_util", "dram_bw_util", "mem_used_pct"]),
+        ("power W", ["power_w"]),
+    ]
     for g in gpus:  # memory used as a share of total, for the memory panel
         used, total = cols.get(f"{g}_mem_used_mib", []), cols.get(f"{g}_mem_total_mib", [])
-        cols[f"{g}_mem_used_pct"] = [100 * u / s if u is not None and s else None
-                                     for u, s in zip(used, total)]
-    panels = [(title, names) for title, names in panels
-              if any(v is not None for g in gpus for n in names for v in cols.get(f"{g}_{n}", []))]
+        cols[f"{g}_mem_used_pct"] = [
+            100 * u / s if u is not None and s else None for u, s in zip(used, total)
+        ]
+    panels = [
+        (title, names)
+        for title, names in panels
+        if any(v is not None for g in gpus for n in names for v in cols.get(f"{g}_{n}", []))
+    ]
     cores = sorted((c for c in cols if re.fullmatch(r"cpu\d+_util", c)), key=lambda c: int(c[3:-5]))
-    fig, axes = plt.subplots(len(panels) + 1, 1, sharex=True, squeeze=False, layout="constrained",
-                             figsize=(10, 2.2 * (len(panels) + 1)))
+    fig, axes = plt.subplots(
+        len(panels) + 1,
+        1,
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+        figsize=(10, 2.2 * (len(panels) + 1)),
+    )
     for ax, (title, names) in zip(axes[:, 0], panels):
         for g in gpus:
             for n in names:
@@ -159,10 +186,21 @@ def timeline_figure(csv_path: str | Path) -> Any:
     times = [x for x in t if x is not None]
     if cores and times:
         grid = [[v or 0.0 for v in cols[c]] for c in cores]
-        im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis",
-                       interpolation="nearest",  # row k is core k, centred on y = k
-                       extent=(times[0], max(times[-1], times[0] + 1e-3),  # one sample
-                               -0.5, len(cores) - 0.5))
+        im = ax.imshow(
+            grid,
+            aspect="auto",
+            origin="lower",
+            vmin=0,
+            vmax=100,
+            cmap="viridis",
+            interpolation="nearest",  # row k is core k, centred on y = k
+            extent=(
+                times[0],
+                max(times[-1], times[0] + 1e-3),  # one sample
+                -0.5,
+                len(cores) - 0.5,
+            ),
+        )
         ticks = core_ticks(len(cores))
         ax.set_yticks(ticks, [f"cpu{k}" for k in ticks])
         # Beside the heat map alone, its full height; constrained layout keeps the panels

@@ -3,6 +3,7 @@
 The training thread pays nothing but the start and stop; the sampler thread never raises into
 it. Without NVML (no driver, no GPU) it logs one line and records CPU metrics only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,21 +46,33 @@ class Profiler:
         print(prof.summary["gpu_idle_share"])
     """
 
-    def __init__(self, out_dir: str | Path, interval: float = 0.1, *,
-                 devices: Sequence[int | str] | None = None, cuda_ordinal: int | None = None,
-                 pids: Sequence[int] | None = None, prefix: str = "profile",
-                 rank: int | None = None, idle_below: float = 5.0, plot: bool = True,
-                 gpu: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        interval: float = 0.1,
+        *,
+        devices: Sequence[int | str] | None = None,
+        cuda_ordinal: int | None = None,
+        pids: Sequence[int] | None = None,
+        prefix: str = "profile",
+        rank: int | None = None,
+        idle_below: float = 5.0,
+        plot: bool = True,
+        gpu: bool = True,
+    ):
         if not 0 < interval <= MAX_INTERVAL_S:  # also refuses NaN and inf
-            raise UsageError(f"the profiler interval must be > 0 and <= {MAX_INTERVAL_S:g} "
-                             f"seconds (got {interval})")
+            raise UsageError(
+                f"the profiler interval must be > 0 and <= {MAX_INTERVAL_S:g} "
+                f"seconds (got {interval})"
+            )
         self.out_dir, self.interval = Path(out_dir), float(interval)
         self.devices, self.cuda_ordinal, self.gpu = devices, cuda_ordinal, gpu
         self.pids = [os.getpid()] if pids is None else list(pids)
         self.idle_below, self.plot = idle_below, plot
         stem = prefix + ("" if rank is None else f"-rank{rank}")
         self.csv_path, self.json_path, self.png_path = (
-            self.out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png"))
+            self.out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "png")
+        )
         self.summary: dict[str, Any] | None = None
         self.started: str | None = None  # when start() ran (ISO 8601, UTC); None before
         self.unsupported: dict[str, str] = {}
@@ -138,8 +151,11 @@ class Profiler:
             return self._no_gpu(f"NVML: {e}")
         self._nvml = True
         by_cuda = self.devices is None
-        tokens = (nvml.parse_cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
-                  if by_cuda else [str(d) for d in self.devices])
+        tokens = (
+            nvml.parse_cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if by_cuda
+            else [str(d) for d in self.devices]
+        )
         try:
             picked, why = nvml.resolve(tokens, self.cuda_ordinal, by_cuda)
         except N.NVMLError as e:
@@ -200,12 +216,21 @@ class Profiler:
         unsupported = dict(self.unsupported)
         for g in self._gpus:
             unsupported.update({g.prefix + k: why for k, why in g.unsupported.items()})
-        return {"started": self.started, "interval_s": self.interval,
-                "devices": [g.info for g in self._gpus],
-                **summarize(self.csv_path, raw, self.idle_below),
-                "unsupported": unsupported,
-                "sampler_cpu_s": self._cpu_s,
-                "warnings": self.warnings + [w for g in self._gpus for w in g.warnings],
-                "files": {k: str(p) for k, p in (("csv", self.csv_path), ("json", self.json_path),
-                                                  ("png", self.png_path))
-                          if k != "png" or self.plot}}
+        return {
+            "started": self.started,
+            "interval_s": self.interval,
+            "devices": [g.info for g in self._gpus],
+            **summarize(self.csv_path, raw, self.idle_below),
+            "unsupported": unsupported,
+            "sampler_cpu_s": self._cpu_s,
+            "warnings": self.warnings + [w for g in self._gpus for w in g.warnings],
+            "files": {
+                k: str(p)
+                for k, p in (
+                    ("csv", self.csv_path),
+                    ("json", self.json_path),
+                    ("png", self.png_path),
+                )
+                if k != "png" or self.plot
+            },
+        }

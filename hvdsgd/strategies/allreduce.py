@@ -16,6 +16,7 @@ rank 0, and start the allreduces from backward hooks while the backward pass run
 the allreduce and by ``ranks / f`` after it. Unset, the CPU buckets divide by the number of
 ranks before it (the loss scale), which needs no pass of its own.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -30,10 +31,12 @@ from ..errors import UsageError
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """The local optimizer (SGD with momentum, or AdamW) at learning rate ``lr``."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(cfg.momentum, 0.999),
-                                 weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 def gradient_buckets(model: torch.nn.Module, cap_bytes: float) -> list[list[torch.Tensor]]:
@@ -55,7 +58,7 @@ def _view_of(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
     """The slice of ``flat`` at ``offset`` shaped and strided as ``p`` (channels-last too)."""
     if p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last):
         return flat.as_strided(p.shape, p.stride(), offset)
-    return flat[offset:offset + p.numel()].view_as(p)
+    return flat[offset : offset + p.numel()].view_as(p)
 
 
 class GradientBuckets:
@@ -68,16 +71,18 @@ class GradientBuckets:
     starts any bucket whose parameters got no gradient this step, as every rank does).
     """
 
-    def __init__(self, model: torch.nn.Module, cap_bytes: float, compression,
-                 postscale: float = 1.0):
+    def __init__(
+        self, model: torch.nn.Module, cap_bytes: float, compression, postscale: float = 1.0
+    ):
         self.hvd, self.compression, self.postscale = dist.hvd(), compression, postscale
         self.flats, self._sizes, self._owner = [], [], {}
         for group in gradient_buckets(model, cap_bytes):
             # One dtype per flat tensor: a group of mixed dtypes becomes one bucket per dtype.
             for dtype in dict.fromkeys(p.dtype for p in group):
                 params = [p for p in group if p.dtype == dtype]
-                flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype,
-                                   device=params[0].device)
+                flat = torch.zeros(
+                    sum(p.numel() for p in params), dtype=dtype, device=params[0].device
+                )
                 offset = 0
                 for p in params:
                     p.grad = _view_of(flat, offset, p)
@@ -137,14 +142,23 @@ class Allreduce:
 
     name = "allreduce"
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                 steps_per_epoch: int, broadcast: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        device: torch.device,
+        steps_per_epoch: int,
+        broadcast: bool = True,
+    ):
         hvd = dist.library()  # None: one plain process, no Horovod
         self.cfg, self.model = cfg, model
-        if cfg.adasum and (hvd is None or not (hvd.mpi_enabled() or (
-                device.type == "cuda" and hvd.nccl_built()))):
-            raise UsageError("--adasum needs Horovod with MPI (CPU) or NCCL (GPU), and this run "
-                             "has neither (Gloo has no Adasum); drop --adasum")
+        if cfg.adasum and (
+            hvd is None or not (hvd.mpi_enabled() or (device.type == "cuda" and hvd.nccl_built()))
+        ):
+            raise UsageError(
+                "--adasum needs Horovod with MPI (CPU) or NCCL (GPU), and this run "
+                "has neither (Gloo has no Adasum); drop --adasum"
+            )
         size = hvd.size() if hvd is not None else 1
         optimizer = make_optimizer(cfg, model, cfg.lr * self._scale(size))
         self.buckets, self.distributed = None, False
@@ -167,10 +181,13 @@ class Allreduce:
                 self.buckets = GradientBuckets(model, cfg.bucket_mb * 2**20, compression)
             else:
                 self.optimizer = hvd.DistributedOptimizer(
-                    optimizer, named_parameters=model.named_parameters(), compression=compression,
+                    optimizer,
+                    named_parameters=model.named_parameters(),
+                    compression=compression,
                     backward_passes_per_step=cfg.accum_steps,
                     op=hvd.Adasum if cfg.adasum else hvd.Average,
-                    gradient_predivide_factor=cfg.gradient_predivide_factor or 1.0)
+                    gradient_predivide_factor=cfg.gradient_predivide_factor or 1.0,
+                )
                 self.distributed = True
         self._passes, self._synced = 0, False
         self._set_world(size)
@@ -188,16 +205,19 @@ class Allreduce:
         self.world_scale, self.loss_scale = self._scale(size), 1.0
         if self.buckets:
             pre = self.cfg.gradient_predivide_factor or size  # the buckets sum: 1/pre, then
-            self.buckets.postscale = pre / size               # pre/N, is the average
+            self.buckets.postscale = pre / size  # pre/N, is the average
             self.loss_scale = 1.0 / pre
 
     def _schedule(self, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
         for group in self.optimizer.param_groups:  # the peak rate of this world size
             group["lr"] = group["initial_lr"] = self.cfg.lr * self.world_scale
         return schedule.build(
-            self.optimizer, self.cfg.scheduler, total_steps=self.cfg.epochs * steps_per_epoch,
+            self.optimizer,
+            self.cfg.scheduler,
+            total_steps=self.cfg.epochs * steps_per_epoch,
             warmup_steps=round(self.cfg.warmup_epochs * steps_per_epoch),
-            world_scale=self.world_scale)
+            world_scale=self.world_scale,
+        )
 
     def resize(self, size: int, steps_per_epoch: int, epochs_done: float) -> None:
         """After an elastic reset to ``size`` ranks: drop the half-done step (its allreduces

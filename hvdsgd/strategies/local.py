@@ -6,6 +6,7 @@ weights are the caller's; the shuffle order and dropout come from here), and it 
 many threads as the caller set, so a task computes the same numbers whichever process or
 rank runs it.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,8 @@ import torch
 from .. import data, schedule
 from .. import pair as pair_
 from ..config import TrainConfig
-from ..engine import evaluate, seed as reseed, train_epoch
+from ..engine import evaluate, train_epoch
+from ..engine import seed as reseed
 from ..metrics import Summary, Tally
 from .allreduce import make_optimizer
 
@@ -27,13 +29,22 @@ class Local:
 
     name = "local"
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int,
-                 after_update: Callable[["Local"], None] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        steps_per_epoch: int,
+        after_update: Callable[["Local"], None] | None = None,
+    ):
         self.cfg, self.model, self.after_update = cfg, model, after_update
         self.optimizer = make_optimizer(cfg, model, cfg.lr)
         self.scheduler = schedule.build(
-            self.optimizer, cfg.scheduler, total_steps=cfg.epochs * steps_per_epoch,
-            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), world_scale=1.0)
+            self.optimizer,
+            cfg.scheduler,
+            total_steps=cfg.epochs * steps_per_epoch,
+            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+            world_scale=1.0,
+        )
         self.step = 0  # updates so far
 
     @property
@@ -54,10 +65,16 @@ class Local:
             self.after_update(self)
 
 
-def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-        test: tuple[torch.Tensor, torch.Tensor], num_classes: int, seed: int,
-        after_update: Callable[[Local], None] | None = None,
-        pair: "pair_.PairLink | None" = None) -> dict | None:
+def fit(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    seed: int,
+    after_update: Callable[[Local], None] | None = None,
+    pair: "pair_.PairLink | None" = None,
+) -> dict | None:
     """Train ``model`` for ``cfg.epochs`` on ``train`` and evaluate it on ``test`` (CPU).
 
     Returns the test figures (``test_accuracy``, ``test_macro_f1``, ``test_loss``), the last
@@ -67,14 +84,22 @@ def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, tor
     """
     cpu = torch.device("cpu")
     sampler = data.ShardSampler(len(train[1]), 0, 1, seed)
-    batches = data.Batches(train[0], train[1], cfg.batch_size, sampler, cpu,
-                           channels_last=cfg.channels_last)
+    batches = data.Batches(
+        train[0], train[1], cfg.batch_size, sampler, cpu, channels_last=cfg.channels_last
+    )
     updater = Local(cfg, model, math.ceil(len(batches) / cfg.accum_steps), after_update)
     exchange = None
-    if pair is not None and cfg.accum_steps >= 2 and not cfg.dry_run \
-            and pair_.splittable(model, train[0][:2]):
-        exchange = pair_.Exchange(pair, sum(p.numel() for p in model.parameters()
-                                             if p.requires_grad), cfg.batch_size * num_classes)
+    if (
+        pair is not None
+        and cfg.accum_steps >= 2
+        and not cfg.dry_run
+        and pair_.splittable(model, train[0][:2])
+    ):
+        exchange = pair_.Exchange(
+            pair,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            cfg.batch_size * num_classes,
+        )
     elif pair is not None and pair.role == 1:
         return None  # not splittable: the owner runs the whole task
     t0 = time.perf_counter()
@@ -83,18 +108,32 @@ def fit(cfg: TrainConfig, model: torch.nn.Module, train: tuple[torch.Tensor, tor
         sampler.set_epoch(epoch)
         tally = Tally(num_classes, cpu)
         if exchange is not None:
-            pair_.train_epoch(model, batches, updater, cfg.amp, cfg.accum_steps, tally, pair,
-                              exchange)
+            pair_.train_epoch(
+                model, batches, updater, cfg.amp, cfg.accum_steps, tally, pair, exchange
+            )
         else:
-            train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps, tally,
-                        max_steps=2 if cfg.dry_run else None)
+            train_epoch(
+                model,
+                batches,
+                updater,
+                cpu,
+                cfg.amp,
+                cfg.accum_steps,
+                tally,
+                max_steps=2 if cfg.dry_run else None,
+            )
     train_time = time.perf_counter() - t0
     if exchange is not None:
         exchange.close()
         if pair.role == 1:
             return None
-    test_batches = data.Batches(test[0], test[1], 512, range(len(test[1])), cpu,
-                                channels_last=cfg.channels_last)
+    test_batches = data.Batches(
+        test[0], test[1], 512, range(len(test[1])), cpu, channels_last=cfg.channels_last
+    )
     result: Summary = evaluate(model, test_batches, cpu, cfg.amp, Tally(num_classes, cpu)).local()
-    return {**result.as_dict("test"), "train_loss": tally.local().loss,
-            "updates": updater.step, "train_time_s": train_time}
+    return {
+        **result.as_dict("test"),
+        "train_loss": tally.local().loss,
+        "updates": updater.step,
+        "train_time_s": train_time,
+    }

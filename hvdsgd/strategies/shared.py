@@ -35,6 +35,7 @@ weights as ``checkpoint.pt`` before the one-line exit. More worker threads than 
 warning, and start-up progress every few seconds. The segments are unlinked once every worker
 has attached, and again on every way out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,20 +55,27 @@ import torch
 import torch.multiprocessing
 
 from .. import checkpoint, data, models, report, schedule, shm
-from ..data import ShardSampler
 from ..config import TrainConfig
+from ..data import ShardSampler
 from ..engine import evaluate, seed, train_epoch
 from ..errors import Terminated, UsageError
 from ..metrics import Summary, Tally
 
 log = logging.getLogger("hvdsgd")
 
-KERNEL_POLICY = {"hogwild": "hogwild", "lockfree": "hogwild", "atomic": "atomic",
-                 "locked": "locked", "sharded": "sharded", "async-apply": "locked",
-                 "async-deferred": "hogwild", "sync": "hogwild"}
+KERNEL_POLICY = {
+    "hogwild": "hogwild",
+    "lockfree": "hogwild",
+    "atomic": "atomic",
+    "locked": "locked",
+    "sharded": "sharded",
+    "async-apply": "locked",
+    "async-deferred": "hogwild",
+    "sync": "hogwild",
+}
 ACCURACY_TARGETS = (0.9, 0.95, 0.97)
 EXIT_STOPPED = 3  # a worker that stopped because another one failed
-REPORT_S = 0.1    # a worker reports its training loss and epoch count at most this often
+REPORT_S = 0.1  # a worker reports its training loss and epoch count at most this often
 START_REPORT_S = 5.0  # the parent logs how many workers have started at most this often
 
 
@@ -77,31 +85,43 @@ class WorkerFailed(UsageError):
 
 # ------------------------------------------------------------------------------ updaters
 
+
 @dataclass
 class Control:
     """The parent's channels to the workers (all inherited at spawn)."""
-    start: Any                      # Event: every worker attached; go
-    reports: Any                    # SimpleQueue: worker -> parent messages
-    barrier: Any = None             # sync
-    free: Any = None                # async-deferred: free slot ids
-    filled: Any = None              # async-deferred: (slot, worker, read_version, lr)
+
+    start: Any  # Event: every worker attached; go
+    reports: Any  # SimpleQueue: worker -> parent messages
+    barrier: Any = None  # sync
+    free: Any = None  # async-deferred: free slot ids
+    filled: Any = None  # async-deferred: (slot, worker, read_version, lr)
 
 
 class SharedUpdater:
     """The engine's ``Updater`` for one worker: flat gradient -> the shared buffer."""
 
-    def __init__(self, cfg: TrainConfig, w: int, shared: shm.SharedModel,
-                 model: torch.nn.Module, steps_per_epoch: int, ctl: Control):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        w: int,
+        shared: shm.SharedModel,
+        model: torch.nn.Module,
+        steps_per_epoch: int,
+        ctl: Control,
+    ):
         self.cfg, self.w, self.buf, self.ctl = cfg, w, shared.params, ctl
         self.model = model
         self.policy = KERNEL_POLICY[cfg.strategy]
         self.world_scale = float(cfg.workers) if cfg.strategy == "sync" else 1.0
         self.peak = cfg.lr * self.world_scale
         self.factor = schedule.multiplier(
-            cfg.scheduler, cfg.epochs * steps_per_epoch,
-            round(cfg.warmup_epochs * steps_per_epoch), 1.0 / self.world_scale)
+            cfg.scheduler,
+            cfg.epochs * steps_per_epoch,
+            round(cfg.warmup_epochs * steps_per_epoch),
+            1.0 / self.world_scale,
+        )
         self.private = None
-        if cfg.strategy == "async-apply":   # a private copy of the weights, refreshed per update
+        if cfg.strategy == "async-apply":  # a private copy of the weights, refreshed per update
             self.private = torch.from_numpy(shared.snapshot())
             shm.bind(shm._params(model), self.private)
         self.grad = shm.grad_buffer(model)  # every p.grad is a view into it
@@ -126,13 +146,23 @@ class SharedUpdater:
         self.step += 1
 
     def _apply(self, grad: np.ndarray, read_version: int, read_into=None) -> int:
-        staleness = self.buf.apply(self.w, grad, self.lr, self.policy, read_version,
-                                   self.momentum_buf, self.cfg.momentum, self.cfg.weight_decay,
-                                   False, self.first, read_into)
+        staleness = self.buf.apply(
+            self.w,
+            grad,
+            self.lr,
+            self.policy,
+            read_version,
+            self.momentum_buf,
+            self.cfg.momentum,
+            self.cfg.weight_decay,
+            False,
+            self.first,
+            read_into,
+        )
         self.first = False
         return staleness
 
-    def _direct(self) -> None:   # hogwild, lockfree, atomic, locked, sharded
+    def _direct(self) -> None:  # hogwild, lockfree, atomic, locked, sharded
         self._apply(self.g, self.version)
         self.version = self.buf.updates  # the next forward pass reads from here on
 
@@ -149,14 +179,14 @@ class SharedUpdater:
 
     def _sync(self) -> None:
         np.copyto(self.buf.slot(self.w), self.g)
-        self.ctl.barrier.wait()          # every gradient deposited
+        self.ctl.barrier.wait()  # every gradient deposited
         if self.w == 0:
             np.copyto(self.mean, self.buf.slot(0))
             for k in range(1, self.cfg.workers):
                 self.mean += self.buf.slot(k)
             self.mean *= 1.0 / self.cfg.workers
             self._apply(self.mean, self.buf.updates)
-        self.ctl.barrier.wait()          # the update is in: everyone reads the new weights
+        self.ctl.barrier.wait()  # the update is in: everyone reads the new weights
 
 
 def applier(buf, ctl: Control, cfg: TrainConfig, errors: list) -> None:
@@ -166,8 +196,19 @@ def applier(buf, ctl: Control, cfg: TrainConfig, errors: list) -> None:
     try:
         while (item := ctl.filled.get()) is not None:
             slot, w, version, lr = item
-            buf.apply(w, buf.slot(slot), lr, "hogwild", version, momentum_buf, cfg.momentum,
-                      cfg.weight_decay, False, first, None)
+            buf.apply(
+                w,
+                buf.slot(slot),
+                lr,
+                "hogwild",
+                version,
+                momentum_buf,
+                cfg.momentum,
+                cfg.weight_decay,
+                False,
+                first,
+                None,
+            )
             first = False
             ctl.free.put(slot)
     except Exception as e:  # pragma: no cover - reported by the parent
@@ -176,10 +217,12 @@ def applier(buf, ctl: Control, cfg: TrainConfig, errors: list) -> None:
 
 # ------------------------------------------------------------------------------- workers
 
+
 def _die_with_parent() -> None:
     """Linux: SIGTERM this worker when the parent dies, however it dies."""
     with contextlib.suppress(Exception):
         import ctypes
+
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -195,8 +238,7 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
         shared = shm.SharedModel.attach(spec["names"], model)
         x, y = spec["train_x"], spec["train_y"]
         sampler = ShardSampler(len(y), w, cfg.workers, cfg.seed)
-        batches = data.Batches(x, y, cfg.batch_size, sampler, cpu,
-                               channels_last=cfg.channels_last)
+        batches = data.Batches(x, y, cfg.batch_size, sampler, cpu, channels_last=cfg.channels_last)
         steps_per_epoch = math.ceil(len(batches) / cfg.accum_steps)
         updater = SharedUpdater(cfg, w, shared, model, steps_per_epoch, ctl)
         ctl.reports.put(("ready", w, torch.get_num_threads()))
@@ -206,13 +248,22 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
         for epoch in range(cfg.epochs):
             seed(cfg.seed + 1000 * epoch + w, cpu)  # dropout etc.: (seed, epoch, worker)
             sampler.set_epoch(epoch)
-            train_epoch(model, batches, updater, cpu, cfg.amp, cfg.accum_steps,
-                        tally, max_steps=2 if cfg.dry_run else None)
+            train_epoch(
+                model,
+                batches,
+                updater,
+                cpu,
+                cfg.amp,
+                cfg.accum_steps,
+                tally,
+                max_steps=2 if cfg.dry_run else None,
+            )
             # Report at most every REPORT_S: small epochs last milliseconds.
             if time.monotonic() - last_report >= REPORT_S or epoch + 1 == cfg.epochs:
                 tally.flush()
-                ctl.reports.put(("epoch", w, epoch + 1, tally.loss.item(),
-                                 tally.confusion.tolist(), updater.lr))
+                ctl.reports.put(
+                    ("epoch", w, epoch + 1, tally.loss.item(), tally.confusion.tolist(), updater.lr)
+                )
                 tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
         ctl.reports.put(("done", w, t_first, time.monotonic()))
         sys.stdout.flush()
@@ -223,13 +274,15 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
     except BaseException as e:
         usage = isinstance(e, UsageError)
         with contextlib.suppress(Exception):
-            ctl.reports.put(("usage" if usage else "error", w,
-                             str(e) if usage else f"{type(e).__name__}: {e}"))
+            ctl.reports.put(
+                ("usage" if usage else "error", w, str(e) if usage else f"{type(e).__name__}: {e}")
+            )
         sys.stdout.flush()
         os._exit(1)
 
 
 # -------------------------------------------------------------------------------- parent
+
 
 def _exit_text(code: int | None) -> str:
     if code is None:
@@ -243,6 +296,7 @@ def _exit_text(code: int | None) -> str:
 @dataclass
 class Progress:
     """What the parent knows of the workers' training, from their reports."""
+
     workers: int
     num_classes: int
     epochs_done: list = field(default_factory=list)
@@ -253,8 +307,8 @@ class Progress:
     done: set = field(default_factory=set)
     errors: dict = field(default_factory=dict)
     usage: dict = field(default_factory=dict)
-    busy: dict = field(default_factory=dict)      # worker -> (first step, last step), monotonic
-    threads: dict = field(default_factory=dict)   # worker -> its torch.get_num_threads()
+    busy: dict = field(default_factory=dict)  # worker -> (first step, last step), monotonic
+    threads: dict = field(default_factory=dict)  # worker -> its torch.get_num_threads()
 
     def __post_init__(self):
         self.epochs_done = [0] * self.workers
@@ -314,10 +368,12 @@ def _warn_oversubscribed(cfg: TrainConfig) -> None:
     """One warning when the workers' compute threads outnumber this process's cores."""
     cores, threads = len(os.sched_getaffinity(0)), cfg.threads or 1
     if cfg.workers * threads > cores:
-        log.warning(f"hvdsgd: warning: {cfg.workers} workers x {threads} thread"
-                    f"{'s' * (threads > 1)} on {cores} core{'s' * (cores > 1)} is oversubscribed: "
-                    f"starting and training will be slow; use --workers "
-                    f"{max(1, cores // threads)} for one thread per core")
+        log.warning(
+            f"hvdsgd: warning: {cfg.workers} workers x {threads} thread"
+            f"{'s' * (threads > 1)} on {cores} core{'s' * (cores > 1)} is oversubscribed: "
+            f"starting and training will be slow; use --workers "
+            f"{max(1, cores // threads)} for one thread per core"
+        )
 
 
 def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
@@ -327,8 +383,9 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
     cpu = torch.device("cpu")
     n_train = len(ds.train_y)
     if cfg.workers > n_train:
-        raise UsageError(f"--workers {cfg.workers} but only {n_train} training samples; "
-                         "use fewer workers")
+        raise UsageError(
+            f"--workers {cfg.workers} but only {n_train} training samples; use fewer workers"
+        )
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, ds.input_shape, ds.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
@@ -348,34 +405,47 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
         ctl.free, ctl.filled = ctx.SimpleQueue(), ctx.SimpleQueue()
         for s in range(slots):
             ctl.free.put(s)
-    spec = {"names": shared.names, "input_shape": ds.input_shape,
-            "num_classes": ds.num_classes,
-            "train_x": ds.train_x.share_memory_(), "train_y": ds.train_y.share_memory_()}
-    test_batches = data.Batches(ds.test_x, ds.test_y, 512, range(len(ds.test_y)), cpu,
-                                channels_last=cfg.channels_last)
+    spec = {
+        "names": shared.names,
+        "input_shape": ds.input_shape,
+        "num_classes": ds.num_classes,
+        "train_x": ds.train_x.share_memory_(),
+        "train_y": ds.train_y.share_memory_(),
+    }
+    test_batches = data.Batches(
+        ds.test_x, ds.test_y, 512, range(len(ds.test_y)), cpu, channels_last=cfg.channels_last
+    )
     progress = Progress(cfg.workers, ds.num_classes)
     procs: list = []
     applier_thread, applier_errors = None, []
     threads = cfg.threads or 1
-    old_handlers = {sig: signal.signal(sig, _raise_terminated)
-                    for sig in (signal.SIGTERM, signal.SIGHUP)}
+    old_handlers = {
+        sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)
+    }
     started = False
     try:
-        log.info(f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
-                 f"({n_train} train / {len(ds.test_y)} test), --strategy {cfg.strategy}"
-                 + (f" ({shards} shards)" if shards > 1 else "")
-                 + f", {cfg.workers} worker process{'es' * (cfg.workers > 1)} x {threads} "
-                 f"thread{'s' * (threads > 1)}, batch {cfg.batch_size}, lr {cfg.lr:g} "
-                 f"({cfg.scheduler}); shared buffer {shared.params.name}")
+        log.info(
+            f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
+            f"({n_train} train / {len(ds.test_y)} test), --strategy {cfg.strategy}"
+            + (f" ({shards} shards)" if shards > 1 else "")
+            + f", {cfg.workers} worker process{'es' * (cfg.workers > 1)} x {threads} "
+            f"thread{'s' * (threads > 1)}, batch {cfg.batch_size}, lr {cfg.lr:g} "
+            f"({cfg.scheduler}); shared buffer {shared.params.name}"
+        )
         _warn_oversubscribed(cfg)
         for w in range(cfg.workers):
-            p = ctx.Process(target=worker, args=(w, cfg.to_dict(), spec, ctl),
-                            name=f"hvdsgd-worker-{w}", daemon=True)
+            p = ctx.Process(
+                target=worker,
+                args=(w, cfg.to_dict(), spec, ctl),
+                name=f"hvdsgd-worker-{w}",
+                daemon=True,
+            )
             p.start()
             procs.append(p)
         if cfg.strategy == "async-deferred":
             applier_thread = threading.Thread(
-                target=applier, args=(shared.params, ctl, cfg, applier_errors), daemon=True)
+                target=applier, args=(shared.params, ctl, cfg, applier_errors), daemon=True
+            )
             applier_thread.start()
         _wait_ready(procs, progress, ctl, cfg)
         shared.unlink()  # every worker has mapped it: /dev/shm keeps nothing from here on
@@ -410,41 +480,80 @@ def run(cfg: TrainConfig, ds: data.Dataset) -> dict:
     # every worker running, without the tail in which the last one finishes alone.
     aggregate = sum(seen[w] / max(end - begin, 1e-9) for w, (begin, end) in progress.busy.items())
     stats = shared.params.stats(-1)
-    reached = {f"{t:g}": next((r["time_s"] for r in rows if r["test_accuracy"] >= t), None)
-               for t in ACCURACY_TARGETS}
+    reached = {
+        f"{t:g}": next((r["time_s"] for r in rows if r["test_accuracy"] >= t), None)
+        for t in ACCURACY_TARGETS
+    }
     summary = report.summary(
-        cfg, ds.name, cfg.strategy, cfg.workers, n_params, test,
-        {**(rows[-1] if rows else {}), **evaluator.last_train}, samples, train_time,
-        time.perf_counter() - t_start, "cpu", max(progress.threads.values(), default=threads),
-        workers=cfg.workers, shards=shards, updates=shared.params.updates,
-        train_samples=samples, aggregate_samples_per_sec=aggregate,
-        staleness_mean=stats["staleness_mean"], staleness_p95=stats["staleness_p95"],
-        staleness_max=stats["staleness_max"], time_to_accuracy_s=reached,
-        failed_workers=failed, **report.profile_figures(prof))
+        cfg,
+        ds.name,
+        cfg.strategy,
+        cfg.workers,
+        n_params,
+        test,
+        {**(rows[-1] if rows else {}), **evaluator.last_train},
+        samples,
+        train_time,
+        time.perf_counter() - t_start,
+        "cpu",
+        max(progress.threads.values(), default=threads),
+        workers=cfg.workers,
+        shards=shards,
+        updates=shared.params.updates,
+        train_samples=samples,
+        aggregate_samples_per_sec=aggregate,
+        staleness_mean=stats["staleness_mean"],
+        staleness_p95=stats["staleness_p95"],
+        staleness_max=stats["staleness_max"],
+        time_to_accuracy_s=reached,
+        failed_workers=failed,
+        **report.profile_figures(prof),
+    )
     run_dir.write_summary(summary)
     run_dir.plot(test.confusion.numpy(), ds.classes)
     if cfg.checkpoint and not cfg.dry_run:
         _save_checkpoint(cfg, model, ds, run_dir, cfg.epochs, shared.params.updates)
-    log.info(f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
-             f"{summary['samples_per_sec']:,.0f} samples/s, staleness mean "
-             f"{stats['staleness_mean']:.2f} p95 {stats['staleness_p95']:.0f} max "
-             f"{stats['staleness_max']:.0f}, {summary['wall_time_s']:.1f} s; "
-             f"results in {run_dir.path}/")
+    log.info(
+        f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
+        f"{summary['samples_per_sec']:,.0f} samples/s, staleness mean "
+        f"{stats['staleness_mean']:.2f} p95 {stats['staleness_p95']:.0f} max "
+        f"{stats['staleness_max']:.0f}, {summary['wall_time_s']:.1f} s; "
+        f"results in {run_dir.path}/"
+    )
     return summary
 
 
-def _save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, ds: data.Dataset,
-                     run_dir: report.RunDir, epoch: int, updates: int) -> None:
+def _save_checkpoint(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    ds: data.Dataset,
+    run_dir: report.RunDir,
+    epoch: int,
+    updates: int,
+) -> None:
     """``checkpoint.pt`` of the shared weights: tensors and plain data only (weights_only)."""
     ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # off the segment
-    checkpoint.save(run_dir.path / checkpoint.NAME,
-                    {"model": weights, "epoch": epoch, "updates": updates, "identity": ident,
-                     "strategy": {}, "config": cfg.to_dict()})
+    checkpoint.save(
+        run_dir.path / checkpoint.NAME,
+        {
+            "model": weights,
+            "epoch": epoch,
+            "updates": updates,
+            "identity": ident,
+            "strategy": {},
+            "config": cfg.to_dict(),
+        },
+    )
 
 
-def _save_interrupted(cfg: TrainConfig, model: torch.nn.Module, ds: data.Dataset,
-                      run_dir: report.RunDir, shared: shm.SharedModel) -> None:
+def _save_interrupted(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    ds: data.Dataset,
+    run_dir: report.RunDir,
+    shared: shm.SharedModel,
+) -> None:
     """After the workers stopped: the weights as they are, with the whole epochs completed."""
     if not cfg.checkpoint or cfg.dry_run:
         return
@@ -455,8 +564,10 @@ def _save_interrupted(cfg: TrainConfig, model: torch.nn.Module, ds: data.Dataset
     except UsageError as e:  # still an interruption: say why there is no checkpoint
         log.warning(f"hvdsgd: warning: {e}")
         return
-    log.info(f"stopped after {updates} updates ({epoch} whole epochs of {cfg.epochs}); "
-             f"the shared weights are in {run_dir.path / checkpoint.NAME}")
+    log.info(
+        f"stopped after {updates} updates ({epoch} whole epochs of {cfg.epochs}); "
+        f"the shared weights are in {run_dir.path / checkpoint.NAME}"
+    )
 
 
 def _drain(ctl: Control, progress: Progress) -> None:
@@ -477,9 +588,13 @@ def _check_workers(procs, progress: Progress, cfg: TrainConfig, failed: list, ct
         msg = f"worker {w} died ({_exit_text(p.exitcode)})" + (f": {why}" if why else "")
         failed.append(w)
         if cfg.on_worker_failure == "abort":
-            raise WorkerFailed(msg + "; the other workers were stopped (--on-worker-failure "
-                               "continue lets them finish)")
-        log.warning(f"hvdsgd: warning: {msg}; the other workers go on (--on-worker-failure continue)")
+            raise WorkerFailed(
+                msg + "; the other workers were stopped (--on-worker-failure "
+                "continue lets them finish)"
+            )
+        log.warning(
+            f"hvdsgd: warning: {msg}; the other workers go on (--on-worker-failure continue)"
+        )
 
 
 def _wait_ready(procs, progress: Progress, ctl: Control, cfg: TrainConfig) -> None:
@@ -500,8 +615,10 @@ def _wait_ready(procs, progress: Progress, ctl: Control, cfg: TrainConfig) -> No
                 if w in progress.usage:
                     raise UsageError(progress.usage[w])  # the user's fix, as the worker said it
                 why = progress.errors.get(w)
-                raise WorkerFailed(f"worker {w} failed while starting ({_exit_text(p.exitcode)})"
-                                   + (f": {why}" if why else ""))
+                raise WorkerFailed(
+                    f"worker {w} failed while starting ({_exit_text(p.exitcode)})"
+                    + (f": {why}" if why else "")
+                )
 
 
 class Evaluator:
@@ -516,7 +633,13 @@ class Evaluator:
     flush_s, max_bytes = 2.0, 64 * 2**20
 
     def __init__(self, cfg, shared: shm.SharedModel, ds, test_batches, run_dir, t0, n_train):
-        self.cfg, self.shared, self.ds, self.test, self.run_dir = cfg, shared, ds, test_batches, run_dir
+        self.cfg, self.shared, self.ds, self.test, self.run_dir = (
+            cfg,
+            shared,
+            ds,
+            test_batches,
+            run_dir,
+        )
         self.t0, self.updates_per_epoch = t0, updates_per_epoch(cfg, n_train)
         self.model = models.build(cfg.model, ds.input_shape, ds.num_classes)
         self.flat = torch.zeros(shared.params.size)
@@ -537,12 +660,22 @@ class Evaluator:
         if self.shared.params.updates == self.last_updates:
             return
         self.last_updates = self.shared.params.updates
-        state = (torch.from_numpy(self.shared.state.params()).clone()
-                 if self.shared.state is not None else None)
-        self.pending.append({"t": now - self.t0, "updates": self.shared.params.updates,
-                             "params": self.shared.flat.clone(), "state": state,
-                             "train": progress.train_summary(), "lr": progress.lr,
-                             "alive": alive})
+        state = (
+            torch.from_numpy(self.shared.state.params()).clone()
+            if self.shared.state is not None
+            else None
+        )
+        self.pending.append(
+            {
+                "t": now - self.t0,
+                "updates": self.shared.params.updates,
+                "params": self.shared.flat.clone(),
+                "state": state,
+                "train": progress.train_summary(),
+                "lr": progress.lr,
+                "alive": alive,
+            }
+        )
         size = sum(p["params"].numel() * 4 for p in self.pending)
         if size > self.max_bytes or now - self.last_flush >= self.flush_s:
             self.flush()
@@ -553,32 +686,46 @@ class Evaluator:
             self.flat.copy_(snap["params"])
             if self.state is not None:
                 self.state.copy_(snap["state"])
-            test = evaluate(self.model, self.test, cpu, self.cfg.amp,
-                            Tally(self.ds.num_classes, cpu)).local()
+            test = evaluate(
+                self.model, self.test, cpu, self.cfg.amp, Tally(self.ds.num_classes, cpu)
+            ).local()
             self.take_train(snap["train"])
             stats = self.shared.params.stats(-1)
             epoch = snap["updates"] / self.updates_per_epoch  # exactly --epochs at the end
-            row = {"time_s": snap["t"], "epoch": epoch, "epochs": self.cfg.epochs,
-                   "updates": snap["updates"], **self.last_train, **test.as_dict("test"),
-                   "lr": snap["lr"], "staleness_mean": stats["staleness_mean"],
-                   "workers_alive": snap["alive"]}
+            row = {
+                "time_s": snap["t"],
+                "epoch": epoch,
+                "epochs": self.cfg.epochs,
+                "updates": snap["updates"],
+                **self.last_train,
+                **test.as_dict("test"),
+                "lr": snap["lr"],
+                "staleness_mean": stats["staleness_mean"],
+                "workers_alive": snap["alive"],
+            }
             self.rows.append(row)
             self.run_dir.log_epoch(row)
-            log.info(f"{row['time_s']:7.2f} s  epoch {epoch:5.2f}/"
-                     f"{self.cfg.epochs}  updates {row['updates']:>7}  test loss {test.loss:.4f} "
-                     f"acc {100 * test.accuracy:5.2f}%")
+            log.info(
+                f"{row['time_s']:7.2f} s  epoch {epoch:5.2f}/"
+                f"{self.cfg.epochs}  updates {row['updates']:>7}  test loss {test.loss:.4f} "
+                f"acc {100 * test.accuracy:5.2f}%"
+            )
         self.pending.clear()
         self.last_flush = time.monotonic()
 
     def take_train(self, tr: Summary | None) -> None:
         """The training metrics of the latest report (kept for the rows that follow)."""
         if tr is not None:
-            self.last_train = {"train_loss": tr.loss, "train_accuracy": tr.accuracy,
-                               "train_macro_f1": tr.macro_f1}
+            self.last_train = {
+                "train_loss": tr.loss,
+                "train_accuracy": tr.accuracy,
+                "train_macro_f1": tr.macro_f1,
+            }
 
 
-def _supervise(cfg, procs, progress: "Progress", ctl: Control, evaluator: Evaluator,
-               applier_errors: list) -> list:
+def _supervise(
+    cfg, procs, progress: "Progress", ctl: Control, evaluator: Evaluator, applier_errors: list
+) -> list:
     """Snapshot every ``eval_interval`` s until the workers finish; watch for failures."""
     failed: list = []
     next_eval = evaluator.t0 + cfg.eval_interval
@@ -592,8 +739,9 @@ def _supervise(cfg, procs, progress: "Progress", ctl: Control, evaluator: Evalua
             raise WorkerFailed(f"the async-deferred applier failed: {applier_errors[0]}")
         finished = all(p.exitcode is not None for p in procs)
         if time.monotonic() >= next_eval or finished:
-            next_eval += cfg.eval_interval * max(1, math.ceil(
-                (time.monotonic() - next_eval) / cfg.eval_interval))
+            next_eval += cfg.eval_interval * max(
+                1, math.ceil((time.monotonic() - next_eval) / cfg.eval_interval)
+            )
             evaluator.snapshot(progress, len(alive))
         if finished:
             evaluator.flush()
