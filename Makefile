@@ -1,6 +1,7 @@
 # hvdsgd: two commands from a fresh machine.
 #   make demo   set up .venv (dependencies, patched Horovod, hvdsgd), then train on 4 ranks
-#   make test   the same set-up, then the whole test suite
+#   make test   the same set-up, the ruff gate (make lint), then every test tier
+#   make test-fast  the unit tier only (pytest -m unit: in-process tests, at most 90 s on 2 cores)
 #   make bench  every bench/ script (about 30 min on 2 cores), then the README's Results section
 #   make bench-quick  every bench/ script in a reduced form (minutes), into BENCH_OUT
 #   make bench-gpu    on an NVIDIA GPU machine: throughput, techniques, occupancy on the GPU
@@ -12,7 +13,7 @@ PY     := $(VENV)/bin/python
 NP     ?= 4
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench bench-quick bench-gpu bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
+.PHONY: setup demo lint test bench bench-quick bench-gpu bench-throughput bench-hogwild bench-occupancy bench-kfold clean distclean
 
 setup: $(VENV)/.stamp-hvdsgd
 
@@ -40,7 +41,12 @@ demo: setup
 	@echo "==> horovodrun -np $(NP) python -m hvdsgd.train   (cnn on digits)"
 	horovodrun -np $(NP) python -m hvdsgd.train --overwrite --out runs/demo
 
-test: setup
+# The lint gate first (ruff, configured in pyproject.toml), then every test tier.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest
 
 # Every bench/ script, in full (bench/results/, then the README's Results section from them), or
@@ -49,6 +55,11 @@ BENCH     := throughput scaling techniques strategies hogwild occupancy kfold lo
 BENCH_OUT ?= bench/results
 # SETUP= skips the set-up (the test suite runs bench-quick with its own Python: PY=...)
 SETUP     ?= setup
+
+# The unit tier alone (README, Tests); `make test` runs every tier.
+.PHONY: test-fast
+test-fast: $(SETUP)
+	$(PY) -m pytest -m unit
 
 bench: $(SETUP)
 	@for b in $(BENCH); do echo "==> bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done

@@ -1,7 +1,7 @@
 """Elastic training: what the commits cost, and how long a lost rank stops the run.
 
-    python bench/elastic.py           # 15 launches: 5-7 min on 2 cores (quiet to busy)
-    python bench/elastic.py --quick   # 4 launches (about a minute), for the test suite
+    python bench/elastic.py           # 15 launches
+    python bench/elastic.py --quick   # 4 launches, for the test suite
 
 Every launch is 2 ranks, one per "host" (localhost and 127.0.0.1: two names of this machine,
 which Horovod's elastic driver counts as two hosts), ``--gloo``, one compute thread each, the
@@ -23,7 +23,7 @@ Workload: ``mlp`` on synthetic 1x28x28 data, 12,800 samples, batch 32 per rank: 
 rank per epoch, so the default ``--commit-every`` (100) commits once mid-epoch (its second
 commit falls on the epoch's end, which commits anyway)
 (digits at 2 ranks x 32 is 23 steps an epoch: not one mid-epoch commit). The mlp's step is
-the cheapest of the zoo (a few ms), so a commit's fixed cost weighs the most: a worst case.
+the cheapest of the zoo, so a commit's fixed cost weighs the most: a worst case.
 
 1. **Commit cost.** Samples/s of the elastic run at the default ``--commit-every`` over the
    fixed-size run, from metrics.jsonl (training samples over training time, the first epoch
@@ -50,6 +50,7 @@ Writes ``bench/results/elastic[-quick].{json,md}``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -146,7 +147,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--rank"]:
 import psutil  # noqa: E402  (not needed inside a rank)
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402
+from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (not needed inside a rank)
 
 
 class Launch:
@@ -261,9 +262,9 @@ class Launch:
                 p.suspend()
             except psutil.Error:
                 pass
-        for p in family + [q for p in family for q in _children(p) if q not in family]:
+        for member in family + [q for f in family for q in _children(f) if q not in family]:
             try:
-                p.kill()
+                member.kill()
             except psutil.Error:
                 pass
         psutil.wait_procs(family, timeout=10)
@@ -382,7 +383,10 @@ def discovery_cost(where: Path, calls: int = 10) -> dict:
         after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         return (
             1000
-            * sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+            * sum(
+                a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime
+                for a, b in zip(after, before, strict=True)
+            )
             / calls
         )
 
@@ -477,7 +481,8 @@ def render(res: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> None:
+def _args(argv) -> argparse.Namespace:
+    """The command line, checked; ``--quick`` shrinks it to one pair and one lost rank."""
     p = parser(__doc__, "1 pair fixed/elastic, --commit-every 5, one lost rank; 3 epochs")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run (the first is warm-up)")
     p.add_argument("--samples", type=int, default=12800, help="synthetic training samples")
@@ -504,14 +509,12 @@ def main(argv=None) -> None:
         )
     if args.epochs < 3:
         p.error("--epochs must be at least 3: the first is warm-up, the rank is lost in the second")
-    sys.path.insert(0, str(ROOT))
-    from hvdsgd.config import TrainConfig
+    return args
 
-    default = TrainConfig.commit_every
-    commits = [int(c) for c in args.commits.split(",") if c and int(c) != default]
-    kill_commits = [int(c) for c in args.kill_commits.split(",") if c]
-    steps = math.ceil(math.ceil(args.samples / 2) / args.batch_size)
-    flags = [
+
+def _train_flags(args: argparse.Namespace) -> list[str]:
+    """The ``hvdsgd.train`` flags every launch shares."""
+    return [
         "--model",
         "mlp",
         "--dataset",
@@ -536,18 +539,19 @@ def main(argv=None) -> None:
         "--no-checkpoint",
         "--overwrite",
     ]
-    n = 2 * args.repeats + len(commits) + args.kills + len(kill_commits)
-    print(
-        f"elastic: mlp, synthetic 1x28x28 x {args.samples}, 2 ranks x {args.batch_size} "
-        f"({steps} steps/epoch), {args.epochs} epochs, --commit-every {default} (default) "
-        f"and {commits}; {args.kills + len(kill_commits)} lost-rank run(s): {n} launches",
-        flush=True,
-    )
 
-    def stop(signum, frame):  # SIGTERM: the finally below still kills every launch
-        raise SystemExit(f"bench/elastic.py: stopped by signal {signum}")
 
-    signal.signal(signal.SIGTERM, stop)
+def _launch_all(
+    args: argparse.Namespace,
+    flags: list[str],
+    steps: int,
+    default: int,
+    commits: list[int],
+    kill_commits: list[int],
+) -> tuple[list[dict], dict[int, list[dict]], list[dict], dict]:
+    """Every launch, one at a time, each killed with its ranks on the way out: the fixed runs,
+    the elastic runs by ``--commit-every``, the lost-rank runs, and the discovery script's
+    cost."""
     fixed, elastic, lost = [], {c: [] for c in [default, *commits]}, []
     try:
         with tempfile.TemporaryDirectory(prefix="hvdsgd-elastic-") as tmp:
@@ -601,23 +605,36 @@ def main(argv=None) -> None:
                 )
     finally:
         stop_all()
+    return fixed, elastic, lost, disc
 
-    def agg(rs: list[dict]) -> dict:
-        return {k: mean_spread([r[k] for r in rs]) for k in rs[0]}
 
-    base = agg(fixed)
+def _agg(rs: list[dict]) -> dict:
+    return {k: mean_spread([r[k] for r in rs]) for k in rs[0]}
+
+
+def _elastic_rows(fixed: list[dict], elastic: dict[int, list[dict]], default: int) -> list[dict]:
+    """One row per ``--commit-every``: its runs' means and its ratio over the fixed runs."""
+    base = _agg(fixed)
     rows = []
     for c in sorted(elastic):
-        row = {"commit_every": c, **agg(elastic[c]), "runs": elastic[c]}
+        row = {"commit_every": c, **_agg(elastic[c]), "runs": elastic[c]}
         if c == default:  # pair by pair: each elastic run over the fixed run beside it
             row["ratio"] = mean_spread(
-                [e["samples_per_sec"] / f["samples_per_sec"] for e, f in zip(elastic[c], fixed)]
+                [
+                    e["samples_per_sec"] / f["samples_per_sec"]
+                    for e, f in zip(elastic[c], fixed, strict=True)
+                ]
             )
         else:
             row["ratio"] = (row["samples_per_sec"][0] / base["samples_per_sec"][0], 0.0)
         rows.append(row)
+    return rows
+
+
+def _lost_summary(lost: list[dict], default: int) -> dict:
+    """The lost-rank runs at the default, averaged; steps redone checked in every run."""
     at_default = [k for k in lost if k["commit_every"] == default]
-    lost_summary = {
+    return {
         "n": len(at_default),
         **{
             k: mean_spread([x[k] for x in at_default])
@@ -631,6 +648,31 @@ def main(argv=None) -> None:
         },
         "redone_within_commit": all(k["steps_redone"] <= k["commit_every"] for k in lost),
     }
+
+
+def main(argv=None) -> None:
+    args = _args(argv)
+    sys.path.insert(0, str(ROOT))
+    from hvdsgd.config import TrainConfig
+
+    default = TrainConfig.commit_every
+    commits = [int(c) for c in args.commits.split(",") if c and int(c) != default]
+    kill_commits = [int(c) for c in args.kill_commits.split(",") if c]
+    steps = math.ceil(math.ceil(args.samples / 2) / args.batch_size)
+    flags = _train_flags(args)
+    n = 2 * args.repeats + len(commits) + args.kills + len(kill_commits)
+    print(
+        f"elastic: mlp, synthetic 1x28x28 x {args.samples}, 2 ranks x {args.batch_size} "
+        f"({steps} steps/epoch), {args.epochs} epochs, --commit-every {default} (default) "
+        f"and {commits}; {args.kills + len(kill_commits)} lost-rank run(s): {n} launches",
+        flush=True,
+    )
+
+    def stop(signum, frame):  # SIGTERM: the finally in _launch_all still kills every launch
+        raise SystemExit(f"bench/elastic.py: stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    fixed, elastic, lost, disc = _launch_all(args, flags, steps, default, commits, kill_commits)
     config = {
         **vars(args),
         "commit_default": default,
@@ -644,10 +686,10 @@ def main(argv=None) -> None:
         "command": command_line("elastic.py", argv),
         "machine": machine(gpu=False),
         "config": config,
-        "fixed": {**base, "runs": fixed},
-        "elastic": rows,
+        "fixed": {**_agg(fixed), "runs": fixed},
+        "elastic": _elastic_rows(fixed, elastic, default),
         "lost_rank": lost,
-        "lost_summary": lost_summary,
+        "lost_summary": _lost_summary(lost, default),
         "discovery": disc,
     }
     md = render(results)

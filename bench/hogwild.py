@@ -2,7 +2,7 @@
 
     python bench/hogwild.py                    # all three parts, figures to bench/results/
     python bench/hogwild.py --parts kernel --sizes 1000000 --repeats 5
-    python bench/hogwild.py --quick            # a reduced form (seconds), for the test suite
+    python bench/hogwild.py --quick            # a reduced form, for the test suite
 
 1. ``kernel``: bytes/s of one update of a flat float32 buffer (STREAM counting: 12 B per
    parameter for plain SGD, 20 B with momentum), hvdsgd's kernel against NumPy's
@@ -33,12 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from common import command_line, machine, mean_spread, parser, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import command_line, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 POLICIES = ("hogwild", "atomic", "locked", "sharded", "sync", "async-apply", "async-deferred")
 
@@ -49,6 +49,17 @@ def fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 # ---------------------------------------------------------------------------- kernel
+
+
+def _kernel_variants(_C, p: np.ndarray, g: np.ndarray, buf: np.ndarray, opts: dict) -> dict:
+    """name: (function, bytes per parameter), each updating ``p`` in place."""
+    return {
+        "hvdsgd sgd": (lambda: _C.sgd_step(p, g, 1e-6), 12),
+        "numpy p -= lr*g": (lambda: np.subtract(p, 1e-6 * g, out=p), 12),
+        "numpy p -= g (one pass)": (lambda: np.subtract(p, g, out=p), 12),
+        "hvdsgd sgd+momentum": (lambda: _C.sgd_step(p, g, 1e-6, buf, momentum=0.9), 20),
+        **{name: (opt.step, 20) for name, opt in opts.items()},
+    }
 
 
 def bench_kernel(sizes: list[int], repeats: int, inner: int) -> list[dict]:
@@ -69,14 +80,7 @@ def bench_kernel(sizes: list[int], repeats: int, inner: int) -> list[dict]:
             "torch foreach": torch.optim.SGD([pt_param], lr=1e-6, momentum=0.9, foreach=True),
             "torch fused": torch.optim.SGD([pt_param], lr=1e-6, momentum=0.9, fused=True),
         }
-        variants = {
-            # name: (function, bytes per parameter)
-            "hvdsgd sgd": (lambda: _C.sgd_step(p, g, 1e-6), 12),
-            "numpy p -= lr*g": (lambda: np.subtract(p, 1e-6 * g, out=p), 12),
-            "numpy p -= g (one pass)": (lambda: np.subtract(p, g, out=p), 12),
-            "hvdsgd sgd+momentum": (lambda: _C.sgd_step(p, g, 1e-6, buf, momentum=0.9), 20),
-            **{name: (opt.step, 20) for name, opt in opts.items()},
-        }
+        variants = _kernel_variants(_C, p, g, buf, opts)
         for fn, _ in variants.values():  # warm up: page in, build the optimizers' state
             fn()
         results = {k: [] for k in variants}
@@ -191,7 +195,7 @@ def run_reference(workers: int, cfg: dict, eval_interval: float) -> dict:
     reached = None
     for t, params in snaps + [(elapsed, live)]:
         with torch.no_grad():
-            for p, v in zip(model.parameters(), params):
+            for p, v in zip(model.parameters(), params, strict=True):
                 p.copy_(v)
         acc = (
             evaluate(model, test, torch.device("cpu"), "off", Tally(10, torch.device("cpu")))
@@ -200,7 +204,7 @@ def run_reference(workers: int, cfg: dict, eval_interval: float) -> dict:
         )
         if reached is None and acc >= 0.97:
             reached = min(t, elapsed)
-    aggregate = sum(c / (e - b) for c, b, e in zip(counts[:], begins[:], ends[:]))
+    aggregate = sum(c / (e - b) for c, b, e in zip(counts[:], begins[:], ends[:], strict=True))
     return {
         "samples_per_sec": sum(counts[:]) / elapsed,
         "aggregate_samples_per_sec": aggregate,
@@ -437,7 +441,8 @@ def render(results: dict, args) -> str:
         ]
         for r in results["policies"]:
             lines.append(
-                f"| {r['policy']} | {_cell(r, 'samples_per_sec')} | {_cell(r, 'test_accuracy', 100, 2)} "
+                f"| {r['policy']} | {_cell(r, 'samples_per_sec')} "
+                f"| {_cell(r, 'test_accuracy', 100, 2)} "
                 f"| {_cell(r, 'time_to_97_s', digits=2)} | {_cell(r, 'staleness_mean', digits=2)} |"
             )
         parts.append("\n".join(lines))

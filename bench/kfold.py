@@ -2,7 +2,7 @@
 
     python bench/kfold.py                 # 5-fold cnn on digits, 3 repeats; bench/results/kfold.*
     python bench/kfold.py --accum-steps 1 --batch-size 64   # whole folds only (ceiling 5/3)
-    python bench/kfold.py --quick         # a reduced form (seconds), for the test suite
+    python bench/kfold.py --quick         # a reduced form, for the test suite
 
 Per repeat, in this order (alternating between repeats):
 - ``python -m hvdsgd.kfold --compare-serial``: the same folds serially in one process and
@@ -30,10 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import command_line, machine, mean_ci, parser, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from common import command_line, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def run_hvdsgd(args, out: Path) -> dict:
@@ -103,7 +103,7 @@ def run_joblib(args) -> dict:
         batch_size=args.batch_size,
         accum_steps=args.accum_steps,
     )
-    x, y, classes = kfold._pooled(cfg)
+    x, y, classes = kfold.pooled(cfg)
     folds = kfold.split(y.numpy(), cfg.folds, cfg.seed, classes)
     t = time.perf_counter()
     out = Parallel(n_jobs=args.workers)(
@@ -150,9 +150,11 @@ def main(argv=None) -> None:
                 )
             runs.append(row)
             print(
-                f"  repeat {rep + 1}: serial {row['serial_s']:.2f} s, hvdsgd {row['parallel_s']:.2f} s "
+                f"  repeat {rep + 1}: serial {row['serial_s']:.2f} s, "
+                f"hvdsgd {row['parallel_s']:.2f} s "
                 f"(x{row['serial_s'] / row['parallel_s']:.2f}), joblib {row['joblib_s']:.2f} s; "
-                f"accuracy {100 * row['serial_accuracy']:.2f} / {100 * row['parallel_accuracy']:.2f} "
+                f"accuracy {100 * row['serial_accuracy']:.2f} / "
+                f"{100 * row['parallel_accuracy']:.2f} "
                 f"/ {100 * row['joblib_accuracy']:.2f}%",
                 flush=True,
             )
@@ -179,7 +181,10 @@ def main(argv=None) -> None:
 
 def render(r: dict, agg: dict) -> str:
     a = r["config"]
-    f = lambda k, s=1.0, d=2: f"{s * agg[k][0]:.{d}f} ± {s * agg[k][1]:.{d}f}"  # noqa: E731
+
+    def f(k: str, s: float = 1.0, d: int = 2) -> str:
+        return f"{s * agg[k][0]:.{d}f} ± {s * agg[k][1]:.{d}f}"
+
     sp, vj = r["speedup"], r["joblib_over_hvdsgd"]
     lines = [
         f"| {a['folds']}-fold {a['model']}, {a['epochs']} epochs, {a['accum_steps']} x "

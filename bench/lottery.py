@@ -1,7 +1,7 @@
 """Lottery tickets in parallel: ``python -m hvdsgd.lottery --compare-serial`` as a bench record.
 
     python bench/lottery.py            # cnn on digits, 4 sparsities x 3 reset steps, 2 workers
-    python bench/lottery.py --quick    # a reduced form (seconds), for the test suite
+    python bench/lottery.py --quick    # a reduced form, for the test suite
 
 One run of ``hvdsgd.lottery`` that trains the tickets both serially and over ``--workers``
 processes (the dense run, Amdahl's serial fraction, is shared): test accuracy by sparsity and
@@ -20,12 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import command_line, machine, parser, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import command_line, machine, parser, write_results  # noqa: E402  (bench/ is on sys.path)
-
-from hvdsgd.lottery import table  # noqa: E402
+from hvdsgd.lottery import table  # noqa: E402  (this checkout's hvdsgd: ROOT goes on sys.path first)
 
 
 def render(s: dict) -> str:

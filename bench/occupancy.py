@@ -2,7 +2,7 @@
 
     python bench/occupancy.py                      # GPU form on a GPU machine, else CPU form
     python bench/occupancy.py --parts overhead     # the profiler's own cost only
-    python bench/occupancy.py --quick              # a reduced form (seconds), for the test suite
+    python bench/occupancy.py --quick              # a reduced form, for the test suite
 
 1. ``sweep``. On an NVIDIA GPU: ``python -m hvdsgd.train --profile`` (one rank, CUDA) with
    ``--model`` on synthetic CIFAR-shaped data over batch size, AMP (off / bf16), loader workers
@@ -33,11 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from common import command_line, machine, mean_ci, parser, save_figure, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from common import command_line, machine, mean_ci, parser, save_figure, write_results  # noqa: E402  (bench/ is on sys.path)
 
 # ---------------------------------------------------------------------------- settings
 
@@ -134,7 +134,10 @@ def run_setting(setting: dict, epochs: int, interval: float, out: Path) -> dict:
         sys.exit(f"bench/occupancy.py: {' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
     prof = json.loads((out / "profile.json").read_text())
-    stat = lambda column, key="mean": (prof["metrics"].get(column) or {}).get(key)  # noqa: E731
+
+    def stat(column: str, key: str = "mean"):
+        return (prof["metrics"].get(column) or {}).get(key)
+
     return {
         "setting": setting["name"],
         "samples_per_sec": s["samples_per_sec"],
@@ -357,11 +360,12 @@ def main(argv=None) -> None:
     parts = args.parts.split(",")
     info = machine(gpu=not args.cpu)
     gpu = info["gpu"] is not None
-    print(
-        f"occupancy: {'GPU form on ' + info['gpu'] if gpu else 'CPU form (no GPU: HOGWILD workers against CPU use)'}"
-        f"; {info['cores']} cores",
-        flush=True,
+    form = (
+        "GPU form on " + info["gpu"]
+        if gpu
+        else "CPU form (no GPU: HOGWILD workers against CPU use)"
     )
+    print(f"occupancy: {form}; {info['cores']} cores", flush=True)
     out = Path(args.out)
     name = "occupancy-quick" if args.quick else "occupancy"
     profiles = out / (name + ("-gpu" if gpu else ""))  # each setting's profile, beside the record

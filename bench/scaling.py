@@ -1,13 +1,14 @@
-"""Horovod synchronous SGD on digits: time per iteration and test accuracy against workers and batch.
+"""Horovod synchronous SGD on digits: time per iteration and test accuracy against workers
+and batch.
 
-    python bench/scaling.py             # mlp and cnn, 2 repeats: 32 launches, 6-11 min on 2 cores
+    python bench/scaling.py             # mlp and cnn, 2 repeats: 32 launches
     python bench/scaling.py --repeats 1 # half of that
-    python bench/scaling.py --quick     # a reduced form (about a minute), for the test suite
+    python bench/scaling.py --quick     # a reduced form, for the test suite
 
 Every run is ``horovodrun -np N -H localhost:N --gloo python -m hvdsgd.train`` (synchronous
 ring-allreduce) for a fixed number of epochs, constant learning rate, momentum 0.9, one compute
-thread per rank (``--threads``: one worker is one core, so workers are the only variable). Two sweeps,
-for ``mlp`` and ``cnn``:
+thread per rank (``--threads``: one worker is one core, so workers are the only variable). Two
+sweeps, for ``mlp`` and ``cnn``:
 
 1. workers 1, 2, 4 at 64 samples per rank per step (weak scaling: the global batch grows with
    the workers). On a machine with fewer cores than ranks the ranks share cores (oversubscribed);
@@ -17,8 +18,8 @@ for ``mlp`` and ``cnn``:
 Learning-rate rule: a fixed base rate per rank (``--lr`` 0.02, both models) for every batch
 size; Horovod multiplies it by the number of ranks (linear scaling in the workers, none in the
 batch per rank), so larger batches take fewer steps per epoch and reach a lower accuracy in the
-same epochs. Most of a launch's 9-20 s (2 cores, quiet to busy) is horovodrun's and Python's
-start-up, not the epochs (0.03-0.5 s each here); that sets the run time.
+same epochs. Most of a launch's time is horovodrun's and Python's start-up, not the epochs;
+that sets the run time.
 Time per iteration is an epoch's training time over its steps (ceil(samples per rank / batch)),
 the first epoch left out as warm-up; samples/s likewise; speed-up is samples/s over the 1-worker
 figure. ± is 1.96 x the standard deviation over the repeats (where single runs fall).
@@ -37,9 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from common import (
     command_line,
     horovodrun,
@@ -48,7 +46,10 @@ from common import (
     parser,
     save_figure,
     write_results,
-)  # noqa: E402  (bench/ on sys.path)
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def run(model: str, workers: int, batch: int, args, out: Path) -> dict:
@@ -254,7 +255,8 @@ def main(argv=None) -> None:
                 runs[(m, w, b)].append(r)
                 over = " (oversubscribed)" if w > cores else ""
                 print(
-                    f"  {m:>4} {w} worker(s){over}, batch {b:>3}: {r['iter_ms']:7.2f} ms/iteration, "
+                    f"  {m:>4} {w} worker(s){over}, batch {b:>3}: "
+                    f"{r['iter_ms']:7.2f} ms/iteration, "
                     f"{r['samples_per_sec']:>8,.0f} samples/s, {100 * r['test_accuracy']:.2f}%, "
                     f"launch {r['launch_s']:.1f} s",
                     flush=True,

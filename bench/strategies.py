@@ -1,7 +1,7 @@
 """Update strategies side by side: Horovod allreduce, the parameter-server policies, HOGWILD.
 
     python bench/strategies.py             # mlp on digits, 2 workers, 3 repeats
-    python bench/strategies.py --quick     # a reduced form (seconds), for the test suite
+    python bench/strategies.py --quick     # a reduced form, for the test suite
 
 One table on the same model, data, batch per worker, learning rate and number of workers:
 ``allreduce`` is ``horovodrun -np N --gloo python -m hvdsgd.train`` (synchronous ring-
@@ -23,10 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import command_line, horovodrun, machine, mean_ci, parser, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from common import command_line, horovodrun, machine, mean_ci, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 STRATEGIES = ("allreduce", "sync", "async-apply", "async-deferred", "hogwild", "sharded")
 

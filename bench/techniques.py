@@ -1,23 +1,23 @@
 """Training techniques on and off: AMP, gradient accumulation, pinned memory, channels-last.
 
-    python bench/techniques.py           # resnet50, efficientnet_b0, vit x 6 settings (~6-8 min, 2 cores)
-    python bench/techniques.py --quick   # vit, baseline and all, a tiny budget (~15-50 s), for the tests
+    python bench/techniques.py           # resnet50, efficientnet_b0, vit x 6 settings
+    python bench/techniques.py --quick   # vit, baseline and all, a tiny budget, for the tests
     python bench/techniques.py --models vit --settings baseline,amp,accum --repeats 2
 
 Settings: ``baseline`` (fp32, NCHW, pageable memory); ``amp`` (bf16 autocast; on a GPU also
-``amp-fp16`` with loss scaling); ``accum`` (2 micro-batches of half the batch per update: the
-same samples per update, half the activations at a time); ``pin`` (page-locked batches copied
-asynchronously; on a GPU the data stays on the host behind 2 loader workers in every setting;
-on CPU nothing is copied: noted, not run); ``channels-last`` (NHWC batches); ``all`` (all four,
+``amp-fp16`` with loss scaling); ``accum`` (2 micro-batches of half the batch per update: the same
+samples per update, half the activations at a time); ``pin`` (page-locked batches copied
+asynchronously; on a GPU the data stays on the host behind 2 loader workers in every setting; on
+CPU nothing is copied: noted, not run); ``channels-last`` (NHWC batches); ``all`` (all four,
 bf16). Each (model, setting) is a fresh process training with hvdsgd's own code (``Batches``,
-``engine.train_step``, the ``Allreduce`` updater at one rank, as plain ``python -m
-hvdsgd.train``; SGD, momentum 0.9, lr 0.01) on one budget per model, same order and seed in
-every setting: on CPU one pass over digits at 32x32 (1,437 images; resnet50, ~5x dearer per
-image: 256), on a GPU 10 passes at batch 64; then the 360 test images. Samples/s leaves out
-``--warmup`` updates. Peak memory is what training adds: on CPU the peak RSS (VmHWM, reset just
-before) less the RSS before; on a GPU ``max_memory_allocated`` less the allocated before. These
-budgets leave resnet50 and vit near chance, efficientnet_b0 at 40-85% (the seed decides):
-accuracies compare settings under one budget and seed (repeat r: seed r), not models.
+``engine.train_step``, the ``Allreduce`` updater at one rank, as plain ``python -m hvdsgd.train``;
+SGD, momentum 0.9, lr 0.01) on one budget per model, same order and seed in every setting: on CPU
+one pass over digits at 32x32 (1,437 images; resnet50, several times dearer per image: 256), on a
+GPU 10 passes at batch 64; then the 360 test images. Samples/s leaves out ``--warmup`` updates.
+Peak memory is what training adds: on CPU the peak RSS (VmHWM, reset just before) less the RSS
+before; on a GPU ``max_memory_allocated`` less the allocated before. These budgets leave resnet50
+and vit near chance, efficientnet_b0 at 40-85% (the seed decides): accuracies compare settings
+under one budget and seed (repeat r: seed r), not models.
 Writes ``bench/results/techniques[-quick].{json,md,png}`` (``techniques-gpu.*`` on a GPU).
 """
 
@@ -33,10 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import command_line, machine, mean_ci, parser, save_figure, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from common import command_line, machine, mean_ci, parser, save_figure, write_results  # noqa: E402  (bench/ on sys.path)
 
 # setting -> the TrainConfig fields it changes from the baseline
 SETTINGS = {
@@ -226,6 +226,10 @@ def summarise(model: str, setting: str, runs: list[dict], base: dict | None, not
     return row
 
 
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "—"
+
+
 def render(rows: list[dict]) -> str:
     lines = [
         "| model | setting | samples/s | × baseline | peak memory (MiB) | × baseline "
@@ -236,11 +240,10 @@ def render(rows: list[dict]) -> str:
         if "samples_per_sec" not in r:
             lines.append(f"| {r['model']} | {r['setting']} | — | — | — | — | — | — | {r['note']} |")
             continue
-        ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
         lines.append(
             f"| {r['model']} | {r['setting']} | {r['samples_per_sec']:,.1f} ± "
-            f"{r['samples_per_sec_ci95']:,.1f} | {ratio('speed_ratio')} | {r['peak_mib']:,.0f} "
-            f"| {ratio('memory_ratio')} | {100 * r['test_accuracy']:.1f} "
+            f"{r['samples_per_sec_ci95']:,.1f} | {_ratio(r, 'speed_ratio')} | {r['peak_mib']:,.0f} "
+            f"| {_ratio(r, 'memory_ratio')} | {100 * r['test_accuracy']:.1f} "
             f"| {r['test_macro_f1']:.3f} | {r['note']} |"
         )
     return "\n".join(lines)
@@ -354,7 +357,8 @@ def main(argv=None) -> None:
                     runs[m, s].append(r)
                     print(
                         f"  {m:>15} {s:>13} run {rep + 1}: {r['samples_per_sec']:8.1f} samples/s, "
-                        f"peak +{r['peak_mib']:,.0f} MiB, test accuracy {100 * r['test_accuracy']:.1f}%, "
+                        f"peak +{r['peak_mib']:,.0f} MiB, "
+                        f"test accuracy {100 * r['test_accuracy']:.1f}%, "
                         f"macro-F1 {r['test_macro_f1']:.3f} ({time.time() - t0:.0f} s)",
                         flush=True,
                     )

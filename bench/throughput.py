@@ -2,7 +2,7 @@
 
     python bench/throughput.py                          # cnn and resnet18, -np 2, batch 64/rank
     python bench/throughput.py --models cnn --np 2 --repeats 3 --iters 10
-    python bench/throughput.py --quick                  # a reduced form (seconds), for the test suite
+    python bench/throughput.py --quick                  # a reduced form, for the test suite
 
 Three launches per model, interleaved and repeated so that machine noise hits them alike:
 - ``hvdsgd``: hvdsgd's own training step (``engine.train_step`` + the ``Allreduce``
@@ -31,10 +31,10 @@ import time
 import timeit
 from pathlib import Path
 
+from common import command_line, horovodrun, machine, mean_spread, parser, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from common import command_line, horovodrun, machine, mean_spread, parser, write_results  # noqa: E402  (bench/ is on sys.path)
 
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28)}  # everything else: CIFAR size
 
@@ -46,96 +46,104 @@ def shape_of(model: str):
 # ------------------------------------------------------------------------- workers
 
 
-def worker(args) -> None:
-    """One rank of one benchmark run; rank 0 writes the per-iteration figures."""
-    import torch
-    import torch.nn.functional as F
-
-    from hvdsgd import models
-
-    kind = args.worker
+def _init_ranks(kind: str) -> tuple[int, int, int, int]:
+    """Start the run's communication; (rank, size, local rank, local size)."""
     if kind == "ddp":
+        import torch
         import torch.distributed as tdist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend)
         rank, size = tdist.get_rank(), tdist.get_world_size()
         local_rank, local_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        return rank, size, local_rank, local_size
+    import horovod.torch as hvd
+
+    if kind == "hvdsgd":
+        from hvdsgd import dist
+
+        dist.init("auto", threads=0)  # hvdsgd's own set-up (threads = cores / local size)
+    else:
+        hvd.init()
+    return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+
+
+def _hvdsgd_step(args, model, device, rank: int, size: int):
+    """hvdsgd's training step over batches sliced from in-memory tensors, endlessly."""
+    import torch
+    from torch.utils.data.distributed import DistributedSampler
+
+    from hvdsgd import data
+    from hvdsgd.config import TrainConfig
+    from hvdsgd.engine import train_step
+    from hvdsgd.metrics import Tally
+    from hvdsgd.strategies.allreduce import Allreduce
+
+    shape, b = shape_of(args.model), args.batch_size
+    n = b * size * 16
+    x, y = torch.randn(n, *shape, device=device), torch.randint(0, 10, (n,), device=device)
+    cfg = TrainConfig(
+        model=args.model,
+        batch_size=b,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.0,
+        scheduler="constant",
+        warmup_epochs=0,
+    )
+    strategy = Allreduce(cfg, model, device, steps_per_epoch=16)
+    sampler = DistributedSampler(range(n), num_replicas=size, rank=rank, seed=0)
+    batches = data.Batches(x, y, b, sampler, device)
+    tally = Tally(10, device)
+
+    def stream():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from batches
+            epoch += 1
+
+    it = stream()
+
+    def step():
+        model.train()
+        train_step(model, [next(it)], strategy, device, "off", tally)
+
+    return step
+
+
+def _bare_step(kind: str, args, model, device, local_rank: int, size: int):
+    """The loop of Horovod's synthetic benchmark on one fixed batch, under DDP or Horovod."""
+    import torch
+    import torch.nn.functional as F
+
+    shape, b = shape_of(args.model), args.batch_size
+    xb, yb = torch.randn(b, *shape, device=device), torch.randint(0, 10, (b,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01 * size, momentum=0.9)
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
     else:
         import horovod.torch as hvd
 
-        if kind == "hvdsgd":
-            from hvdsgd import dist
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
 
-            dist.init("auto", threads=0)  # hvdsgd's own set-up (threads = cores / local size)
-        else:
-            hvd.init()
-        rank, size = hvd.rank(), hvd.size()
-        local_rank, local_size = hvd.local_rank(), hvd.local_size()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(max(1, cores // local_size))  # the same for all three
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
 
-    torch.manual_seed(0)
-    shape, b = shape_of(args.model), args.batch_size
-    model = models.build(args.model, shape, 10).to(device)
+    return step
 
-    if kind == "hvdsgd":
-        from torch.utils.data.distributed import DistributedSampler
 
-        from hvdsgd import data
-        from hvdsgd.config import TrainConfig
-        from hvdsgd.engine import train_step
-        from hvdsgd.metrics import Tally
-        from hvdsgd.strategies.allreduce import Allreduce
-
-        n = b * size * 16
-        x, y = torch.randn(n, *shape, device=device), torch.randint(0, 10, (n,), device=device)
-        cfg = TrainConfig(
-            model=args.model,
-            batch_size=b,
-            lr=0.01,
-            momentum=0.9,
-            weight_decay=0.0,
-            scheduler="constant",
-            warmup_epochs=0,
-        )
-        strategy = Allreduce(cfg, model, device, steps_per_epoch=16)
-        sampler = DistributedSampler(range(n), num_replicas=size, rank=rank, seed=0)
-        batches = data.Batches(x, y, b, sampler, device)
-        tally = Tally(10, device)
-
-        def stream():
-            epoch = 0
-            while True:
-                sampler.set_epoch(epoch)
-                yield from batches
-                epoch += 1
-
-        it = stream()
-
-        def step():
-            model.train()
-            train_step(model, [next(it)], strategy, device, "off", tally)
-    else:
-        xb, yb = torch.randn(b, *shape, device=device), torch.randint(0, 10, (b,), device=device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01 * size, momentum=0.9)
-        if kind == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
-        else:
-            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-            hvd.broadcast_optimizer_state(opt, root_rank=0)
-            opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
+def _rates(step, args, cuda: bool) -> list[float]:
+    """Samples/s of this rank over each of ``args.iters`` timed iterations, after warm-up."""
+    import torch
 
     def timed():
         for _ in range(args.batches_per_iter):
@@ -148,10 +156,37 @@ def worker(args) -> None:
     rates = []
     for _ in range(args.iters):
         t = timeit.timeit(timed, number=1)
-        rates.append(b * args.batches_per_iter / t)
+        rates.append(args.batch_size * args.batches_per_iter / t)
+    return rates
+
+
+def worker(args) -> None:
+    """One rank of one benchmark run; rank 0 writes the per-iteration figures."""
+    import torch
+
+    from hvdsgd import models
+
+    kind = args.worker
+    rank, size, local_rank, local_size = _init_ranks(kind)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, cores // local_size))  # the same for all three
+
+    torch.manual_seed(0)
+    model = models.build(args.model, shape_of(args.model), 10).to(device)
+    if kind == "hvdsgd":
+        step = _hvdsgd_step(args, model, device, rank, size)
+    else:
+        step = _bare_step(kind, args, model, device, local_rank, size)
+    rates = _rates(step, args, cuda)
     if rank == 0:
         Path(args.result).write_text(json.dumps({"rates_per_rank": rates, "size": size}))
     if kind == "ddp":
+        import torch.distributed as tdist
+
         tdist.barrier()
         tdist.destroy_process_group()  # else Gloo's threads outlive exit: SIGABRT
 
@@ -227,7 +262,8 @@ def main(argv=None) -> None:
     info = machine()
     print(
         f"throughput: -np {args.np}, batch {args.batch_size}/rank, {info['cores']} cores, "
-        f"GPU: {info['gpu'] or 'none'}; {args.repeats} interleaved launches x {args.iters} iterations"
+        f"GPU: {info['gpu'] or 'none'}; "
+        f"{args.repeats} interleaved launches x {args.iters} iterations"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +275,8 @@ def main(argv=None) -> None:
                     r = launch(kind, model, args, Path(tmp) / f"{kind}.json")
                     rates[kind] += r
                     print(
-                        f"  {model:>9} {kind:>7} run {rep + 1}: {statistics.mean(r) * args.np:8.1f} "
+                        f"  {model:>9} {kind:>7} run {rep + 1}: "
+                        f"{statistics.mean(r) * args.np:8.1f} "
                         f"samples/s total ({time.time() - t0:.0f} s)",
                         flush=True,
                     )

@@ -15,10 +15,8 @@
 
 namespace py = pybind11;
 using FloatArray = py::array_t<float, py::array::c_style>;
-// Indices are only read: safe casts (int32 -> int64, a list of ints) are allowed; a float
-// array is not (that needs an unsafe cast) and raises TypeError.
-using IndexArray = py::array_t<std::int64_t, py::array::c_style>;
 using hvdsgd::Policy;
+using hvdsgd::SgdOptions;
 using hvdsgd::SharedBuffer;
 
 #define STRINGIFY(x) #x
@@ -50,10 +48,19 @@ float* optional_buffer(const py::object& obj, FloatArray& keep, py::ssize_t n,
     return writable(keep, name);
 }
 
+// The step's options from the keyword arguments, each by name.
+SgdOptions sgd_options(float lr, float momentum, float weight_decay, bool first_step) {
+    SgdOptions opt;
+    opt.lr = lr;
+    opt.momentum = momentum;
+    opt.weight_decay = weight_decay;
+    opt.first_step = first_step;
+    return opt;
+}
+
 // The momentum buffer for a dense step: required when momentum != 0, ignored otherwise.
 float* momentum_buffer(const py::object& momentum_buf, FloatArray& keep, py::ssize_t n,
-                       float momentum, bool nesterov) {
-    if (nesterov && momentum == 0.0f) throw py::value_error("nesterov needs momentum > 0");
+                       float momentum) {
     if (momentum == 0.0f) return nullptr;
     if (momentum_buf.is_none())
         throw py::value_error("momentum != 0 needs a momentum_buf of params' size");
@@ -69,29 +76,6 @@ bool overlaps(const void* a, std::size_t a_bytes, const void* b, std::size_t b_b
 void check_disjoint(const SharedBuffer& b, const void* p, std::size_t count, const char* name) {
     if (overlaps(p, count * sizeof(float), b.params(), b.size() * sizeof(float)))
         throw py::value_error(std::string(name) + " overlaps the shared params");
-}
-
-// idx (k,) with every value in [0, rows), checked here with the GIL held.
-const std::int64_t* checked_indices(const IndexArray& idx, std::int64_t rows) {
-    if (idx.ndim() != 1)
-        throw py::value_error("idx must be 1-D, got " + std::to_string(idx.ndim()) + " dims");
-    const std::int64_t* p = idx.data();
-    for (py::ssize_t j = 0; j < idx.size(); ++j)
-        if (p[j] < 0 || p[j] >= rows)
-            throw py::index_error("idx[" + std::to_string(j) + "] = " + std::to_string(p[j]) +
-                                  " is out of range for " + std::to_string(rows) + " rows");
-    return p;
-}
-
-// values (k, dim) for k = idx.size().
-void check_values(const FloatArray& values, py::ssize_t k, py::ssize_t dim) {
-    if (values.ndim() != 2 || values.shape(0) != k || values.shape(1) != dim) {
-        std::string shape = "(";
-        for (py::ssize_t d = 0; d < values.ndim(); ++d)
-            shape += (d ? ", " : "") + std::to_string(values.shape(d));
-        throw py::value_error("values must have shape (k, dim) = (" + std::to_string(k) +
-                              ", " + std::to_string(dim) + "), got " + shape + ")");
-    }
 }
 
 Policy parse_policy(const std::string& s) {
@@ -115,35 +99,17 @@ std::int64_t checked_read_version(std::int64_t v) {
     return v;
 }
 
-template <bool Atomic>
 void sgd_step(FloatArray params, FloatArray grads, float lr, py::object momentum_buf,
-              float momentum, float weight_decay, bool nesterov, bool first_step) {
+              float momentum, float weight_decay, bool first_step) {
     float* p = writable(params, "params");
     check_size(grads, params.size(), "grads");
     FloatArray buf_arr;
-    float* buf = momentum_buffer(momentum_buf, buf_arr, params.size(), momentum, nesterov);
+    float* buf = momentum_buffer(momentum_buf, buf_arr, params.size(), momentum);
     const float* g = grads.data();
     const auto n = static_cast<std::size_t>(params.size());
+    const SgdOptions opt = sgd_options(lr, momentum, weight_decay, first_step);
     py::gil_scoped_release release;
-    (Atomic ? hvdsgd::sgd_dense_atomic : hvdsgd::sgd_dense)(p, g, buf, n, lr, momentum,
-                                                           weight_decay, nesterov, first_step);
-}
-
-void sgd_sparse(FloatArray params, IndexArray idx, FloatArray values, float lr,
-                float weight_decay, bool atomic) {
-    if (params.ndim() != 2)
-        throw py::value_error("params must be 2-D (rows, dim), got " +
-                              std::to_string(params.ndim()) + " dims");
-    float* p = writable(params, "params");
-    const py::ssize_t rows = params.shape(0), dim = params.shape(1);
-    const std::int64_t* ix = checked_indices(idx, rows);
-    check_values(values, idx.size(), dim);
-    const float* v = values.data();
-    const auto k = static_cast<std::size_t>(idx.size());
-    py::gil_scoped_release release;
-    (atomic ? hvdsgd::sgd_sparse_atomic : hvdsgd::sgd_sparse)(
-        p, static_cast<std::size_t>(rows), static_cast<std::size_t>(dim), ix, v, k, lr,
-        weight_decay);
+    hvdsgd::sgd_dense(p, g, buf, n, opt);
 }
 
 std::unique_ptr<SharedBuffer> create(std::int64_t n, std::int64_t workers, std::int64_t shards,
@@ -166,44 +132,23 @@ std::unique_ptr<SharedBuffer> create(std::int64_t n, std::int64_t workers, std::
 
 std::uint64_t apply(SharedBuffer& b, std::int64_t worker, FloatArray grad, float lr,
                     const std::string& policy, std::int64_t read_version,
-                    py::object momentum_buf, float momentum, float weight_decay, bool nesterov,
+                    py::object momentum_buf, float momentum, float weight_decay,
                     bool first_step, py::object read_into) {
     const std::uint32_t w = checked_worker(b, worker);
     const Policy pol = parse_policy(policy);
     const auto n = static_cast<py::ssize_t>(b.size());
     check_size(grad, n, "grad");
     FloatArray buf_arr, out_arr;
-    float* buf = momentum_buffer(momentum_buf, buf_arr, n, momentum, nesterov);
+    float* buf = momentum_buffer(momentum_buf, buf_arr, n, momentum);
     float* out = optional_buffer(read_into, out_arr, n, "read_into");
     check_disjoint(b, grad.data(), b.size(), "grad");
     check_disjoint(b, buf, b.size(), "momentum_buf");
     check_disjoint(b, out, b.size(), "read_into");
     const std::int64_t rv = checked_read_version(read_version);
     const float* g = grad.data();
+    const SgdOptions opt = sgd_options(lr, momentum, weight_decay, first_step);
     py::gil_scoped_release release;
-    return b.apply(w, g, lr, pol, rv, buf, momentum, weight_decay, nesterov, first_step, out);
-}
-
-std::uint64_t apply_sparse(SharedBuffer& b, std::int64_t worker, std::int64_t offset,
-                           std::int64_t rows, std::int64_t dim, IndexArray idx,
-                           FloatArray values, float lr, const std::string& policy,
-                           std::int64_t read_version, float weight_decay) {
-    const std::uint32_t w = checked_worker(b, worker);
-    const Policy pol = parse_policy(policy);
-    const auto n = static_cast<std::int64_t>(b.size());
-    if (offset < 0 || rows < 0 || dim < 0 || offset > n || (dim > 0 && rows > (n - offset) / dim))
-        throw py::value_error("a (" + std::to_string(rows) + ", " + std::to_string(dim) +
-                              ") matrix at offset " + std::to_string(offset) +
-                              " does not fit in the buffer's " + std::to_string(n) + " params");
-    const std::int64_t* ix = checked_indices(idx, rows);
-    check_values(values, idx.size(), dim);
-    check_disjoint(b, values.data(), static_cast<std::size_t>(values.size()), "values");
-    const std::int64_t rv = checked_read_version(read_version);
-    const float* v = values.data();
-    const auto k = static_cast<std::size_t>(idx.size());
-    py::gil_scoped_release release;
-    return b.apply_sparse(w, static_cast<std::size_t>(offset), static_cast<std::size_t>(rows),
-                          static_cast<std::size_t>(dim), ix, v, k, lr, pol, rv, weight_decay);
+    return b.apply(w, pol, g, buf, opt, rv, out);
 }
 
 std::uint64_t read_params(SharedBuffer& b, FloatArray out, bool locked) {
@@ -244,44 +189,28 @@ and a parameter buffer in POSIX shared memory for asynchronous (HOGWILD!-style) 
         }
     });
 
-    m.def("sgd_step", &sgd_step<false>, R"pbdoc(
-        In-place SGD step on flat float32 buffers, the arithmetic of torch.optim.SGD:
-        weight decay, momentum (first_step starts the buffer at the gradient) and Nesterov.
+    m.def("sgd_step", &sgd_step, R"pbdoc(
+        One in-place SGD step on flat float32 buffers, the arithmetic of
+        torch.optim.SGD(lr, momentum, weight_decay) (no dampening, no Nesterov):
+            g = grads + weight_decay * params
+            momentum_buf = g if first_step else momentum * momentum_buf + g   (momentum != 0)
+            params -= lr * (momentum_buf if momentum != 0 else g)
 
-        params and momentum_buf are updated in place and must be C-contiguous, writable
-        float32 arrays: anything else raises instead of updating a temporary copy.
+        params, grads, momentum_buf: (n,). params and momentum_buf are updated in place and
+        must be C-contiguous, writable float32 arrays (a tensor's .numpy() is one): anything
+        else raises instead of updating a temporary copy. momentum != 0 needs momentum_buf;
+        first_step=True on the first step starts it at the gradient, as torch does.
+        The GIL is released during the loop.
     )pbdoc",
           py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("lr"),
-          py::arg("momentum_buf") = py::none(), py::arg("momentum") = 0.0f,
-          py::arg("weight_decay") = 0.0f, py::arg("nesterov") = false,
-          py::arg("first_step") = false);
-
-    m.def("sgd_step_atomic", &sgd_step<true>, R"pbdoc(
-        sgd_step whose write to each parameter is an atomic add (a compare-and-swap loop),
-        so threads or processes updating the same params at once lose no update.
-        Slower than sgd_step (no vectorised store). Same arguments as sgd_step.
-    )pbdoc",
-          py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("lr"),
-          py::arg("momentum_buf") = py::none(), py::arg("momentum") = 0.0f,
-          py::arg("weight_decay") = 0.0f, py::arg("nesterov") = false,
-          py::arg("first_step") = false);
-
-    m.def("sgd_sparse", &sgd_sparse, R"pbdoc(
-        In-place sparse SGD on rows of a (rows, dim) float32 matrix (an embedding):
-        for j in range(k): params[idx[j]] -= lr * (values[j] + weight_decay * params[idx[j]]),
-        in order, so a row listed twice is updated twice.
-
-        idx: (k,) integers in [0, rows) (IndexError otherwise); values: (k, dim) float32.
-        atomic=True makes each element's write an atomic add.
-    )pbdoc",
-          py::arg("params").noconvert(), py::arg("idx"), py::arg("values").noconvert(),
-          py::arg("lr"), py::arg("weight_decay") = 0.0f, py::arg("atomic") = false);
+          py::arg("momentum_buf") = py::none(), py::kw_only(), py::arg("momentum") = 0.0f,
+          py::arg("weight_decay") = 0.0f, py::arg("first_step") = false);
 
     py::class_<SharedBuffer>(m, "SharedBuffer", R"pbdoc(
         A float32 parameter buffer in POSIX shared memory (/dev/shm), updated in place by
         worker processes that attach to it by name.
 
-        Update policies (apply / apply_sparse), all workers should use the same one:
+        Update policies (apply), all workers should use the same one:
           hogwild  plain loads and stores, no lock (HOGWILD!): concurrent updates can be lost
           atomic   per-element atomic add: nothing lost, no lock
           locked   one lock around the update (and read_into): a parameter server's apply
@@ -289,8 +218,10 @@ and a parameter buffer in POSIX shared memory for asynchronous (HOGWILD!-style) 
                    held at a time
         The locks are robust: a worker killed while holding one does not block the others.
 
-        Each update counts in a global counter (`updates`); its staleness is the number of
-        updates between the worker's read (read() returns the version) and its apply.
+        `updates` counts the updates that have landed (incremented after an update's last
+        write, with release order); read() and `updates` load it with acquire, so whoever
+        reads version v sees every write of those v updates. An update's staleness is the
+        number of updates that landed between the worker's read at read_version and its own.
         The creator should unlink() the segment when the run ends; the mapping itself is
         released when the last reference (including params()/slot() views) goes.
     )pbdoc")
@@ -321,7 +252,8 @@ and a parameter buffer in POSIX shared memory for asynchronous (HOGWILD!-style) 
         .def_property_readonly("attached", &SharedBuffer::attached,
                                "how many times the segment has been attached")
         .def_property_readonly("updates", &SharedBuffer::updates,
-                               "the global update counter (an acquire load)")
+                               "the updates landed so far (an acquire load: the params read "
+                               "after it hold every write of that many updates)")
         .def_property_readonly("lock_recoveries", &SharedBuffer::lock_recoveries,
                                "locks taken over from a process that died holding them")
         .def(
@@ -346,32 +278,25 @@ and a parameter buffer in POSIX shared memory for asynchronous (HOGWILD!-style) 
             "Gradient slot i as a writable float32 (n,) array over the shared memory.",
             py::arg("i"))
         .def("apply", &apply, R"pbdoc(
-            One SGD step on the shared params with `policy` ('hogwild', 'atomic', 'locked',
-            'sharded'), the arithmetic of sgd_step; momentum_buf is the worker's own.
-            read_version: the version read() returned for the params grad was computed
-            from (-1: none, staleness 0). read_into: an (n,) float32 array that gets the
-            params after the update (under the same lock for 'locked', per shard for
-            'sharded'). Returns the update's staleness.
+            One SGD step on the shared params (the arithmetic of sgd_step) by `worker`
+            (0 <= worker < workers) with `policy`: 'hogwild', 'atomic', 'locked' or
+            'sharded'. grad, momentum_buf (the worker's own), read_into: (n,) float32.
+            read_version: the version (from read() or `updates`) of the weights grad was
+            computed from (-1: none, staleness 0). read_into gets the params just after the
+            update (under the same lock for 'locked', per shard for 'sharded').
+            Returns the update's staleness: the updates that landed after read_version and
+            before this one. The GIL is released during the update (and lock waits).
         )pbdoc",
-             py::arg("worker"), py::arg("grad").noconvert(), py::arg("lr"),
+             py::arg("worker"), py::arg("grad").noconvert(), py::arg("lr"), py::kw_only(),
              py::arg("policy") = "hogwild", py::arg("read_version") = -1,
              py::arg("momentum_buf") = py::none(), py::arg("momentum") = 0.0f,
-             py::arg("weight_decay") = 0.0f, py::arg("nesterov") = false,
-             py::arg("first_step") = false, py::arg("read_into") = py::none())
-        .def("apply_sparse", &apply_sparse, R"pbdoc(
-            Sparse SGD (as sgd_sparse) on the (rows, dim) matrix that starts at float
-            `offset` of the params: rows idx (k,) get values (k, dim). 'locked' takes the
-            global lock, 'sharded' the locks of the shards the rows touch. Returns the
-            staleness.
-        )pbdoc",
-             py::arg("worker"), py::arg("offset"), py::arg("rows"), py::arg("dim"),
-             py::arg("idx"), py::arg("values").noconvert(), py::arg("lr"),
-             py::arg("policy") = "hogwild", py::arg("read_version") = -1,
-             py::arg("weight_decay") = 0.0f)
+             py::arg("weight_decay") = 0.0f, py::arg("first_step") = false,
+             py::arg("read_into") = py::none())
         .def("read", &read_params, R"pbdoc(
             Copies the params into out (float32 (n,)), under the global lock when `locked`
-            (consistent with 'locked' updates); returns the update counter read just before
-            the copy: the read_version to pass to apply.
+            (consistent with 'locked' updates); returns `updates` loaded just before the copy
+            (the copy holds every write of that many updates): the read_version to pass to
+            apply.
         )pbdoc",
              py::arg("out").noconvert(), py::arg("locked") = false)
         .def("stats", &stats, R"pbdoc(

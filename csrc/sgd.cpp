@@ -34,9 +34,13 @@ inline float atomic_read(const float* p) {
 
 }  // namespace
 
+// param, grad: (n,); momentum_buf: (n,) or nullptr.
 HVDSGD_CLONES void sgd_dense(float* __restrict param, const float* __restrict grad,
-               float* __restrict momentum_buf, std::size_t n, float lr, float momentum,
-               float weight_decay, bool nesterov, bool first_step) {
+                             float* __restrict momentum_buf, std::size_t n,
+                             const SgdOptions& opt) {
+    // Locals, not opt's fields: a store through param could alias them and would force a
+    // reload per element (no vectorisation).
+    const float lr = opt.lr, momentum = opt.momentum, weight_decay = opt.weight_decay;
     if (momentum == 0.0f || momentum_buf == nullptr) {
         // 12 bytes per parameter: read param and grad, write param.
         if (weight_decay == 0.0f) {
@@ -48,11 +52,11 @@ HVDSGD_CLONES void sgd_dense(float* __restrict param, const float* __restrict gr
         }
         return;
     }
-    if (first_step) {
+    if (opt.first_step) {
         for (std::size_t i = 0; i < n; ++i) {
             const float g = grad[i] + weight_decay * param[i];
             momentum_buf[i] = g;
-            param[i] -= lr * (nesterov ? g + momentum * g : g);
+            param[i] -= lr * g;
         }
         return;
     }
@@ -61,50 +65,25 @@ HVDSGD_CLONES void sgd_dense(float* __restrict param, const float* __restrict gr
         const float g = grad[i] + weight_decay * param[i];
         const float b = momentum * momentum_buf[i] + g;
         momentum_buf[i] = b;
-        param[i] -= lr * (nesterov ? g + momentum * b : b);
+        param[i] -= lr * b;
     }
 }
 
+// param, grad: (n,); momentum_buf: (n,) or nullptr.
 void sgd_dense_atomic(float* param, const float* __restrict grad,
-                      float* __restrict momentum_buf, std::size_t n, float lr, float momentum,
-                      float weight_decay, bool nesterov, bool first_step) {
+                      float* __restrict momentum_buf, std::size_t n, const SgdOptions& opt) {
+    const float lr = opt.lr, momentum = opt.momentum, weight_decay = opt.weight_decay;
     const bool use_momentum = momentum != 0.0f && momentum_buf != nullptr;
+    const bool first_step = opt.first_step;
     for (std::size_t i = 0; i < n; ++i) {
         const float g = grad[i] + weight_decay * atomic_read(param + i);
         float d = g;
         if (use_momentum) {
-            const float b = first_step ? g : momentum * momentum_buf[i] + g;
-            momentum_buf[i] = b;
-            d = nesterov ? g + momentum * b : b;
+            d = first_step ? g : momentum * momentum_buf[i] + g;
+            momentum_buf[i] = d;
         }
         // param -= lr * d, exactly: a - b == a + (-b) in IEEE arithmetic.
         atomic_add(param + i, -(lr * d));
-    }
-}
-
-HVDSGD_CLONES void sgd_sparse(float* param, std::size_t rows, std::size_t dim, const std::int64_t* idx,
-                const float* __restrict values, std::size_t k, float lr, float weight_decay) {
-    (void)rows;  // the caller checked every idx[j] < rows
-    for (std::size_t j = 0; j < k; ++j) {
-        float* __restrict row = param + static_cast<std::size_t>(idx[j]) * dim;
-        const float* __restrict v = values + j * dim;
-        for (std::size_t c = 0; c < dim; ++c) {
-            row[c] -= lr * (v[c] + weight_decay * row[c]);
-        }
-    }
-}
-
-void sgd_sparse_atomic(float* param, std::size_t rows, std::size_t dim,
-                       const std::int64_t* idx, const float* __restrict values, std::size_t k,
-                       float lr, float weight_decay) {
-    (void)rows;
-    for (std::size_t j = 0; j < k; ++j) {
-        float* row = param + static_cast<std::size_t>(idx[j]) * dim;
-        const float* v = values + j * dim;
-        for (std::size_t c = 0; c < dim; ++c) {
-            const float g = v[c] + weight_decay * atomic_read(row + c);
-            atomic_add(row + c, -(lr * g));
-        }
     }
 }
 

@@ -323,8 +323,17 @@ pthread_mutex_t* SharedBuffer::lock_at(std::uint32_t index) const {
     return &locks_[index].mutex;
 }
 
-std::uint64_t SharedBuffer::begin_update(std::int64_t read_version) {
-    const std::uint64_t v = header_->updates.fetch_add(1, std::memory_order_acq_rel);
+// Counts an update that has landed and returns its staleness: exact, not approximate.
+// `updates` counts updates whose writes are complete. This increment follows the update's
+// last store and is a release; updates() and read() load the counter with acquire (read()
+// copies after it), so whoever gets version v sees every write of the first v updates
+// (every increment is an RMW, so the release sequences chain), and maybe parts of updates
+// in flight. Staleness = the updates that landed between the worker's read at read_version
+// and this one: those its gradient did not see. Counting at the start instead (hvdsgd
+// before) gave readers v while the v-th update was still being written. No acquire is
+// needed here: the value only feeds the count. A holder killed mid-update is never counted.
+std::uint64_t SharedBuffer::land_update(std::int64_t read_version) {
+    const std::uint64_t v = header_->updates.fetch_add(1, std::memory_order_release);
     if (read_version < 0) return 0;
     const auto r = static_cast<std::uint64_t>(read_version);
     return v > r ? v - r : 0;
@@ -343,10 +352,9 @@ void SharedBuffer::record(std::uint32_t worker, std::uint64_t staleness) {
     s.histogram[std::min<std::uint64_t>(staleness, kStalenessBuckets - 1)].fetch_add(1, relaxed);
 }
 
-std::uint64_t SharedBuffer::apply(std::uint32_t worker, const float* grad, float lr,
-                                  Policy policy, std::int64_t read_version,
-                                  float* momentum_buf, float momentum, float weight_decay,
-                                  bool nesterov, bool first_step, float* read_into) {
+std::uint64_t SharedBuffer::apply(std::uint32_t worker, Policy policy, const float* grad,
+                                  float* momentum_buf, const SgdOptions& opt,
+                                  std::int64_t read_version, float* read_into) {
     if (worker >= workers_)
         throw std::out_of_range("worker " + std::to_string(worker) + " out of range: the buffer has " +
                                 std::to_string(workers_) + " workers");
@@ -354,23 +362,20 @@ std::uint64_t SharedBuffer::apply(std::uint32_t worker, const float* grad, float
     switch (policy) {
         case Policy::Hogwild:
         case Policy::Atomic:
-            staleness = begin_update(read_version);
-            (policy == Policy::Atomic ? sgd_dense_atomic : sgd_dense)(
-                params_, grad, momentum_buf, n_, lr, momentum, weight_decay, nesterov,
-                first_step);
+            (policy == Policy::Atomic ? sgd_dense_atomic : sgd_dense)(params_, grad,
+                                                                      momentum_buf, n_, opt);
+            staleness = land_update(read_version);
             if (read_into) copy_floats(read_into, params_, n_);
             break;
         case Policy::Locked: {
-            // One critical section: count, apply, read back (a parameter server's reply).
+            // One critical section: apply, count, read back (a parameter server's reply).
             Guard g(lock_at(0), header_);
-            staleness = begin_update(read_version);
-            sgd_dense(params_, grad, momentum_buf, n_, lr, momentum, weight_decay, nesterov,
-                      first_step);
+            sgd_dense(params_, grad, momentum_buf, n_, opt);
+            staleness = land_update(read_version);
             if (read_into) copy_floats(read_into, params_, n_);
             break;
         }
         case Policy::Sharded:
-            staleness = begin_update(read_version);
             // Start at a different shard per worker so workers spread over the locks; one
             // lock held at a time, so no lock-order deadlock is possible.
             for (std::uint32_t t = 0; t < shards_; ++t) {
@@ -380,63 +385,11 @@ std::uint64_t SharedBuffer::apply(std::uint32_t worker, const float* grad, float
                 if (b == e) continue;
                 Guard g(lock_at(1 + s), header_);
                 sgd_dense(params_ + b, grad + b, momentum_buf ? momentum_buf + b : nullptr,
-                          e - b, lr, momentum, weight_decay, nesterov, first_step);
+                          e - b, opt);
                 if (read_into) copy_floats(read_into + b, params_ + b, e - b);
             }
+            staleness = land_update(read_version);  // every shard written
             break;
-    }
-    record(worker, staleness);
-    return staleness;
-}
-
-std::uint64_t SharedBuffer::apply_sparse(std::uint32_t worker, std::size_t offset,
-                                         std::size_t rows, std::size_t dim,
-                                         const std::int64_t* idx, const float* values,
-                                         std::size_t k, float lr, Policy policy,
-                                         std::int64_t read_version, float weight_decay) {
-    if (worker >= workers_)
-        throw std::out_of_range("worker " + std::to_string(worker) + " out of range: the buffer has " +
-                                std::to_string(workers_) + " workers");
-    std::size_t cells = 0;
-    if (offset > n_ || __builtin_mul_overflow(rows, dim, &cells) || cells > n_ - offset)
-        throw std::invalid_argument("a (" + std::to_string(rows) + ", " + std::to_string(dim) +
-                                    ") matrix at offset " + std::to_string(offset) +
-                                    " does not fit in " + std::to_string(n_) + " params");
-    float* matrix = params_ + offset;
-    std::uint64_t staleness = 0;
-    switch (policy) {
-        case Policy::Hogwild:
-        case Policy::Atomic:
-            staleness = begin_update(read_version);
-            (policy == Policy::Atomic ? sgd_sparse_atomic : sgd_sparse)(
-                matrix, rows, dim, idx, values, k, lr, weight_decay);
-            break;
-        case Policy::Locked: {
-            Guard g(lock_at(0), header_);
-            staleness = begin_update(read_version);
-            sgd_sparse(matrix, rows, dim, idx, values, k, lr, weight_decay);
-            break;
-        }
-        case Policy::Sharded: {
-            // The shards the rows touch, locked in ascending order (a dense update holds
-            // one lock at a time, so this order cannot deadlock against it) and all held.
-            const std::size_t chunk = round_up((n_ + shards_ - 1) / shards_, kShardAlign);
-            std::vector<char> touched(shards_, 0);
-            if (dim > 0) {
-                for (std::size_t j = 0; j < k; ++j) {
-                    const std::size_t first = offset + static_cast<std::size_t>(idx[j]) * dim;
-                    const std::size_t last = first + dim - 1;
-                    for (std::size_t s = first / chunk; s <= last / chunk; ++s) touched[s] = 1;
-                }
-            }
-            std::vector<std::unique_ptr<Guard>> held;
-            for (std::uint32_t s = 0; s < shards_; ++s)
-                if (touched[s]) held.emplace_back(new Guard(lock_at(1 + s), header_));
-            staleness = begin_update(read_version);
-            sgd_sparse(matrix, rows, dim, idx, values, k, lr, weight_decay);
-            while (!held.empty()) held.pop_back();  // release in reverse order
-            break;
-        }
     }
     record(worker, staleness);
     return staleness;

@@ -24,6 +24,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "sgd.h"
+
 namespace hvdsgd {
 
 constexpr std::uint64_t kShmMagic = 0x4856445347445342ull;  // "HVDSGDSB"
@@ -61,7 +63,7 @@ struct alignas(kCacheLine) ShmHeader {
     std::uint32_t shards;          // locks 1..shards
     std::uint64_t params_offset;   // bytes from the segment's start to params
     std::uint64_t total_bytes;     // the segment's size
-    alignas(kCacheLine) std::atomic<std::uint64_t> updates;  // global update counter
+    alignas(kCacheLine) std::atomic<std::uint64_t> updates;  // updates landed (see apply)
     alignas(kCacheLine) std::atomic<std::uint32_t> attached;  // attach() calls so far
     std::atomic<std::uint64_t> lock_recoveries;  // locks taken over from a dead owner
 };
@@ -111,6 +113,7 @@ public:
     std::uint32_t workers() const { return workers_; }
     std::uint32_t shards() const { return shards_; }
     std::size_t n_slots() const { return n_slots_; }
+    // The updates landed so far (an acquire load: their writes are visible to this thread).
     std::uint64_t updates() const { return header_->updates.load(std::memory_order_acquire); }
     std::uint32_t attached() const {
         return header_->attached.load(std::memory_order_acquire);
@@ -125,27 +128,21 @@ public:
     // floats, so trailing shards of a small buffer can be empty.
     void shard_range(std::uint32_t s, std::size_t* begin, std::size_t* end) const;
 
-    // One dense SGD step (the arithmetic of sgd_dense) on params with `policy`.
-    // grad, momentum_buf, read_into: (n,); momentum_buf may be nullptr when momentum == 0,
-    // read_into may be nullptr. read_version < 0: staleness 0. Returns the staleness:
-    // the number of updates counted between read_version and this one (clamped at 0).
-    // read_into gets the params after the update: in the same critical section for
-    // `locked`, shard by shard under each shard's lock for `sharded`.
-    std::uint64_t apply(std::uint32_t worker, const float* grad, float lr, Policy policy,
-                        std::int64_t read_version, float* momentum_buf, float momentum,
-                        float weight_decay, bool nesterov, bool first_step, float* read_into);
+    // One dense SGD step (sgd_dense, or sgd_dense_atomic for `atomic`) on params with
+    // `policy`, then counted in `updates` once it has landed.
+    // grad, momentum_buf, read_into: (n,); momentum_buf may be nullptr when
+    // opt.momentum == 0, read_into may be nullptr. read_version: the `updates` value the
+    // worker read its weights at (read() or updates()); < 0: none, staleness 0.
+    // Returns the staleness: the updates that landed after read_version and before this
+    // one (clamped at 0). read_into gets the params after the update: in the same critical
+    // section for `locked`, shard by shard under each shard's lock for `sharded`.
+    std::uint64_t apply(std::uint32_t worker, Policy policy, const float* grad,
+                        float* momentum_buf, const SgdOptions& opt,
+                        std::int64_t read_version, float* read_into);
 
-    // Sparse SGD (sgd_sparse) on the (rows, dim) matrix that starts at float `offset` of
-    // params. idx: (k,) each in [0, rows) (checked by the caller); values: (k, dim).
-    // `locked` takes lock 0; `sharded` takes the locks of the shards the rows touch, in
-    // ascending order, all held for the update.
-    std::uint64_t apply_sparse(std::uint32_t worker, std::size_t offset, std::size_t rows,
-                               std::size_t dim, const std::int64_t* idx, const float* values,
-                               std::size_t k, float lr, Policy policy,
-                               std::int64_t read_version, float weight_decay);
-
-    // Copies params into out (n,), under lock 0 when `locked`; returns the update counter
-    // loaded before the copy (the read version to pass to apply).
+    // Copies params into out (n,), under lock 0 when `locked`; returns `updates` loaded
+    // (acquire) before the copy, so the copy holds every write of that many updates: the
+    // read_version to pass to apply.
     std::uint64_t read(float* out, bool locked);
 
     // One worker's staleness record, or all workers' together when worker < 0.
@@ -165,7 +162,7 @@ private:
     // Points locks_, stats_, params_... into the mapping from the header's (checked) fields.
     void bind();
     pthread_mutex_t* lock_at(std::uint32_t index) const;
-    std::uint64_t begin_update(std::int64_t read_version);
+    std::uint64_t land_update(std::int64_t read_version);
     void record(std::uint32_t worker, std::uint64_t staleness);
 
     std::string name_;

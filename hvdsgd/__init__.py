@@ -5,10 +5,10 @@
 - ``hvdsgd._C``: the compiled update kernels over flat float32 buffers.
 """
 
-__version__ = "0.1.0"
+from .config import TrainConfig, parse_args
+from .errors import UsageError
 
-from .config import TrainConfig, parse_args  # noqa: E402
-from .errors import UsageError  # noqa: E402
+__version__ = "0.1.0"
 
 __all__ = ["TrainConfig", "UsageError", "parse_args", "sgd_step", "train", "__version__"]
 

@@ -12,8 +12,8 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .config import _Parser, version_line
-from .errors import exit_on_usage_error
+from .config import version_line
+from .errors import ArgumentParser, exit_on_usage_error
 
 # module under hvdsgd -> what it does, in one line
 ENTRY_POINTS = {
@@ -54,7 +54,7 @@ def overview() -> str:
 
 @exit_on_usage_error
 def main(argv: Sequence[str] | None = None) -> None:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m hvdsgd",
         description=overview(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

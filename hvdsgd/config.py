@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +43,8 @@ DEVICES = ("auto", "cpu", "cuda")
 MAX_CLASSES = 10_000  # the confusion matrix is classes x classes on every rank
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field: its default and its one-line ``--help`` (``kw``: more argparse)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -51,109 +52,161 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """What to train, on what, and how; see ``python -m hvdsgd.train --help``."""
 
-    model: str = _f("cnn", "model")
-    dataset: str = _f("digits", "data set: " + ", ".join(DATASETS))
-    data_dir: str = _f("data", "directory holding the mnist/cifar files")
-    download: bool = _f(False, "download mnist/cifar into --data-dir if missing (needs internet)")
-    synthetic: bool = _f(False, "random data shaped like --dataset, for throughput (no files)")
-    input_shape: str = _f("3,32,32", "C,H,W of --dataset synthetic")
-    num_classes: int = _f(10, "classes of --dataset synthetic")
-    synthetic_samples: int = _f(4096, "training samples of synthetic data")
-    epochs: int = _f(15, "passes over the training set")
-    batch_size: int = _f(32, "samples per rank per step")
-    lr: float = _f(
+    model: str = option("cnn", "model")
+    dataset: str = option("digits", "data set: " + ", ".join(DATASETS))
+    data_dir: str = option("data", "directory holding the mnist/cifar files")
+    download: bool = option(
+        False, "download mnist/cifar into --data-dir if missing (needs internet)"
+    )
+    synthetic: bool = option(False, "random data shaped like --dataset, for throughput (no files)")
+    input_shape: str = option("3,32,32", "C,H,W of --dataset synthetic")
+    num_classes: int = option(10, "classes of --dataset synthetic")
+    synthetic_samples: int = option(4096, "training samples of synthetic data")
+    epochs: int = option(15, "passes over the training set")
+    batch_size: int = option(32, "samples per rank per step")
+    lr: float = option(
         0.01, "base learning rate per rank; scaled by the world size (not with --adasum)"
     )
-    momentum: float = _f(0.9, "SGD momentum (AdamW: beta1)")
-    weight_decay: float = _f(1e-4, "L2 regularisation (decoupled for AdamW)")
-    optimizer: str = _f("sgd", "sgd or adamw")
-    scheduler: str = _f("warm", "warm (linear warm-up then cosine), cosine, step, constant")
-    warmup_epochs: float = _f(2.0, "epochs of linear warm-up from lr to lr * world size")
-    accum_steps: int = _f(1, "backward passes per update (Horovod backward_passes_per_step)")
-    amp: str = _f(
+    momentum: float = option(0.9, "SGD momentum (AdamW: beta1)")
+    weight_decay: float = option(1e-4, "L2 regularisation (decoupled for AdamW)")
+    optimizer: str = option("sgd", "sgd or adamw")
+    scheduler: str = option("warm", "warm (linear warm-up then cosine), cosine, step, constant")
+    warmup_epochs: float = option(2.0, "epochs of linear warm-up from lr to lr * world size")
+    accum_steps: int = option(1, "backward passes per update (Horovod backward_passes_per_step)")
+    amp: str = option(
         "off",
         "mixed precision: bf16 (CPU, GPU), fp16 with GradScaler (GPU), or auto "
         "(fp16 on a GPU, bf16 on CPU; what --use-mixed-precision sets)",
     )
-    fp16_allreduce: bool = _f(False, "compress gradients to fp16 for the allreduce")
-    adasum: bool = _f(False, "combine gradients with Adasum instead of averaging")
-    gradient_predivide_factor: float = _f(
+    fp16_allreduce: bool = option(False, "compress gradients to fp16 for the allreduce")
+    adasum: bool = option(False, "combine gradients with Adasum instead of averaging")
+    gradient_predivide_factor: float = option(
         0.0,
         "divide gradients by this before the allreduce "
         "and by ranks / this after (Horovod's option; 0: by "
         "ranks before, no pass after)",
     )
-    bucket_mb: float = _f(25.0, "CPU: allreduce gradients in groups of about this many MB (as DDP)")
-    channels_last: bool = _f(False, "NHWC memory format for conv nets")
-    pin_memory: bool | None = _f(None, "page-locked host batches (default: on with CUDA)")
-    loader_workers: int = _f(
+    bucket_mb: float = option(
+        25.0, "CPU: allreduce gradients in groups of about this many MB (as DDP)"
+    )
+    channels_last: bool = option(False, "NHWC memory format for conv nets")
+    pin_memory: bool | None = option(None, "page-locked host batches (default: on with CUDA)")
+    loader_workers: int = option(
         0, "background processes preparing batches (0: batches sliced in place)"
     )
-    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
-    test_batch_size: int = _f(0, "samples per evaluation batch (0: max(256, --batch-size))")
-    seed: int = _f(42, "random seed (same on every rank)")
-    device: str = _f("auto", "auto, cpu or cuda")
-    gpu: int = _f(
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    test_batch_size: int = option(0, "samples per evaluation batch (0: max(256, --batch-size))")
+    seed: int = option(42, "random seed (same on every rank)")
+    device: str = option("auto", "auto, cpu or cuda")
+    gpu: int = option(
         -1,
         "GPU index of a single-process run (-1: under horovodrun, each rank's "
         "local rank; alone, GPU 0)",
     )
-    threads: int = _f(0, "compute threads per rank (0: cores / ranks on this host)")
-    strategy: str = _f("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
-    workers: int = _f(2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)")
-    shards: int = _f(2, "locks of --strategy sharded: the buffer is cut into this many shards")
-    eval_interval: float = _f(0.5, "shared-buffer strategies: seconds between test evaluations")
-    on_worker_failure: str = _f(
+    threads: int = option(0, "compute threads per rank (0: cores / ranks on this host)")
+    strategy: str = option("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
+    workers: int = option(
+        2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)"
+    )
+    shards: int = option(2, "locks of --strategy sharded: the buffer is cut into this many shards")
+    eval_interval: float = option(0.5, "shared-buffer strategies: seconds between test evaluations")
+    on_worker_failure: str = option(
         "abort", "a shared-buffer worker died: abort (stop the rest) or continue (the rest finish)"
     )
-    out: str = _f("runs/train", "run directory: metrics, summary, plots, checkpoint")
-    resume: str = _f(
+    out: str = option("runs/train", "run directory: metrics, summary, plots, checkpoint")
+    resume: str = option(
         "",
         "continue a run: --resume alone takes --out's checkpoint; --resume PATH "
         "a checkpoint file or run directory (--epochs counts every epoch)",
     )
-    overwrite: bool = _f(
+    overwrite: bool = option(
         False, "start over in an --out that holds an earlier run's results (deleting them)"
     )
-    checkpoint: bool = _f(True, "save a checkpoint in --out after every epoch")
-    commit_every: int = _f(
+    checkpoint: bool = option(True, "save a checkpoint in --out after every epoch")
+    commit_every: int = option(
         100,
         "elastic runs (horovodrun --min-np/--max-np): steps between "
         "in-memory commits of the training state; a lost rank costs at most "
         "this many steps redone (every epoch end commits too)",
     )
-    keep_checkpoints: bool = _f(False, "also keep each epoch's checkpoint as checkpoint-epochN.pt")
-    dry_run: bool = _f(False, "one epoch of two batches, to check the set-up quickly")
-    progress: bool = _f(True, "show a progress bar on rank 0")
-    log_interval: int = _f(
+    keep_checkpoints: bool = option(
+        False, "also keep each epoch's checkpoint as checkpoint-epochN.pt"
+    )
+    dry_run: bool = option(False, "one epoch of two batches, to check the set-up quickly")
+    progress: bool = option(True, "show a progress bar on rank 0")
+    log_interval: int = option(
         0, "batches between progress lines when stderr is not a terminal (0: one line every 10 s)"
     )
-    tensorboard: bool = _f(
+    tensorboard: bool = option(
         False,
         "also write TensorBoard event files into --out (the scalars of metrics.jsonl, per epoch)",
     )
-    profile: bool = _f(
+    profile: bool = option(
         False,
         "record GPU (NVML/GPM) and CPU utilisation into --out: "
         "profile[-rankN].csv/json/png, one sampler per rank",
     )
-    profile_interval: float = _f(0.1, "seconds between --profile samples")
+    profile_interval: float = option(0.1, "seconds between --profile samples")
 
     def __post_init__(self) -> None:
-        from .models import NAMES  # late: models imports torch
-
         if isinstance(self.resume, bool):  # TOML `resume = true`, or a Python caller
             self.resume = RESUME_OUT if self.resume else ""
         _check_types(self)
-        _choice("model", self.model, NAMES)
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("device", self.device, DEVICES)
-        _choice("on_worker_failure", self.on_worker_failure, FAILURE_MODES)
-        for name in (
+        _check_choices(self)
+        _check_ranges(self)
+        _check_combinations(self)
+        _parse_shape(self.input_shape)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``input_shape`` parsed as (C, H, W)."""
+        return _parse_shape(self.input_shape)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    """``--input-shape`` C,H,W as three ints >= 1, or a UsageError naming the form."""
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape must be C,H,W like 3,32,32 (got {text!r})") from None
+    if min(c, h, w) < 1:
+        raise UsageError(f"--input-shape entries must be >= 1 (got {text!r})")
+    return c, h, w
+
+
+def _check_choices(cfg: "TrainConfig") -> None:
+    """Every flag with a fixed set of values holds one of them."""
+    from .models import NAMES  # late: models imports torch
+
+    _choice("model", cfg.model, NAMES)
+    _choice("dataset", cfg.dataset, DATASETS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("scheduler", cfg.scheduler, SCHEDULERS)
+    _choice("amp", cfg.amp, AMP_MODES)
+    _choice("strategy", cfg.strategy, STRATEGIES)
+    _choice("device", cfg.device, DEVICES)
+    _choice("on_worker_failure", cfg.on_worker_failure, FAILURE_MODES)
+
+
+def _check_at_least(cfg: "TrainConfig", low: int, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise UsageError(f"--{_flag(name)} must be >= {low} (got {getattr(cfg, name)})")
+
+
+def _check_ranges(cfg: "TrainConfig") -> None:
+    """Every numeric flag within its range, one line naming the first that is not."""
+    _check_at_least(
+        cfg,
+        1,
+        (
             "epochs",
             "batch_size",
             "accum_steps",
@@ -162,23 +215,25 @@ class TrainConfig:
             "workers",
             "shards",
             "commit_every",
-        ):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        if not 2 <= self.num_classes <= MAX_CLASSES:
-            raise UsageError(
-                f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
-                f"{self.num_classes:,}): every rank keeps a classes x classes "
-                "confusion matrix"
-            )
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0 (got {self.lr}); try 0.01")
-        if not 0 <= self.momentum < 1:
-            raise UsageError(f"--momentum must be in [0, 1) (got {self.momentum})")
-        for name in ("bucket_mb", "profile_interval", "eval_interval"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
-        for name in (
+        ),
+    )
+    if not 2 <= cfg.num_classes <= MAX_CLASSES:
+        raise UsageError(
+            f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
+            f"{cfg.num_classes:,}): every rank keeps a classes x classes "
+            "confusion matrix"
+        )
+    if not cfg.lr > 0:
+        raise UsageError(f"--lr must be > 0 (got {cfg.lr}); try 0.01")
+    if not 0 <= cfg.momentum < 1:
+        raise UsageError(f"--momentum must be in [0, 1) (got {cfg.momentum})")
+    for name in ("bucket_mb", "profile_interval", "eval_interval"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{_flag(name)} must be > 0 (got {getattr(cfg, name)})")
+    _check_at_least(
+        cfg,
+        0,
+        (
             "weight_decay",
             "warmup_epochs",
             "grad_clip",
@@ -187,51 +242,31 @@ class TrainConfig:
             "test_batch_size",
             "log_interval",
             "gradient_predivide_factor",
-        ):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
-        from .profiler.sampler import MAX_INTERVAL_S
+        ),
+    )
+    from .profiler.sampler import MAX_INTERVAL_S
 
-        if self.profile_interval > MAX_INTERVAL_S:
-            raise UsageError(
-                f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
-                f"{self.profile_interval:g})"
-            )
-        if self.gpu < -1:
-            raise UsageError(f"--gpu must be a GPU index >= 0 (got {self.gpu})")
-        if self.gpu >= 0 and self.device == "cpu":
-            raise UsageError(
-                f"--gpu {self.gpu} and --device cpu (or --no-cuda) exclude each other; drop one"
-            )
-        if self.adasum and self.gradient_predivide_factor not in (0.0, 1.0):
-            raise UsageError(
-                "--gradient-predivide-factor applies to averaging, not --adasum; drop one"
-            )
-        if self.resume and self.overwrite:
-            raise UsageError(
-                "--resume continues the run in --out and --overwrite deletes it; pick one"
-            )
-        if self.strategy in SHARED_STRATEGIES:
-            _check_shared(self)
-        self.shape  # validates input_shape
+    if cfg.profile_interval > MAX_INTERVAL_S:
+        raise UsageError(
+            f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
+            f"{cfg.profile_interval:g})"
+        )
+    if cfg.gpu < -1:
+        raise UsageError(f"--gpu must be a GPU index >= 0 (got {cfg.gpu})")
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``input_shape`` parsed as (C, H, W)."""
-        try:
-            c, h, w = (int(v) for v in self.input_shape.split(","))
-        except ValueError:
-            raise UsageError(f"--input-shape must be C,H,W like 3,32,32 (got {self.input_shape!r})")
-        if min(c, h, w) < 1:
-            raise UsageError(f"--input-shape entries must be >= 1 (got {self.input_shape!r})")
-        return c, h, w
 
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.out)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _check_combinations(cfg: "TrainConfig") -> None:
+    """Flags that exclude each other, and those the shared-buffer strategies cannot honour."""
+    if cfg.gpu >= 0 and cfg.device == "cpu":
+        raise UsageError(
+            f"--gpu {cfg.gpu} and --device cpu (or --no-cuda) exclude each other; drop one"
+        )
+    if cfg.adasum and cfg.gradient_predivide_factor not in (0.0, 1.0):
+        raise UsageError("--gradient-predivide-factor applies to averaging, not --adasum; drop one")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite deletes it; pick one")
+    if cfg.strategy in SHARED_STRATEGIES:
+        _check_shared(cfg)
 
 
 def _check_shared(cfg: "TrainConfig") -> None:
@@ -295,17 +330,6 @@ def _choice(name: str, value: str, choices: Sequence[str]) -> None:
 RESUME_OUT = "<--out>"  # `--resume` alone: the checkpoint in --out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one UsageError line instead of usage + exit; no
-    abbreviations (``--epoch`` is not ``--epochs``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in every help line; the description and examples keep their line breaks."""
 
@@ -320,7 +344,7 @@ def build_parser(
     from . import __version__
     from .models import NAMES  # late: models imports torch
 
-    p = _Parser(
+    p = ArgumentParser(
         prog=prog, description=description or cls.__doc__, epilog=epilog, formatter_class=_Formatter
     )
     p.add_argument("--version", action="version", version=version_line(__version__))
@@ -427,9 +451,9 @@ def load_toml(path: str, cls: type = TrainConfig) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"--config {path}: not valid TOML ({e})")
+        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
     if "train" in data and isinstance(data["train"], dict):
         if len(data) > 1:
             others = ", ".join(k for k in data if k != "train")

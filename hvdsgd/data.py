@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -158,13 +159,14 @@ def load_mnist(data_dir: str, download: bool = False) -> Dataset:
         raise UsageError(
             f"mnist files in {raw} are truncated or corrupt ({_why(e)}); "
             "delete them and fetch them again (or pass --download)"
-        )
+        ) from None
     (xtr, ytr), (xte, yte) = [
         (s.data.numpy()[:, None].astype(np.float32) / 255.0, s.targets.numpy().astype(np.int64))
         for s in splits
     ]
     for y, prefix in ((ytr, "train"), (yte, "t10k")):
-        _check_labels("mnist", y, 10, lambda: [(raw / f"{prefix}-labels-idx1-ubyte", len(y))])
+        files = [(raw / f"{prefix}-labels-idx1-ubyte", len(y))]
+        _check_labels("mnist", y, 10, lambda files=files: files)
     return _normalised("mnist", xtr, ytr, xte, yte, [str(c) for c in range(10)])
 
 
@@ -190,7 +192,7 @@ def load_cifar(name: str, data_dir: str, download: bool = False) -> Dataset:
         raise UsageError(
             f"{name} files in {folder} are truncated or corrupt ({_why(e)}); "
             "delete them and fetch them again (or pass --download)"
-        )
+        ) from None
     (xtr, ytr), (xte, yte) = [
         (
             s.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0,
@@ -200,7 +202,7 @@ def load_cifar(name: str, data_dir: str, download: bool = False) -> Dataset:
     ]
     classes = len(splits[0].classes)
     for y, files in ((ytr, base.train_list), (yte, base.test_list)):
-        _check_labels(name, y, classes, lambda: _cifar_counts(folder, [f for f, _ in files]))
+        _check_labels(name, y, classes, partial(_cifar_counts, folder, [f for f, _ in files]))
     return _normalised(name, xtr, ytr, xte, yte, list(splits[0].classes))
 
 
@@ -232,6 +234,16 @@ def synthetic_bytes(shape: tuple[int, int, int], num_classes: int, samples: int)
     return (samples + _test_samples(num_classes, samples)) * (math.prod(shape) * 4 + 8)
 
 
+def _locate(files: list[tuple[Path, int]], index: int) -> tuple[Path, int]:
+    """The file of ``(path, samples)`` that holds sample ``index`` of their concatenation, and
+    the sample's index in it (the last file for an index past the end)."""
+    for path, n in files:
+        if index < n:
+            return path, index
+        index -= n
+    return path, index
+
+
 def _check_labels(
     name: str, y: np.ndarray, num_classes: int, files: Callable[[], list[tuple[Path, int]]]
 ) -> None:
@@ -243,11 +255,7 @@ def _check_labels(
     bad = np.flatnonzero((y < 0) | (y >= num_classes))
     if not len(bad):
         return
-    index = int(bad[0])
-    for path, n in files():
-        if index < n:
-            break
-        index -= n
+    path, index = _locate(files(), int(bad[0]))
     raise UsageError(
         f"{name} file {path} holds label {y[bad[0]]} (sample {index}), outside the "
         f"{num_classes} classes 0-{num_classes - 1}; delete it and fetch it again "
@@ -273,8 +281,12 @@ def _normalised(name, xtr, ytr, xte, yte, classes) -> Dataset:
         raise UsageError(f"{name}: the files hold no samples; fetch them again")
     mean = xtr.mean(axis=(0, 2, 3), keepdims=True)
     std = xtr.std(axis=(0, 2, 3), keepdims=True) + 1e-6
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    t = _tensor
     return Dataset(name, t((xtr - mean) / std), t(ytr), t((xte - mean) / std), t(yte), classes)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _require_files(name: str, data_dir: str, folder: Path, files, download: bool) -> None:
@@ -307,13 +319,13 @@ def _ranks_on_host() -> int:
     return 1
 
 
-def _size(n: float) -> str:
+def si_bytes(n: float) -> str:
     """Bytes in SI units with three significant digits: ``113 MB``, ``1.38 TB``."""
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+    for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 999.5:
-            break
+            return f"{n:.3g} {unit}"
         n /= 1000
-    return f"{n:.3g} {unit}"
+    return f"{n:.3g} PB"
 
 
 def _require_memory(what: str, per_rank: int, fix: str) -> None:
@@ -321,10 +333,10 @@ def _require_memory(what: str, per_rank: int, fix: str) -> None:
     memory available now: one line naming the size and ``fix``, before any allocation."""
     ranks, available = _ranks_on_host(), psutil.virtual_memory().available
     if per_rank * ranks > available:
-        each = f" ({ranks} ranks on this host x {_size(per_rank)})" if ranks > 1 else ""
+        each = f" ({ranks} ranks on this host x {si_bytes(per_rank)})" if ranks > 1 else ""
         raise UsageError(
-            f"{what} needs {_size(per_rank * ranks)} of memory{each}, "
-            f"{_size(available)} available; {fix}"
+            f"{what} needs {si_bytes(per_rank * ranks)} of memory{each}, "
+            f"{si_bytes(available)} available; {fix}"
         )
 
 
@@ -345,7 +357,10 @@ def resize(ds: Dataset, size: int | None) -> Dataset:
     log.info(
         "resizing %s from %dx%d to %dx%d for this model", ds.name, *ds.input_shape[1:], size, size
     )
-    r = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
+
+    def r(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
     return replace(ds, train_x=r(ds.train_x), test_x=r(ds.test_x))
 
 
@@ -490,3 +505,21 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def load_for(cfg) -> Dataset:
+    """The data set a config names (``--dataset``, ``--data-dir``, ``--synthetic`` ...),
+    resized to what its ``--model`` needs."""
+    from . import models  # late: models imports torchvision
+
+    return load(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.download,
+        cfg.synthetic,
+        cfg.shape,
+        cfg.num_classes,
+        cfg.synthetic_samples,
+        cfg.seed,
+        resize_to=models.input_size(cfg.model),
+    )

@@ -44,6 +44,17 @@ class Updater(Protocol):
     def update(self) -> None: ...
 
 
+def make_optimizer(cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The local optimizer (SGD with momentum, or AdamW) at learning rate ``lr``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
 def autocast(device: torch.device, amp: str):
     """The autocast context for ``--amp`` (off, bf16 or fp16) on ``device``."""
     if amp == "off":
@@ -55,7 +66,7 @@ def autocast(device: torch.device, amp: str):
 def seed(value: int, device: torch.device) -> None:
     """Seed the CPU generator, and ``device``'s when it is a GPU: ``torch.manual_seed`` for
     the per-epoch reseed. On a CUDA build ``torch.manual_seed`` also queues a lazy seeding of
-    every GPU with a captured stack trace (~0.3 ms), a tenth of a small model's HOGWILD epoch.
+    every GPU with a captured stack trace, not negligible next to a small model's HOGWILD epoch.
     """
     torch.default_generator.manual_seed(value)
     if device.type == "cuda":

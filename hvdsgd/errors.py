@@ -12,13 +12,14 @@ prints the one line ("rank 1 was lost (exit 137); stopping", "horovodrun: interr
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_USAGE = 2
 _GRACE_S = 3.0  # seconds a rank waits for horovodrun to stop it before it speaks itself
@@ -176,3 +177,14 @@ def exit_on_usage_error(main):
             )
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports errors as one UsageError line instead of usage + exit; no
+    abbreviations (``--epoch`` is not ``--epochs``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")

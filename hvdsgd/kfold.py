@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tasks
-from .config import TrainConfig, _f, parse_args
+from .config import TrainConfig, option, parse_args
 from .errors import UsageError, exit_on_usage_error
 
 log = logging.getLogger("hvdsgd")
@@ -35,12 +35,12 @@ log = logging.getLogger("hvdsgd")
 class KFoldConfig(tasks.TaskConfig):
     """K-fold cross-validation; every flag of ``hvdsgd.train`` applies to each fold."""
 
-    folds: int = _f(5, "number of stratified folds (each is one task)")
-    out: str = _f("runs/kfold", "run directory: tasks.jsonl, summary.json, cpu.png")
-    epochs: int = _f(10, "passes over each fold's training set")
-    lr: float = _f(0.05, "learning rate")
-    batch_size: int = _f(64, "samples per step")
-    warmup_epochs: float = _f(0.0, "epochs of linear warm-up")
+    folds: int = option(5, "number of stratified folds (each is one task)")
+    out: str = option("runs/kfold", "run directory: tasks.jsonl, summary.json, cpu.png")
+    epochs: int = option(10, "passes over each fold's training set")
+    lr: float = option(0.05, "learning rate")
+    batch_size: int = option(64, "samples per step")
+    warmup_epochs: float = option(0.0, "epochs of linear warm-up")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,7 +66,7 @@ def data_key(cfg: TrainConfig) -> tuple:
     )
 
 
-def _pooled(cfg: TrainConfig):
+def pooled(cfg: TrainConfig):
     """The data set's train and test parts pooled: (x, y, classes), resized for the model."""
     key = data_key(cfg)
     if key not in _POOLED:
@@ -126,7 +126,7 @@ def train_fold(
     from .strategies.local import fit
 
     c = KFoldConfig(**cfg)
-    x, y, classes = _pooled(c)
+    x, y, classes = pooled(c)
     tr, te = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     model = models.build(c.model, tuple(x.shape[1:]), len(classes))
     result = fit(c, model, (x[tr], y[tr]), (x[te], y[te]), len(classes), seed, pair=pair)
@@ -141,7 +141,7 @@ def warm_worker(cfg: dict, pooled: tuple) -> None:
     """A task worker's start: take the parent's pooled data (no reload), build the model and
     an optimizer once, so that first-call costs are not charged to the first fold."""
     from . import models
-    from .strategies.allreduce import make_optimizer
+    from .engine import make_optimizer
 
     c = KFoldConfig(**cfg)
     _POOLED[data_key(c)] = pooled
@@ -150,7 +150,7 @@ def warm_worker(cfg: dict, pooled: tuple) -> None:
 
 
 def make_tasks(cfg: KFoldConfig) -> list[tasks.Task]:
-    _, y, classes = _pooled(cfg)
+    _, y, classes = pooled(cfg)
     cfg_dict = cfg.to_dict()
     return [
         tasks.Task(
@@ -220,33 +220,37 @@ def table(runs: dict[str, list[tasks.Result]]) -> str:
     cells = []
     for m in modes:
         a = aggregate(runs[m])
-        fmt = lambda k, s, d: (
-            "n/a" if a[k]["mean"] is None else f"{s * a[k]['mean']:.{d}f} ± {s * a[k]['std']:.{d}f}"
-        )  # noqa: E731
         cells += [
-            fmt("test_accuracy", 100, 2) + "%",
-            fmt("test_macro_f1", 1, 4),
-            fmt("test_loss", 1, 4),
-            fmt("seconds", 1, 2),
+            _mean_std(a["test_accuracy"], 100, 2) + "%",
+            _mean_std(a["test_macro_f1"], 1, 4),
+            _mean_std(a["test_loss"], 1, 4),
+            _mean_std(a["seconds"], 1, 2),
         ]
     lines.append("| mean ± std | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_std(stat: dict, scale: float, digits: int) -> str:
+    """``mean ± std`` of an :func:`aggregate` entry, times ``scale``; n/a without a mean."""
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
 # ------------------------------------------------------------------------------ main
 
 
 def kfold(cfg: KFoldConfig) -> dict:
-    from .train import setup_logging
+    from . import logs
 
-    setup_logging(cfg.main)
+    logs.setup(cfg.main)
     out = Path(cfg.out)
     if cfg.main:
         from .report import RunDir
 
         RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
     parallel_mode = "serial" if cfg.serial else cfg.mode
-    x, y, classes = _pooled(cfg)
+    x, y, classes = pooled(cfg)
     world = int(os.environ.get("HOROVOD_SIZE", "1"))
     workers = (
         world
@@ -324,15 +328,15 @@ def kfold(cfg: KFoldConfig) -> dict:
                 f"; serial {walls['serial']:.1f} s: speed-up {summary['speedup']:.2f}x, "
                 f"efficiency {100 * summary['efficiency']:.0f}% on {workers} "
                 f"workers; per-fold results identical: {summary['identical_per_fold']}; "
-                f"CPU {_num(summary['serial']['cpu_util_mean'])}% serial, "
-                f"{_num(summary['cpu_util_mean'])}% parallel"
+                f"CPU {number(summary['serial']['cpu_util_mean'])}% serial, "
+                f"{number(summary['cpu_util_mean'])}% parallel"
             )
         log.info(line + f"; results in {out}/")
     tasks.exit_if_failed(runs, cfg, "hvdsgd.kfold")
     return summary
 
 
-def _num(v: float | None) -> str:
+def number(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 

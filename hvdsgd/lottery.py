@@ -35,10 +35,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tasks
-from .config import TrainConfig, _f, parse_args
+from . import data, tasks
+from .config import TrainConfig, option, parse_args
 from .errors import UsageError, exit_on_usage_error
-from .kfold import _num, data_key
+from .kfold import data_key, number
 
 log = logging.getLogger("hvdsgd")
 
@@ -47,65 +47,73 @@ log = logging.getLogger("hvdsgd")
 class LotteryConfig(tasks.TaskConfig):
     """Lottery tickets; every flag of ``hvdsgd.train`` applies to the dense run and each round."""
 
-    sparsities: str = _f(
+    sparsities: str = option(
         "0.5,0.8,0.9,0.95",
         "final fractions of the conv/linear weights pruned, "
         "each in (0, 1); one task per sparsity and reset step",
     )
-    reset_steps: str = _f(
+    reset_steps: str = option(
         "auto",
         "updates k of the dense run whose weights theta_k the "
         "survivors are reset to (0: the initialisation), like 0,20,100; auto: "
         "0 and 20%% and 80%% of the dense run's updates",
     )
-    rounds: int = _f(2, "pruning rounds per ticket; each prunes the same fraction of survivors")
-    out: str = _f("runs/lottery", "run directory: tasks.jsonl, summary.json, accuracy.png, cpu.png")
-    epochs: int = _f(5, "passes over the training set, of the dense run and of every round")
-    lr: float = _f(0.05, "learning rate")
-    batch_size: int = _f(64, "samples per step")
-    warmup_epochs: float = _f(0.0, "epochs of linear warm-up")
+    rounds: int = option(2, "pruning rounds per ticket; each prunes the same fraction of survivors")
+    out: str = option(
+        "runs/lottery", "run directory: tasks.jsonl, summary.json, accuracy.png, cpu.png"
+    )
+    epochs: int = option(5, "passes over the training set, of the dense run and of every round")
+    lr: float = option(0.05, "learning rate")
+    batch_size: int = option(64, "samples per step")
+    warmup_epochs: float = option(0.0, "epochs of linear warm-up")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.sparsity_list  # validates the list
+        _sparsities(self.sparsities)
         if self.reset_steps != "auto":
-            self.reset_list  # validates the list
+            _reset_steps(self.reset_steps)
         if self.rounds < 1:
             raise UsageError(f"--rounds must be >= 1 (got {self.rounds})")
 
     @property
     def sparsity_list(self) -> list[float]:
         """``sparsities`` parsed: distinct fractions in (0, 1), ascending."""
-        values = _numbers(
-            self.sparsities, float, "sparsities", "fractions in (0, 1)", "0.5,0.8,0.9"
-        )
-        bad = [v for v in values if not 0 < v < 1]
-        if bad:
-            raise UsageError(
-                f"--sparsities must lie strictly between 0 and 1 (got {bad[0]:g}); "
-                "e.g. 0.9 prunes 90% of the weights"
-            )
-        return sorted(values)
+        return _sparsities(self.sparsities)
 
     @property
     def reset_list(self) -> list[int]:
         """``reset_steps`` parsed: distinct update counts >= 0, ascending (``auto`` is
         replaced by the steps it means first: :func:`resolve_reset_steps`)."""
-        values = _numbers(
-            self.reset_steps, int, "reset-steps", "update counts >= 0", "0,20,100 (or auto)"
+        return _reset_steps(self.reset_steps)
+
+
+def _sparsities(text: str) -> list[float]:
+    values = _numbers(text, float, "sparsities", "fractions in (0, 1)", "0.5,0.8,0.9")
+    bad = [v for v in values if not 0 < v < 1]
+    if bad:
+        raise UsageError(
+            f"--sparsities must lie strictly between 0 and 1 (got {bad[0]:g}); "
+            "e.g. 0.9 prunes 90% of the weights"
         )
-        if min(values) < 0:
-            raise UsageError(
-                f"--reset-steps must be >= 0 (got {min(values)}); 0 resets to the initialisation"
-            )
-        return sorted(values)
+    return sorted(values)
+
+
+def _reset_steps(text: str) -> list[int]:
+    values = _numbers(text, int, "reset-steps", "update counts >= 0", "0,20,100 (or auto)")
+    if min(values) < 0:
+        raise UsageError(
+            f"--reset-steps must be >= 0 (got {min(values)}); 0 resets to the initialisation"
+        )
+    return sorted(values)
 
 
 def _numbers(text: str, kind: type, flag: str, what: str, example: str) -> list:
     try:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
-        raise UsageError(f"--{flag} must be comma-separated {what}, like {example} (got {text!r})")
+        raise UsageError(
+            f"--{flag} must be comma-separated {what}, like {example} (got {text!r})"
+        ) from None
     if len(set(values)) < len(values):
         raise UsageError(f"--{flag} lists a value twice (got {text!r})")
     return values
@@ -169,7 +177,7 @@ def prune(weights: dict, sparsity: float, masks: dict | None = None) -> dict:
     flat[torch.topk(score, keep, sorted=False).indices] = True
     return {
         n: part.view_as(weights[n])
-        for n, part in zip(names, flat.split([weights[n].numel() for n in names]))
+        for n, part in zip(names, flat.split([weights[n].numel() for n in names]), strict=True)
     }
 
 
@@ -225,9 +233,7 @@ _DATA: dict[tuple, object] = {}  # this process's data set (train and test split
 def _dataset(cfg: TrainConfig):
     key = data_key(cfg)
     if key not in _DATA:
-        from .train import load_data
-
-        _DATA[key] = load_data(cfg)
+        _DATA[key] = data.load_for(cfg)
     return _DATA[key]
 
 
@@ -235,7 +241,7 @@ def warm_worker(cfg: dict, ds) -> None:
     """A task worker's start: take the parent's data set (no reload), build the model and an
     optimizer once, so that first-call costs are not charged to the first ticket."""
     from . import models
-    from .strategies.allreduce import make_optimizer
+    from .engine import make_optimizer
 
     c = LotteryConfig(**cfg)
     _DATA[data_key(c)] = ds
@@ -468,11 +474,10 @@ def check_run(cfg: LotteryConfig, ds) -> tuple[int, int]:
 
 
 def lottery(cfg: LotteryConfig) -> dict:
-    from . import dist
-    from .train import setup_logging
+    from . import dist, logs
 
     mode, main = cfg.mode, cfg.main
-    setup_logging(main)
+    logs.setup(main)
     out = Path(cfg.out)
     if main:
         from .report import RunDir
@@ -600,8 +605,8 @@ def _timing(s: dict) -> str:
             f"; serially {s['serial']['wall_time_s']:.1f} s in all: speed-up "
             f"{s['speedup']:.2f}x, efficiency {100 * s['efficiency']:.0f}%; "
             f"per-task results identical: {s['identical_per_task']}; CPU "
-            f"{_num(s['serial']['cpu_util_mean'])}% serial, "
-            f"{_num(s['cpu_util_mean'])}% parallel"
+            f"{number(s['serial']['cpu_util_mean'])}% serial, "
+            f"{number(s['cpu_util_mean'])}% parallel"
         )
     return (
         line + f"\nAmdahl, serial fraction f = {s['serial_fraction']:.3f} (from "

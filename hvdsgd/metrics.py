@@ -16,7 +16,7 @@ class Tally:
 
     ``add`` only keeps references to the batch's loss, logits and labels; every
     ``flush_every`` batches they are folded into the sums with a handful of tensor ops, so a
-    training step pays microseconds for its metrics, not a dozen small kernels.
+    training step does not pay a dozen small kernels for its metrics.
     """
 
     flush_every = 32
@@ -37,7 +37,7 @@ class Tally:
         """Fold the pending batches into the loss sum and the confusion counts."""
         if not self._pending:
             return
-        losses, logits, ys = zip(*self._pending)
+        losses, logits, ys = zip(*self._pending, strict=True)
         self._pending = []
         sizes = torch.tensor([len(y) for y in ys], dtype=torch.float64, device=self.loss.device)
         self.loss += (torch.stack(losses).double() * sizes).sum()

@@ -62,7 +62,7 @@ def splittable(model: torch.nn.Module, x: torch.Tensor) -> bool:
     torch.set_rng_state(rng)
     return (
         same
-        and all(torch.equal(a, b) for a, b in zip(before, probe.buffers()))
+        and all(torch.equal(a, b) for a, b in zip(before, probe.buffers(), strict=True))
         and all(p.grad is not None for p in probe.parameters() if p.requires_grad)
     )
 

@@ -286,7 +286,9 @@ class RunDir:
                     if f"{split}_{what}" in r
                 ]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else None, label=split)
+                    ax.plot(
+                        *zip(*pts, strict=True), marker="o" if len(pts) < 40 else None, label=split
+                    )
         ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
         ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
         if timed:

@@ -24,11 +24,11 @@ from . import _C
 from .errors import UsageError
 
 
-def _float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+def float_buffers_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [b for b in model.buffers() if b.is_floating_point()]
 
 
-def _params(model: torch.nn.Module) -> list[torch.Tensor]:
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -37,7 +37,7 @@ def numel(tensors) -> int:
 
 
 def bind(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
-    """Make each tensor a view into ``flat`` (in order), keeping its shape; values are not copied."""
+    """Make each tensor a view into ``flat`` (in order), keeping its shape; no value is copied."""
     offset = 0
     for t in tensors:
         n = t.numel()
@@ -61,7 +61,7 @@ def grad_buffer(model: torch.nn.Module) -> torch.Tensor:
     Autograd accumulates into an existing ``.grad`` in place, so backward writes straight
     into the flat buffer: no allocation per step, and one ``zero_()`` clears every gradient.
     """
-    params = _params(model)
+    params = params_of(model)
     flat = torch.zeros(numel(params))
     offset = 0
     for p in params:
@@ -96,7 +96,7 @@ class SharedModel:
         cls, model: torch.nn.Module, workers: int, shards: int = 1, slots: int = 0
     ) -> "SharedModel":
         """New segments holding ``model``'s current values; ``model`` is bound to them."""
-        params, buffers = _params(model), _float_buffers(model)
+        params, buffers = params_of(model), float_buffers_of(model)
         if any(p.dtype != torch.float32 for p in params + buffers):
             raise UsageError("the shared-buffer strategies need a float32 model")
         pbuf = _C.SharedBuffer.create(numel(params), workers=workers, shards=shards, slots=slots)
@@ -127,9 +127,9 @@ class SharedModel:
 
     def bind(self, model: torch.nn.Module) -> None:
         """Make ``model``'s parameters and float buffers views into the segments."""
-        bind(_params(model), self.flat)
+        bind(params_of(model), self.flat)
         if self.state is not None:
-            bind(_float_buffers(model), torch.from_numpy(self.state.params()))
+            bind(float_buffers_of(model), torch.from_numpy(self.state.params()))
 
     def snapshot(self) -> np.ndarray:
         """A private copy of the parameters (taken under the update lock)."""

@@ -42,7 +42,7 @@ from multiprocessing.connection import Client, Listener, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import TrainConfig, _f
+from .config import TrainConfig, option
 from .errors import UsageError
 
 log = logging.getLogger("hvdsgd")
@@ -239,21 +239,7 @@ class _Pool:
         """(job, its Result) for every job, as they finish."""
         todo, spare, lost = deque(jobs), len(jobs), "none could start"
         while self.workers and (todo or any(w.job for w in self.workers)):
-            for w in self.workers:
-                if w.ready and w.job is None and todo:
-                    job = todo.popleft()
-                    try:
-                        w.give(job)
-                    except OSError:
-                        pass  # it has just died: its sentinel says so next
-                    except Exception as e:  # a task that cannot be pickled, say
-                        w.job = None
-                        yield (
-                            job,
-                            self._result(
-                                job, f"cannot hand it to a worker process ({type(e).__name__}: {e})"
-                            ),
-                        )
+            yield from self._hand_out(todo)
             ends = {
                 **{w.conn: w for w in self.workers},
                 **{w.process.sentinel: w for w in self.workers},
@@ -278,6 +264,25 @@ class _Pool:
                         self.start(1)
         for job in todo:
             yield job, self._result(job, f"no worker process could run it ({lost})")
+
+    def _hand_out(self, todo: deque) -> Iterator[tuple[_Job, Result]]:
+        """The next job to every ready, idle worker; (job, its failed Result) for a job that
+        cannot be handed over."""
+        for w in self.workers:
+            if w.ready and w.job is None and todo:
+                job = todo.popleft()
+                try:
+                    w.give(job)
+                except OSError:
+                    pass  # it has just died: its sentinel says so next
+                except Exception as e:  # a task that cannot be pickled, say
+                    w.job = None
+                    yield (
+                        job,
+                        self._result(
+                            job, f"cannot hand it to a worker process ({type(e).__name__}: {e})"
+                        ),
+                    )
 
     def _result(
         self, job: _Job, error: str, worker: str = "?", since: float | None = None
@@ -386,8 +391,7 @@ def start_method(requested: str = "auto", threads: int = 1) -> str:
     on several threads (loading the data, the dense run), a forked worker that runs one on
     several threads waits forever for threads it does not have. One thread per task never
     starts that pool. Otherwise workers fork from a forkserver, a fresh process that has only
-    imported torch and the tasks' modules (spawn would re-import torch in every worker,
-    ~2-4 s on a small machine).
+    imported torch and the tasks' modules (spawn would re-import torch in every worker).
     """
     check_method(requested, threads)
     if requested != "auto":
@@ -691,16 +695,18 @@ def write_records(out: Path, results: list[Result], summary: dict) -> None:
 class TaskConfig(TrainConfig):
     """``hvdsgd.train``'s flags plus how a sweep of tasks runs (kfold, lottery)."""
 
-    workers: int = _f(2, "task worker processes; a free one takes the next task")
-    task_threads: int = _f(1, "compute threads per task (the same in every mode, so results match)")
-    start_method: str = _f(
+    workers: int = option(2, "task worker processes; a free one takes the next task")
+    task_threads: int = option(
+        1, "compute threads per task (the same in every mode, so results match)"
+    )
+    start_method: str = option(
         "auto",
         "how task workers start: auto (fork with one thread per "
         "task, else forkserver), fork (one thread per task only), spawn, "
         "forkserver",
     )
-    serial: bool = _f(False, "run the tasks one after another in this process")
-    compare_serial: bool = _f(
+    serial: bool = option(False, "run the tasks one after another in this process")
+    compare_serial: bool = option(
         False,
         "run the tasks serially and in parallel; report speed-up, "
         "efficiency and CPU utilisation over time of both",
@@ -779,7 +785,7 @@ def identical(a: list[Result], b: list[Result]) -> bool:
         and y.ok
         and x.result["test_accuracy"] == y.result["test_accuracy"]
         and x.result["test_loss"] == y.result["test_loss"]
-        for x, y in zip(a, b)
+        for x, y in zip(a, b, strict=True)
     )
 
 
@@ -807,7 +813,7 @@ def plot_cpu(profiles: dict[str, Path], path: Path) -> None:
     fig, axes = plt.subplots(
         len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True, squeeze=False
     )
-    for ax, (name, csv) in zip(axes[:, 0], profiles.items()):
+    for ax, (name, csv) in zip(axes[:, 0], profiles.items(), strict=True):
         cols = read_csv(csv)
         t = cols["elapsed_s"]
         for key in sorted(

@@ -18,6 +18,7 @@ the checkpoint included. One plain process (no horovodrun) does not use Horovod 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import checkpoint, data, dist, models, report
+from . import checkpoint, data, dist, logs, models, report
 from .config import RESUME_OUT, SHARED_STRATEGIES, TrainConfig, parse_args
 from .engine import Progress, evaluate, seed, train_epoch
 from .errors import UsageError, exit_on_usage_error
@@ -40,31 +41,6 @@ DEFAULT_OUT = TrainConfig.out
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def setup_logging(main: bool) -> None:
-    """Rank 0 logs progress at INFO; the other ranks only errors."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("hvdsgd")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if main else logging.ERROR)
-    root.propagate = False
-
-
-def load_data(cfg: TrainConfig) -> data.Dataset:
-    """The data set, resized to what the model needs."""
-    return data.load(
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.download,
-        cfg.synthetic,
-        cfg.shape,
-        cfg.num_classes,
-        cfg.synthetic_samples,
-        cfg.seed,
-        resize_to=models.input_size(cfg.model),
-    )
 
 
 def progress_bar(cfg: TrainConfig, total: int, epoch: int):
@@ -132,9 +108,8 @@ def train(cfg: TrainConfig) -> dict:
         return train_shared(cfg)
     t_start = time.perf_counter()
     device = dist.init(cfg.device, cfg.threads, cfg.gpu)
-    rank, size = dist.rank(), dist.size()
     elastic = dist.elastic()  # horovodrun --min-np/--max-np: ranks may come and go
-    setup_logging(dist.is_main())
+    logs.setup(dist.is_main())
     if cfg.amp == "auto":
         cfg.amp = "fp16" if device.type == "cuda" else "bf16"
     if cfg.amp == "fp16" and device.type != "cuda":
@@ -145,7 +120,27 @@ def train(cfg: TrainConfig) -> dict:
     # Data: every rank loads it; a failure on any rank stops them all with one message. (An
     # elastic rank fails alone and Horovod goes on without its host: no collective may come
     # before hvd.elastic.run, where ranks that join later could not match it.)
-    ds = load_data(cfg) if elastic else dist.agree(lambda: load_data(cfg), name="load_data")
+    ds = data.load_for(cfg) if elastic else dist.agree(lambda: data.load_for(cfg), name="load_data")
+    check_world(cfg, ds, dist.size())
+    if device.type == "cuda" and cfg.loader_workers == 0:
+        ds = ds.to(device)  # small data sets live on the GPU: a batch is one index op
+
+    job = SyncRun(cfg, device, ds, elastic, t_start)
+    try:
+        if not elastic:
+            return job.fit(SimpleNamespace(progress=Progress(world=dist.size())))
+        from . import elastic as hvd_elastic
+
+        job.state = hvd_elastic.TrainState(
+            job.model, job.strategy, Progress(world=dist.size()), job.on_reset
+        )
+        return hvd_elastic.run(job.fit, job.state)
+    finally:
+        job.close()
+
+
+def check_world(cfg: TrainConfig, ds: data.Dataset, size: int) -> None:
+    """Enough samples for every rank (else one line), and a warning for oversized batches."""
     n_train, n_test = len(ds.train_y), len(ds.test_y)
     if size > min(n_train, n_test):
         raise UsageError(
@@ -158,246 +153,285 @@ def train(cfg: TrainConfig) -> dict:
             f"{math.ceil(n_train / size)} training samples of each rank: every step "
             "is one partial batch"
         )
-    if device.type == "cuda" and cfg.loader_workers == 0:
-        ds = ds.to(device)  # small data sets live on the GPU: a batch is one index op
-    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
 
-    torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, ds.input_shape, ds.num_classes).to(device)
-    # --channels-last converts the batches only: conv layers follow the input's layout, and the
-    # parameters (and so their gradients) stay contiguous, as Horovod's collectives require.
-    n_params = sum(p.numel() for p in model.parameters())
 
-    # Horovod: each rank trains on its own shard, reshuffled every epoch.
-    sampler = data.EpochSampler(n_train, rank, size, cfg.seed)
-    train_batches = data.Batches(
-        ds.train_x,
-        ds.train_y,
-        cfg.batch_size,
-        sampler,
-        device,
-        cfg.loader_workers,
-        pin,
-        cfg.channels_last,
-    )
-    test_batches = data.Batches(
-        ds.test_x,
-        ds.test_y,
-        cfg.test_batch_size or max(256, cfg.batch_size),
-        data.shard(n_test, rank, size),
-        device,
-        0,
-        pin,
-        cfg.channels_last,
-    )
+class SyncRun:
+    """One synchronous run on this rank: the model, its batches, the Allreduce strategy, the
+    run directory and the profiler, built once. ``fit`` trains every epoch left and writes the
+    summary; an elastic run re-enters it after every reset, with the state of the last commit.
+    """
 
-    def steps_per_epoch(ranks: int) -> int:
-        return math.ceil(math.ceil(math.ceil(n_train / ranks) / cfg.batch_size) / cfg.accum_steps)
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        ds: data.Dataset,
+        elastic: bool,
+        t_start: float,
+    ):
+        self.cfg, self.device, self.ds, self.elastic, self.t_start = (
+            cfg,
+            device,
+            ds,
+            elastic,
+            t_start,
+        )
+        self.state = None  # the elastic TrainState (hvdsgd.elastic), when elastic
+        rank, size = dist.rank(), dist.size()
+        self.n_train, self.n_test = len(ds.train_y), len(ds.test_y)
+        pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
 
-    strategy = Allreduce(cfg, model, device, steps_per_epoch(size), broadcast=not elastic)
-    run = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
-    ckpt_path = run.path / checkpoint.NAME
-    # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
-    prof = report.profiler(cfg, run.path, device.type, device.index, rank if size > 1 else None)
-    ident = checkpoint.identity(cfg, model, ds.input_shape, ds.num_classes)
+        torch.manual_seed(cfg.seed)
+        self.model = models.build(cfg.model, ds.input_shape, ds.num_classes).to(device)
+        # --channels-last converts the batches only: conv layers follow the input's layout, and
+        # the parameters (so their gradients) stay contiguous, as Horovod's collectives require.
+        self.n_params = sum(p.numel() for p in self.model.parameters())
 
-    def start(p) -> None:
+        # Horovod: each rank trains on its own shard, reshuffled every epoch.
+        self.sampler = data.EpochSampler(self.n_train, rank, size, cfg.seed)
+        self.train_batches = data.Batches(
+            ds.train_x,
+            ds.train_y,
+            cfg.batch_size,
+            self.sampler,
+            device,
+            cfg.loader_workers,
+            pin,
+            cfg.channels_last,
+        )
+        self.test_batches = data.Batches(
+            ds.test_x,
+            ds.test_y,
+            cfg.test_batch_size or max(256, cfg.batch_size),
+            data.shard(self.n_test, rank, size),
+            device,
+            0,
+            pin,
+            cfg.channels_last,
+        )
+        self.strategy = Allreduce(
+            cfg, self.model, device, self.steps_per_epoch(size), broadcast=not elastic
+        )
+        self.run = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
+        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
+        self.prof = report.profiler(
+            cfg, self.run.path, device.type, device.index, rank if size > 1 else None
+        )
+        self.ident = checkpoint.identity(cfg, self.model, ds.input_shape, ds.num_classes)
+
+    def steps_per_epoch(self, ranks: int) -> int:
+        batches = math.ceil(math.ceil(self.n_train / ranks) / self.cfg.batch_size)
+        return math.ceil(batches / self.cfg.accum_steps)
+
+    def start(self, p: Progress) -> None:
         """Rank 0 reads --resume and prepares --out; every rank learns the outcome."""
-        history = None  # the metrics of a run continued from another directory
+        cfg, history = self.cfg, None  # history: the metrics of a run continued from elsewhere
         if cfg.resume:
             state, history, (p.samples, p.seconds) = dist.on_main(
-                lambda: resume(cfg, run, ident), name="resume"
+                lambda: resume(cfg, self.run, self.ident), name="resume"
             )
-            model.load_state_dict(state["model"])
-            strategy.load_state_dict(state["strategy"])
+            self.model.load_state_dict(state["model"])
+            self.strategy.load_state_dict(state["strategy"])
             p.epoch = state["epoch"]
         dist.on_main(
-            lambda: run.prepare(p.epoch if cfg.resume else None, cfg.overwrite, history),
+            lambda: self.run.prepare(p.epoch if cfg.resume else None, cfg.overwrite, history),
             name="prepare_out",
         )
+        size, ds = dist.size(), self.ds
         log.info(
-            f"hvdsgd: {cfg.model} ({n_params:,} parameters) on {ds.name} "
-            f"({n_train} train / {n_test} test, {'x'.join(map(str, ds.input_shape))}), "
+            f"hvdsgd: {cfg.model} ({self.n_params:,} parameters) on {ds.name} "
+            f"({self.n_train} train / {self.n_test} test, "
+            f"{'x'.join(map(str, ds.input_shape))}), "
             f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
             f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
-            f"{cfg.lr * strategy.world_scale:g} ({cfg.scheduler}), {device.type}, "
+            f"{cfg.lr * self.strategy.world_scale:g} ({cfg.scheduler}), {self.device.type}, "
             f"{torch.get_num_threads()} thread(s)/rank"
-            + (f", elastic (commit every {cfg.commit_every} steps)" if elastic else "")
+            + (f", elastic (commit every {cfg.commit_every} steps)" if self.elastic else "")
             + (f", resuming after epoch {p.epoch}" if p.epoch else "")
         )
         p.started, p.epoch_start = True, time.time()
 
-    def fit(state) -> dict:
-        """Every epoch from where ``state.progress`` stands, then the summary. An elastic run
-        re-enters here after every reset, with the state of the last commit."""
+    def fit(self, state) -> dict:
+        """Every epoch from where ``state.progress`` stands, then the summary."""
         p = state.progress
         if not p.started:
-            start(p)
-            if elastic:
+            self.start(p)
+            if self.elastic:
                 state.commit()
-        if prof is not None and prof.started is None:
-            prof.start()  # once --out is prepared: a new run clears an old run's profile files
+        if self.prof is not None and self.prof.started is None:
+            self.prof.start()  # once --out is prepared: a new run clears an old run's profile
         row, test = {}, None
-        for epoch in range(p.epoch, cfg.epochs):
-            # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
-            seed(cfg.seed + 1000 * epoch + dist.rank(), device)
-            sampler.set_epoch(epoch)
-            sampler.done = p.done  # an elastic run may go on from the middle of the epoch
-            bar = progress_bar(cfg, len(train_batches), epoch)
-            tally = Tally(ds.num_classes, device)
+        for epoch in range(p.epoch, self.cfg.epochs):
+            row, test = self.train_epoch(epoch, p)
+        return self.finish(p, row, test)
 
-            def after_step(samples: int) -> None:  # elastic: where the epoch stands, committed
-                p.step += 1
-                p.done = min(n_train, p.done + samples * dist.size())
-                if p.step % cfg.commit_every == 0 and p.done < n_train:  # (the end commits)
-                    # Horovod: the metrics so far are summed now, as a rank may be lost later;
-                    # rank 0's view of host changes rides in the same allreduce.
-                    now = tally.reduce(f"train_metrics.{epoch}.{p.step}", state.host_view())
-                    p.partial = now + p.partial
-                    tally.clear()
-                    state.save()
-                    state.check_host_updates(now.extra)
-
-            train_epoch(
-                model,
-                train_batches,
-                strategy,
-                device,
-                cfg.amp,
-                cfg.accum_steps,
-                tally,
-                bar,
-                max_steps=2 if cfg.dry_run else None,
-                after_step=after_step if elastic else None,
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_time = time.time() - p.epoch_start
-            if bar is not None:
-                bar.close()
-            # Horovod: sum every rank's loss and confusion counts, so all ranks see the same.
-            now = tally.reduce(f"train_metrics.{epoch}", state.host_view() if elastic else None)
-            tr = now + p.partial
-            if not math.isfinite(tr.loss):
-                raise UsageError(
-                    f"the training loss became {tr.loss} in epoch {epoch + 1}; "
-                    f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
-                    f"(the last good checkpoint is kept)"
-                )
-            test = evaluate(
-                model, test_batches, device, cfg.amp, Tally(ds.num_classes, device)
-            ).reduce(name=f"test_metrics.{epoch}")
-            # The sampler pads every rank's shard to the same length; those repeats are not
-            # more samples (1,437 digits are 1,437 however many ranks see them).
-            seen = min(tr.count, n_train)
-            row = {
-                "epoch": epoch + 1,
-                "epochs": cfg.epochs,
-                **tr.as_dict("train"),
-                "train_samples": seen,
-                **test.as_dict("test"),
-                "test_per_class_accuracy": test.per_class_accuracy,
-                "lr": strategy.lr,
-                "samples_per_sec": tr.count / epoch_time,
-                "samples_per_sec_per_rank": tr.count / epoch_time / dist.size(),
-                "epoch_time_s": epoch_time,
-                "world_size": dist.size(),
-            }
-            log.info(epoch_line(row))
-            p.epoch, p.step, p.done, p.partial = epoch + 1, 0, 0, None
-            p.samples, p.seconds = p.samples + seen, p.seconds + epoch_time
-            if elastic:
-                state.save()  # the epoch is done: a rank lost while recording it redoes nothing
-
-            def record(epoch=epoch, row=row):
-                run.log_epoch(row)
-                if cfg.checkpoint and not cfg.dry_run:
-                    saved = {
-                        "model": model.state_dict(),
-                        "epoch": epoch + 1,
-                        "identity": ident,
-                        "strategy": strategy.state_dict(),
-                        "config": cfg.to_dict(),
-                    }
-                    checkpoint.save(ckpt_path, saved)
-                    if cfg.keep_checkpoints:
-                        checkpoint.save(run.path / f"checkpoint-epoch{epoch + 1}.pt", saved)
-
-            # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
-            dist.on_main(record, name=f"record.{epoch}")
-            p.epoch_start = time.time()
-            if elastic:  # the epoch's commit
-                state.save()
-                state.check_host_updates(now.extra)
-
-        if prof is not None:
-            prof.stop()  # its summary goes into ours
-        if test is None:  # resumed a finished run (or reset after the last epoch): evaluate
-            test = evaluate(
-                model, test_batches, device, cfg.amp, Tally(ds.num_classes, device)
-            ).reduce(name="test_metrics.final")
-        extra = (
-            {"elastic": {"commit_every": cfg.commit_every, "resets": p.resets}} if elastic else {}
+    def train_epoch(self, epoch: int, p: Progress):
+        """One epoch (the rest of it, after an elastic reset): train, evaluate, record and
+        commit; returns its metrics row and the test summary."""
+        cfg, device = self.cfg, self.device
+        # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
+        seed(cfg.seed + 1000 * epoch + dist.rank(), device)
+        self.sampler.set_epoch(epoch)
+        self.sampler.done = p.done  # an elastic run may go on from the middle of the epoch
+        bar = progress_bar(cfg, len(self.train_batches), epoch)
+        tally = Tally(self.ds.num_classes, device)
+        after_step = functools.partial(self.after_step, p, epoch, tally) if self.elastic else None
+        train_epoch(
+            self.model,
+            self.train_batches,
+            self.strategy,
+            device,
+            cfg.amp,
+            cfg.accum_steps,
+            tally,
+            bar,
+            max_steps=2 if cfg.dry_run else None,
+            after_step=after_step,
         )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.time() - p.epoch_start
+        if bar is not None:
+            bar.close()
+        # Horovod: sum every rank's loss and confusion counts, so all ranks see the same; an
+        # elastic run's view of host changes rides along.
+        hosts = self.state.host_view() if self.elastic else None
+        now = tally.reduce(f"train_metrics.{epoch}", hosts)
+        tr = now + p.partial
+        if not math.isfinite(tr.loss):
+            raise UsageError(
+                f"the training loss became {tr.loss} in epoch {epoch + 1}; "
+                f"lower --lr (now {cfg.lr:g}) or set --grad-clip 1.0 "
+                f"(the last good checkpoint is kept)"
+            )
+        test = self.evaluate(f"test_metrics.{epoch}")
+        # The sampler pads every rank's shard to the same length; those repeats are not more
+        # samples (1,437 digits are 1,437 however many ranks see them).
+        seen = min(tr.count, self.n_train)
+        row = {
+            "epoch": epoch + 1,
+            "epochs": cfg.epochs,
+            **tr.as_dict("train"),
+            "train_samples": seen,
+            **test.as_dict("test"),
+            "test_per_class_accuracy": test.per_class_accuracy,
+            "lr": self.strategy.lr,
+            "samples_per_sec": tr.count / epoch_time,
+            "samples_per_sec_per_rank": tr.count / epoch_time / dist.size(),
+            "epoch_time_s": epoch_time,
+            "world_size": dist.size(),
+        }
+        log.info(epoch_line(row))
+        p.epoch, p.step, p.done, p.partial = epoch + 1, 0, 0, None
+        p.samples, p.seconds = p.samples + seen, p.seconds + epoch_time
+        if self.elastic:
+            self.state.save()  # the epoch is done: a rank lost while recording it redoes nothing
+        # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
+        dist.on_main(functools.partial(self.record, epoch, row), name=f"record.{epoch}")
+        p.epoch_start = time.time()
+        if self.elastic:  # the epoch's commit
+            self.state.save()
+            self.state.check_host_updates(now.extra)
+        return row, test
+
+    def after_step(self, p: Progress, epoch: int, tally: Tally, samples: int) -> None:
+        """Elastic: where the epoch stands, committed every ``--commit-every`` steps."""
+        p.step += 1
+        p.done = min(self.n_train, p.done + samples * dist.size())
+        if p.step % self.cfg.commit_every == 0 and p.done < self.n_train:  # (the end commits)
+            # Horovod: the metrics so far are summed now, as a rank may be lost later; rank 0's
+            # view of host changes rides in the same allreduce.
+            now = tally.reduce(f"train_metrics.{epoch}.{p.step}", self.state.host_view())
+            p.partial = now + p.partial
+            tally.clear()
+            self.state.save()
+            self.state.check_host_updates(now.extra)
+
+    def evaluate(self, name: str):
+        """The test metrics, summed over every rank's shard."""
+        tally = Tally(self.ds.num_classes, self.device)
+        return evaluate(self.model, self.test_batches, self.device, self.cfg.amp, tally).reduce(
+            name=name
+        )
+
+    def record(self, epoch: int, row: dict) -> None:
+        """Rank 0: the epoch's metrics row, then the checkpoint."""
+        cfg = self.cfg
+        self.run.log_epoch(row)
+        if cfg.checkpoint and not cfg.dry_run:
+            saved = {
+                "model": self.model.state_dict(),
+                "epoch": epoch + 1,
+                "identity": self.ident,
+                "strategy": self.strategy.state_dict(),
+                "config": cfg.to_dict(),
+            }
+            checkpoint.save(self.run.path / checkpoint.NAME, saved)
+            if cfg.keep_checkpoints:
+                checkpoint.save(self.run.path / f"checkpoint-epoch{epoch + 1}.pt", saved)
+
+    def finish(self, p: Progress, row: dict, test) -> dict:
+        """The summary: written by rank 0, returned on every rank."""
+        cfg = self.cfg
+        if self.prof is not None:
+            self.prof.stop()  # its summary goes into ours
+        if test is None:  # resumed a finished run (or reset after the last epoch): evaluate
+            test = self.evaluate("test_metrics.final")
+        extra = {"elastic": {"commit_every": cfg.commit_every, "resets": p.resets}}
         summary = report.summary(
             cfg,
-            ds.name,
-            strategy.name,
+            self.ds.name,
+            self.strategy.name,
             dist.size(),
-            n_params,
+            self.n_params,
             test,
             row,
             p.samples,
             p.seconds,
-            time.perf_counter() - t_start,
-            device.type,
+            time.perf_counter() - self.t_start,
+            self.device.type,
             torch.get_num_threads(),
-            **report.profile_figures(prof),
-            **extra,
+            **report.profile_figures(self.prof),
+            **(extra if self.elastic else {}),
         )
         summary["train_samples"] = p.samples
 
-        def finish():
-            run.write_summary(summary)
-            run.plot(test.confusion.numpy(), ds.classes)
+        def write():
+            self.run.write_summary(summary)
+            self.run.plot(test.confusion.numpy(), self.ds.classes)
 
-        dist.on_main(finish, name="summary")
+        dist.on_main(write, name="summary")
         log.info(
             f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
-            f"{summary['wall_time_s']:.1f} s; results in {run.path}/"
+            f"{summary['wall_time_s']:.1f} s; results in {self.run.path}/"
         )
         return summary
 
-    try:
-        if not elastic:
-            return fit(SimpleNamespace(progress=Progress(world=size)))
-        from . import elastic as hvd_elastic
+    def on_reset(self, event: dict) -> None:
+        """Elastic: the new world's ranks, threads, shards, learning rate and buckets."""
+        rank, size = dist.rank(), dist.size()
+        logs.setup(dist.is_main())
+        dist.set_threads(self.cfg.threads)
+        self.sampler.set_world(rank, size)
+        self.test_batches.sampler = data.shard(self.n_test, rank, size)
+        p = self.state.progress
+        self.strategy.resize(size, self.steps_per_epoch(size), p.epoch + p.done / self.n_train)
+        if dist.is_main():
+            with contextlib.suppress(UsageError):
+                self.run.lock()  # rank 0 may be a new process now; the old one is gone
+        redone = event["steps_redone"]
+        log.info(
+            f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
+            f"epoch {event['epoch']} at step {event['step']} "
+            f"({redone} step{'s' * (redone != 1)} redone)"
+        )
 
-        def on_reset(event: dict) -> None:
-            """The new world: its ranks, threads, shards, learning rate and buckets."""
-            new_rank, new_size = dist.rank(), dist.size()
-            setup_logging(dist.is_main())
-            dist.set_threads(cfg.threads)
-            sampler.set_world(new_rank, new_size)
-            test_batches.sampler = data.shard(n_test, new_rank, new_size)
-            p = state.progress
-            strategy.resize(new_size, steps_per_epoch(new_size), p.epoch + p.done / n_train)
-            if dist.is_main():
-                with contextlib.suppress(UsageError):
-                    run.lock()  # rank 0 may be a new process now; the old one is gone
-            redone = event["steps_redone"]
-            log.info(
-                f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
-                f"epoch {event['epoch']} at step {event['step']} "
-                f"({redone} step{'s' * (redone != 1)} redone)"
-            )
-
-        state = hvd_elastic.TrainState(model, strategy, Progress(world=size), on_reset)
-        return hvd_elastic.run(fit, state)
-    finally:
-        if prof is not None:
-            prof.stop()  # the samples so far, also when training stops early
-        run.close()  # the lock and TensorBoard; also when training stops early
+    def close(self) -> None:
+        """The profiler's samples so far, the lock and TensorBoard; also when training stops
+        early."""
+        if self.prof is not None:
+            self.prof.stop()
+        self.run.close()
 
 
 def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
@@ -440,10 +474,10 @@ def train_shared(cfg: TrainConfig) -> dict:
         )
     from .strategies import shared
 
-    setup_logging(True)
+    logs.setup(True)
     if cfg.dry_run:
         cfg.epochs = 1
-    return shared.run(cfg, load_data(cfg))
+    return shared.run(cfg, data.load_for(cfg))
 
 
 @exit_on_usage_error

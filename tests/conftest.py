@@ -1,3 +1,10 @@
+"""Shared test helpers, fixtures, and the tier check (every test carries exactly one tier marker).
+
+Test modules import the helpers as ``from conftest import NAME``, never from another test
+module: pytest's default import mode puts tests/ on sys.path (it holds no __init__.py), which
+also makes tests/fake_nvml.py importable; nothing here or in a test module edits sys.path."""
+
+import json
 import os
 import pickle
 import re
@@ -5,12 +12,40 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SHM = Path("/dev/shm")
+
+# ------------------------------------------------------------------------------ tiers
+
+# Registered in pyproject.toml; `make test-fast` runs `-m unit`, `make test` every tier.
+TIERS = ("unit", "e2e", "dist", "multihost", "bench", "gpu")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m and -k deselect: `-m unit` checks every test too
+def pytest_collection_modifyitems(config, items):
+    """Stop the run before any test when a test has no tier marker or more than one."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) == 1:
+            continue
+        wrong.append(f"  {item.nodeid}: {' + '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) need exactly one tier marker of {', '.join(TIERS)}: "
+            "set pytestmark = pytest.mark.TIER in the module, or mark each test\n"
+            + "\n".join(wrong)
+        )
+
+
+# ----------------------------------------------------------------------------- data sets
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -87,9 +122,9 @@ def horovodrun(np_, *args, timeout=240, cwd=None, env=None):
         # Shown under "Captured stdout" when the test fails: the first lines that say what went
         # wrong (an assertion message shows only a tail, where the root cause rarely is).
         key = [
-            l
-            for l in (proc.stdout + proc.stderr).splitlines()
-            if re.search(r"error|exception|timed? ?out|terminated|signal|abort", l, re.I)
+            line
+            for line in (proc.stdout + proc.stderr).splitlines()
+            if re.search(r"error|exception|timed? ?out|terminated|signal|abort", line, re.I)
         ]
         print(
             f"horovodrun -np {np_} exited {proc.returncode}; first lines naming an error:",
@@ -110,6 +145,73 @@ def _gpu_gate(request):
         if os.environ.get("HVDSGD_TEST_GPU") == "1":
             pytest.fail("HVDSGD_TEST_GPU=1 but no CUDA GPU is visible")
         pytest.skip("needs an NVIDIA GPU (HVDSGD_TEST_GPU=1 makes this a failure)")
+
+
+# ------------------------------------------------------- plain-process training runs
+
+
+def train_cmd(out, *args) -> list[str]:
+    """``python -m hvdsgd.train --model mlp --out OUT --no-progress --eval-interval 0.5 ARGS``."""
+    return [
+        sys.executable,
+        "-m",
+        "hvdsgd.train",
+        "--model",
+        "mlp",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--eval-interval",
+        "0.5",
+        *args,
+    ]
+
+
+def run_train(out, *args, timeout=240) -> subprocess.CompletedProcess:
+    """:func:`train_cmd` run to its end in one plain process; text stdout and stderr."""
+    return subprocess.run(
+        train_cmd(out, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def summary_of(out) -> dict:
+    """The run directory's summary.json."""
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def shm_segments(pid: int) -> list[str]:
+    """Shared-memory segments of the run whose parent is ``pid`` still named in /dev/shm."""
+    return sorted(p.name for p in SHM.glob(f"hvdsgd-{pid}-*"))
+
+
+def workers_of(pid: int, n: int, timeout=60.0) -> list:
+    """The ``n`` shared-buffer worker processes (multiprocessing spawn children) of ``pid``,
+    once all have started; AssertionError after ``timeout`` seconds."""
+
+    def is_worker(c) -> bool:
+        try:
+            return any("spawn_main" in part for part in c.cmdline())
+        except psutil.Error:  # a short-lived child already gone (or a zombie not yet reaped)
+            return False
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = [c for c in psutil.Process(pid).children() if is_worker(c)]
+        if len(kids) == n:
+            return kids
+        time.sleep(0.2)
+    raise AssertionError("workers did not start")
+
+
+def wait_training(out, timeout=60.0) -> None:
+    """Return once the run in ``out`` has written its first metrics row."""
+    deadline = time.time() + timeout
+    metrics = Path(out) / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError("training did not start")
 
 
 # ----------------------------------------------------------------------- simulated hosts
@@ -264,9 +366,9 @@ class SimHosts:
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         if proc.returncode != 0:
             key = [
-                l
-                for l in (out + err).splitlines()
-                if re.search(r"error|exception|timed? ?out|terminated|signal|abort|ssh", l, re.I)
+                line
+                for line in (out + err).splitlines()
+                if re.search(r"error|exception|timed? ?out|terminated|signal|abort|ssh", line, re.I)
             ]
             print(
                 f"horovodrun -H {spec} exited {proc.returncode}; first lines naming an error:",
@@ -324,3 +426,18 @@ def sim_hosts(tmp_path_factory):
         yield SimHosts(state)
     finally:
         sim_hosts_script(state, "down", timeout=120)
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+def reference(p, g, buf, lr, momentum, wd, first):
+    """The NumPy reference of one SGD step (torch.optim.SGD's arithmetic, no dampening, no
+    Nesterov), in float64: one step on ``p`` (and ``buf`` when ``momentum``) in place."""
+    g = g + wd * p
+    if momentum:
+        buf[:] = g if first else momentum * buf + g
+        d = buf
+    else:
+        d = g
+    p -= lr * d

@@ -57,7 +57,7 @@ def check_gradient_average():
     strategy.synchronize()  # Horovod: wait for the allreduce, grads now averaged
     worst = max(
         (p.grad - q.grad).abs().max().item()
-        for p, q in zip(model.parameters(), reference.parameters())
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True)
     )
     assert worst < 1e-5, f"averaged gradient differs from the full-batch one by {worst:.3g}"
     strategy.update()
@@ -71,12 +71,12 @@ def check_accumulation():
     x, y = ds.train_x[: 2 * b * h.size()], ds.train_y[: 2 * b * h.size()]
     F.cross_entropy(reference(x), y).backward()
     mine = slice(2 * r * b, 2 * (r + 1) * b)
-    for xm, ym in zip(x[mine].split(b), y[mine].split(b)):
+    for xm, ym in zip(x[mine].split(b), y[mine].split(b), strict=True):
         strategy.backward(F.cross_entropy(model(xm), ym) * 0.5)  # as engine.train_step scales
     strategy.synchronize()
     worst = max(
         (p.grad - q.grad).abs().max().item()
-        for p, q in zip(model.parameters(), reference.parameters())
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True)
     )
     assert worst < 1e-5, f"accumulated gradient differs from the full-batch one by {worst:.3g}"
     strategy.update()
@@ -106,7 +106,7 @@ def check_bucket_views():
                 F.cross_entropy(model(x[r * b : (r + 1) * b]), y[r * b : (r + 1) * b])
             )
             strategy.synchronize()
-            for p, q in zip(model.parameters(), reference.parameters()):
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
                 worst = (p.grad - q.grad).abs().max().item()
                 tol = 2e-3 * q.grad.abs().max().item() if fp16 else 1e-5
                 assert worst <= tol, f"fp16={fp16} step {step}: gradient off by {worst:.3g}"
@@ -124,7 +124,7 @@ def check_many_small_collectives():
     dist.init("cpu", threads=1)
     h = dist.hvd()
     x = torch.full((1,), float(dist.rank() + 1))
-    for i in range(3000):
+    for _ in range(3000):
         handles = [h.allreduce_async(x, name=f"small.{j}") for j in range(8)]
         for handle in handles:
             assert h.synchronize(handle).item() == (h.size() + 1) / 2  # the average of 1..size

@@ -10,6 +10,8 @@ import torch
 from hvdsgd import checkpoint
 from hvdsgd.errors import UsageError
 
+pytestmark = pytest.mark.unit
+
 IDENT = {"model": "cnn", "dataset": "digits", "parameters": 10}
 
 

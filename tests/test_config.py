@@ -5,6 +5,8 @@ import pytest
 from hvdsgd.config import TrainConfig, parse_args
 from hvdsgd.errors import UsageError
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_are_the_embedded_demo():
     cfg = parse_args([])

@@ -17,6 +17,7 @@ from hvdsgd import data
 from hvdsgd.errors import UsageError
 
 
+@pytest.mark.unit
 def test_digits_split_is_stratified_and_fixed():
     a, b = data.load("digits"), data.load("digits")
     assert a.train_x.shape == (1437, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
@@ -26,33 +27,39 @@ def test_digits_split_is_stratified_and_fixed():
     assert abs(a.train_x.mean().item()) < 1e-4 and abs(a.train_x.std().item() - 1) < 1e-2
 
 
+@pytest.mark.unit
 def test_resize_to_mnist_shape():
     ds = data.resize(data.load("digits"), 28)
     assert ds.input_shape == (1, 28, 28) and len(ds.train_x) == 1437
 
 
+@pytest.mark.unit
 def test_mnist_reads_idx_files(mnist_dir):
     ds = data.load("mnist", str(mnist_dir))
     assert ds.train_x.shape == (60, 1, 28, 28) and ds.test_x.shape == (20, 1, 28, 28)
     assert ds.train_y.tolist() == [i % 10 for i in range(60)] and ds.num_classes == 10
 
 
+@pytest.mark.unit
 def test_cifar10_reads_pickle_batches(cifar10_dir):
     ds = data.load("cifar10", str(cifar10_dir))
     assert ds.train_x.shape == (50, 3, 32, 32) and ds.test_x.shape == (10, 3, 32, 32)
     assert ds.classes[0] == "airplane" and ds.train_y.dtype == torch.int64
 
 
+@pytest.mark.unit
 def test_missing_data_dir_names_the_fix(tmp_path):
     with pytest.raises(UsageError, match=r"--data-dir .* does not exist.*--download"):
         data.load("mnist", str(tmp_path / "nope"))
 
 
+@pytest.mark.unit
 def test_missing_files_are_listed(tmp_path):
     with pytest.raises(UsageError, match=r"missing: train-images-idx3-ubyte.*--download"):
         data.load("mnist", str(tmp_path))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "victim", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]
 )
@@ -63,6 +70,7 @@ def test_truncated_mnist_is_reported(mnist_dir, victim):
         data.load("mnist", str(mnist_dir))
 
 
+@pytest.mark.unit
 def test_truncated_cifar_is_reported(cifar10_dir):
     f = cifar10_dir / "cifar-10-batches-py" / "data_batch_3"
     f.write_bytes(f.read_bytes()[:100])
@@ -70,6 +78,7 @@ def test_truncated_cifar_is_reported(cifar10_dir):
         data.load("cifar10", str(cifar10_dir))
 
 
+@pytest.mark.unit
 def test_synthetic_has_the_asked_shape():
     ds = data.load("synthetic", input_shape=(3, 16, 16), num_classes=5, synthetic_samples=64)
     assert ds.input_shape == (3, 16, 16) and ds.num_classes == 5 and len(ds.train_y) == 64
@@ -77,6 +86,7 @@ def test_synthetic_has_the_asked_shape():
     assert like.input_shape == (3, 32, 32) and like.num_classes == 100
 
 
+@pytest.mark.unit
 def test_batches_cover_the_shard_once():
     x, y = torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10)
     b = data.Batches(x, y, 4, data.shard(10, 1, 3), torch.device("cpu"))
@@ -84,11 +94,12 @@ def test_batches_cover_the_shard_once():
     assert seen == [1, 4, 7] and len(b) == 1
 
 
+@pytest.mark.unit
 def test_batches_with_loader_workers_match_in_place_slicing():
     x, y = torch.randn(20, 1, 2, 2), torch.arange(20)
     plain = data.Batches(x, y, 6, range(20), torch.device("cpu"))
     workers = data.Batches(x, y, 6, range(20), torch.device("cpu"), workers=1)
-    for (xa, ya), (xb, yb) in zip(plain, workers):
+    for (xa, ya), (xb, yb) in zip(plain, workers, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -124,6 +135,7 @@ def one_error_line(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "split, file", [("train", "train-labels-idx1-ubyte"), ("t10k", "t10k-labels-idx1-ubyte")]
 )
@@ -151,6 +163,7 @@ def rewrite_cifar_labels(folder: Path, name: str, key: str, index: int, label: i
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, label", [("data_batch_4", 15), ("test_batch", -1)])
 def test_cifar_label_out_of_range_names_its_batch_file(cifar10_dir, name, label):
     path = rewrite_cifar_labels(cifar10_dir / "cifar-10-batches-py", name, "labels", 3, label)
@@ -162,6 +175,7 @@ def test_cifar_label_out_of_range_names_its_batch_file(cifar10_dir, name, label)
     )
 
 
+@pytest.mark.e2e
 def test_bad_label_is_one_line_from_train_not_an_index_error(cifar10_dir, tmp_path):
     path = rewrite_cifar_labels(
         cifar10_dir / "cifar-10-batches-py", "data_batch_2", "labels", 0, 15
@@ -186,6 +200,7 @@ def little_memory(monkeypatch):
     return avail
 
 
+@pytest.mark.unit
 def test_synthetic_too_big_for_memory_is_refused_before_allocating(little_memory, monkeypatch):
     monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("allocated anyway"))
     # 4,608 samples of 3x32x32 float32 + int64 labels: 56.6 MB of data fits in 64 MiB ...
@@ -201,11 +216,13 @@ def test_synthetic_too_big_for_memory_is_refused_before_allocating(little_memory
         data.load("cifar10", synthetic=True, synthetic_samples=8192)  # shaped like cifar10
 
 
+@pytest.mark.unit
 def test_synthetic_that_fits_still_loads(little_memory):
     ds = data.load("synthetic", input_shape=(3, 32, 32), synthetic_samples=4096)
     assert len(ds.train_y) == 4096 and len(ds.test_y) == 512
 
 
+@pytest.mark.unit
 def test_resize_too_big_for_memory_is_refused(little_memory, monkeypatch):
     ds = data.load("synthetic", input_shape=(3, 8, 8), synthetic_samples=512)
     monkeypatch.setattr(data.F, "interpolate", lambda *a, **k: pytest.fail("allocated anyway"))
@@ -218,6 +235,7 @@ def test_resize_too_big_for_memory_is_refused(little_memory, monkeypatch):
     )
 
 
+@pytest.mark.unit
 def test_memory_of_every_rank_on_the_host_counts(little_memory, monkeypatch):
     monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "4")  # 4 ranks x 18.9 MB > 64 MiB
     with pytest.raises(
@@ -228,6 +246,7 @@ def test_memory_of_every_rank_on_the_host_counts(little_memory, monkeypatch):
         data.load("synthetic", input_shape=(1, 32, 32), synthetic_samples=4096)
 
 
+@pytest.mark.e2e
 def test_huge_synthetic_set_is_one_line_from_train(tmp_path):
     proc = run_train(
         "--dataset",
@@ -247,6 +266,7 @@ def test_huge_synthetic_set_is_one_line_from_train(tmp_path):
     ), line
 
 
+@pytest.mark.unit
 def test_synthetic_and_its_resize_are_checked_together_before_allocating(
     little_memory, monkeypatch
 ):
@@ -260,6 +280,18 @@ def test_synthetic_and_its_resize_are_checked_together_before_allocating(
     )
 
 
+@pytest.mark.unit
 def test_load_resizes_for_the_model():
     ds = data.load("digits", resize_to=28)
     assert ds.input_shape == (1, 28, 28) and len(ds.train_x) == 1437
+
+
+@pytest.mark.unit
+def test_sizes_read_in_si_units_up_to_petabytes_and_beyond():
+    assert [data.si_bytes(n) for n in (999, 1.2345e6, 1.38e12, 2e15, 2e18)] == [
+        "999 B",
+        "1.23 MB",
+        "1.38 TB",
+        "2 PB",
+        "2e+03 PB",
+    ]

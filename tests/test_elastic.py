@@ -32,6 +32,7 @@ EXE = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horo
 # ------------------------------------------------------------------------------ the sampler
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [1437, 10, 7])
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_epoch_sampler_is_distributed_samplers_order(n, size):
@@ -44,6 +45,7 @@ def test_epoch_sampler_is_distributed_samplers_order(n, size):
         assert len(ours) == len(reference)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("before,after", [(2, 1), (2, 3), (4, 3), (1, 4)])
 def test_the_rest_of_an_epoch_is_split_over_the_new_ranks(before, after):
     """After a reset at ``done`` samples, the new ranks together train exactly the samples the
@@ -171,7 +173,7 @@ def finish(tmp_path, proc, timeout=300):
     finally:
         proc.kill()
     text = (tmp_path / "horovodrun.log").read_text()
-    lines = [re.sub(r"^\[\d+\]<std(out|err)>:", "", l) for l in text.splitlines()]
+    lines = [re.sub(r"^\[\d+\]<std(out|err)>:", "", line) for line in text.splitlines()]
     reports = [json.loads(f.read_text()) for f in (tmp_path / "ranks").glob("*.json")]
     return status, lines, reports
 
@@ -195,7 +197,9 @@ def summary(tmp_path):
 
 
 def metrics(tmp_path):
-    return [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.multihost
@@ -215,7 +219,7 @@ def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
     [reset] = s["elastic"]["resets"]
     assert (reset["cause"], reset["from"], reset["to"]) == ("rank lost", 2, 1)
     assert 0 <= reset["steps_redone"] <= commit and reset["step"] % commit == 0
-    said = [l for l in lines if l.startswith("rank lost:")]
+    said = [line for line in lines if line.startswith("rank lost:")]
     assert said == [
         f"rank lost: 2 -> 1 ranks; resuming epoch {reset['epoch']} at step "
         f"{reset['step']} ({reset['steps_redone']} step"
@@ -227,7 +231,7 @@ def test_a_lost_rank_costs_at_most_commit_every_steps(tmp_path, sim_hosts):
     # Every epoch trained each sample once, the one cut by the reset included.
     assert all(r["train_samples"] == 1437 for r in rows), [r["train_samples"] for r in rows]
     assert rows[0]["world_size"] == 2 and rows[-1]["world_size"] == 1
-    assert not any("Traceback" in l or "Connection reset" in l for l in lines), lines
+    assert not any("Traceback" in line or "Connection reset" in line for line in lines), lines
     assert [r["host"] for r in reports] == [SIM[0]] and reports[0]["size"] == 1
 
 
@@ -287,9 +291,11 @@ def test_a_host_removed_mid_run_leaves_quietly_and_the_rest_goes_on(tmp_path, si
         1,
         0,
     )
-    assert all(r["train_samples"] == 1437 for r in metrics(tmp_path))
+    rows = metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["train_samples"] == 1437 for r in rows), [r["train_samples"] for r in rows]
     assert [r["host"] for r in reports] == [SIM[0]]
-    assert not any("Traceback" in l or "terminate called" in l for l in lines), lines
+    assert not any("Traceback" in line or "terminate called" in line for line in lines), lines
 
 
 @pytest.mark.dist
@@ -313,6 +319,7 @@ def test_an_elastic_run_without_a_fault_equals_the_fixed_run(tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_shared_buffer_strategies_refuse_an_elastic_launch():
     proc = subprocess.run(
         [sys.executable, "-m", "hvdsgd.train", "--strategy", "hogwild", "--dry-run"],
@@ -335,6 +342,7 @@ def test_shared_buffer_strategies_refuse_an_elastic_launch():
     ], proc.stderr
 
 
+@pytest.mark.unit
 def test_host_discovery_runs_the_script_without_a_python_middleman(tmp_path, monkeypatch):
     # Horovod's elastic driver runs the script every second; stock Horovod went through
     # safe_shell_exec, which spawns a Python process per call (bench/elastic.py: its CPU cost).

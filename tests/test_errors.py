@@ -8,6 +8,8 @@ import textwrap
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.e2e
+
 
 def entry(body: str, env=None):
     code = (
@@ -69,3 +71,17 @@ def test_files_are_never_world_writable_even_under_umask_0(tmp_path):
     )
     assert proc.returncode == 0
     assert not (tmp_path / "g").stat().st_mode & 0o002
+
+
+def test_a_rank_that_loses_its_peers_unstopped_says_so_in_one_line():
+    # No horovodrun stops it (a network failure, no rank died): after the grace time the rank
+    # names the lost connection in one line instead of a traceback.
+    proc = entry(
+        'raise RuntimeError("gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer")',
+        env={"HOROVOD_RANK": "1"},
+    )
+    assert proc.stderr.splitlines() == [
+        "hvdsgd: error: rank 1 lost contact with the other ranks "
+        "(gloo/transport/tcp/pair.cc:589 Read error: Connection reset by peer)"
+    ], proc.stderr
+    assert proc.returncode == 1

@@ -8,8 +8,9 @@ import sys
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.gpu
 
-@pytest.mark.gpu
+
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_cuda_training_with_amp(tmp_path, amp):
     out = tmp_path / amp

@@ -1,58 +1,32 @@
-"""HOGWILD and the parameter-server strategies end to end: accuracy, run directory, faults."""
+"""HOGWILD and the parameter-server strategies: the shared model's units in this process,
+then end to end (hvdsgd.train and its worker processes): accuracy, run directory, faults."""
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    SHM,
+    run_train,
+    shm_segments,
+    summary_of,
+    train_cmd,
+    wait_training,
+    workers_of,
+)
 
 from hvdsgd import models, shm
 from hvdsgd.strategies.shared import ShardSampler
 
-ROOT = Path(__file__).resolve().parent.parent
-SHM = Path("/dev/shm")
-
-
-def ours(pid: int) -> list[str]:
-    """Segments of the run whose parent is ``pid`` still named in /dev/shm."""
-    return sorted(p.name for p in SHM.glob(f"hvdsgd-{pid}-*"))
-
-
-def train_cmd(out, *args):
-    return [
-        sys.executable,
-        "-m",
-        "hvdsgd.train",
-        "--model",
-        "mlp",
-        "--out",
-        str(out),
-        "--no-progress",
-        "--eval-interval",
-        "0.5",
-        *args,
-    ]
-
-
-def run_train(out, *args, timeout=240):
-    proc = subprocess.run(
-        train_cmd(out, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-    return proc
-
-
-def summary_of(out) -> dict:
-    return json.loads((Path(out) / "summary.json").read_text())
-
-
 # ------------------------------------------------------------------------------ units
 
 
+@pytest.mark.unit
 def test_shard_sampler_equal_disjoint_and_reshuffled():
     n, workers = 103, 4
     shards = [ShardSampler(n, w, workers, seed=1) for w in range(workers)]
@@ -72,6 +46,7 @@ def test_shard_sampler_equal_disjoint_and_reshuffled():
     assert list(iter(shards[1])) != list(iter(ShardSampler(n, 1, workers, seed=2)))
 
 
+@pytest.mark.unit
 def test_grad_buffer_receives_backward_in_place():
     model = models.build("mlp", (1, 8, 8), 10)
     flat = shm.grad_buffer(model)
@@ -87,6 +62,7 @@ def test_grad_buffer_receives_backward_in_place():
     )
 
 
+@pytest.mark.unit
 def test_shared_model_views_are_live_and_unlinked():
     torch.manual_seed(0)
     model = models.build("mlp", (1, 8, 8), 10)
@@ -95,10 +71,10 @@ def test_shared_model_views_are_live_and_unlinked():
     try:
         other = models.build("mlp", (1, 8, 8), 10)
         shm.SharedModel.attach(shared.names, other)
-        for a, b in zip(before, other.parameters()):
+        for a, b in zip(before, other.parameters(), strict=True):
             assert torch.equal(a, b)  # the attached model reads the creator's weights
         shared.flat.add_(1.0)  # a write to the buffer is seen by both models at once
-        for a, p, q in zip(before, model.parameters(), other.parameters()):
+        for a, p, q in zip(before, model.parameters(), other.parameters(), strict=True):
             assert torch.equal(p, a + 1) and torch.equal(q, a + 1)
     finally:
         shared.unlink()
@@ -108,6 +84,7 @@ def test_shared_model_views_are_live_and_unlinked():
 # ----------------------------------------------------------------------- end to end
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("workers", [2, 4])
 def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     # 60 epochs: each worker's epoch is its own 1/workers shard; the whole run lasts ~1 s.
@@ -144,7 +121,7 @@ def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     assert s["updates"] > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) >= 2 and all("time_s" in r and "test_accuracy" in r for r in rows)
-    assert all(a["time_s"] < b["time_s"] for a, b in zip(rows, rows[1:]))
+    assert all(a["time_s"] < b["time_s"] for a, b in zip(rows, rows[1:], strict=False))
     # Each worker's own time is within the wall time, so the sum of rates is at least the wall rate.
     assert s["aggregate_samples_per_sec"] >= 0.95 * s["samples_per_sec"] > 0
     assert rows[-1]["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=0.02)
@@ -153,6 +130,7 @@ def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     assert "staleness" in proc.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "strategy", ["sync", "async-apply", "async-deferred", "lockfree", "sharded", "atomic", "locked"]
 )
@@ -181,34 +159,7 @@ def _start(tmp_path, *args):
     )
 
 
-def _workers_of(pid: int, n: int, timeout=60.0) -> list:
-    import psutil
-
-    def is_worker(c) -> bool:
-        try:
-            return any("spawn_main" in part for part in c.cmdline())
-        except psutil.Error:  # a short-lived child already gone (or a zombie not yet reaped)
-            return False
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        kids = [c for c in psutil.Process(pid).children() if is_worker(c)]
-        if len(kids) == n:
-            return kids
-        time.sleep(0.2)
-    raise AssertionError("workers did not start")
-
-
-def _wait_training(tmp_path, timeout=60.0):
-    deadline = time.time() + timeout
-    metrics = tmp_path / "metrics.jsonl"
-    while time.time() < deadline:
-        if metrics.exists() and metrics.read_text().strip():
-            return
-        time.sleep(0.1)
-    raise AssertionError("training did not start")
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_killed_worker_is_reported(tmp_path, mode):
     epochs = "3000"  # seconds of training: the kill lands mid-run
@@ -229,8 +180,8 @@ def test_killed_worker_is_reported(tmp_path, mode):
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim = _workers_of(proc.pid, 2)[1]
-    _wait_training(tmp_path)
+    victim = workers_of(proc.pid, 2)[1]
+    wait_training(tmp_path)
     victim.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
     if mode == "abort":
@@ -243,9 +194,10 @@ def test_killed_worker_is_reported(tmp_path, mode):
         assert "SIGKILL" in out + err
         s = summary_of(tmp_path)
         assert len(s["failed_workers"]) == 1
-    assert ours(proc.pid) == []
+    assert shm_segments(proc.pid) == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_parent_stops_workers_and_unlinks(tmp_path, sig):
     import psutil
@@ -257,25 +209,27 @@ def test_signal_to_parent_stops_workers_and_unlinks(tmp_path, sig):
         stderr=subprocess.PIPE,
         text=True,
     )
-    kids = _workers_of(proc.pid, 2)
-    assert ours(proc.pid), "the segment exists while the workers start"
+    kids = workers_of(proc.pid, 2)
+    assert shm_segments(proc.pid), "the segment exists while the workers start"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "Traceback" not in err, err
-    assert ours(proc.pid) == []
+    assert shm_segments(proc.pid) == []
     time.sleep(0.5)
     assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
 
 
+@pytest.mark.e2e
 def test_signal_while_training_unlinks(tmp_path):
     proc = _start(tmp_path, "--strategy", "hogwild", "--workers", "2")
-    _wait_training(tmp_path)
+    wait_training(tmp_path)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert ours(proc.pid) == []
+    assert shm_segments(proc.pid) == []
 
 
+@pytest.mark.e2e
 def test_exception_in_parent_stops_workers_and_unlinks(tmp_path, monkeypatch):
     from hvdsgd import data
     from hvdsgd.config import TrainConfig
@@ -288,9 +242,10 @@ def test_exception_in_parent_stops_workers_and_unlinks(tmp_path, monkeypatch):
     cfg = TrainConfig(model="mlp", strategy="hogwild", workers=2, out=str(tmp_path))
     with pytest.raises(RuntimeError, match="evaluation failed"):
         shared.run(cfg, data.load_digits())
-    assert ours(os.getpid()) == []
+    assert shm_segments(os.getpid()) == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args,needle",
     [

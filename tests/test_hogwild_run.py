@@ -12,12 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_hogwild import ROOT, _wait_training, _workers_of, ours, run_train, summary_of
+from conftest import ROOT, run_train, shm_segments, summary_of, wait_training, workers_of
 
 from hvdsgd import checkpoint, data, models, report
 from hvdsgd.config import TrainConfig
 from hvdsgd.errors import UsageError
 from hvdsgd.strategies import shared
+
+pytestmark = pytest.mark.e2e
 
 N_TRAIN = 1437  # digits: the fixed 80% training split
 
@@ -129,15 +131,15 @@ def test_interrupted_run_writes_a_weights_only_checkpoint(tmp_path, sig, code, l
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        kids = _workers_of(proc.pid, 2)
-        _wait_training(tmp_path)
+        kids = workers_of(proc.pid, 2)
+        wait_training(tmp_path)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == code, out + err
     assert err.strip().splitlines() == [line], err  # one line, no resource-tracker warning
-    assert ours(proc.pid) == [] and not any(
+    assert shm_segments(proc.pid) == [] and not any(
         k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids
     )
     state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
@@ -181,7 +183,7 @@ def test_write_error_after_start_stops_workers_and_unlinks(tmp_path, monkeypatch
     )
     with pytest.raises(UsageError, match="Is a directory"):
         shared.run(cfg, data.load_digits())
-    assert ours(os.getpid()) == []
+    assert shm_segments(os.getpid()) == []
     assert _our_workers() == []
 
 
@@ -198,4 +200,4 @@ def test_directory_at_checkpoint_path_is_a_usage_error(tmp_path, monkeypatch):
     )
     with pytest.raises(UsageError, match=re.escape(str(tmp_path / checkpoint.NAME))):
         shared.run(cfg, data.load_digits())
-    assert ours(os.getpid()) == [] and _our_workers() == []
+    assert shm_segments(os.getpid()) == [] and _our_workers() == []

@@ -22,6 +22,7 @@ def mlp(seed: int = 0) -> torch.nn.Module:
 # --------------------------------------------------------------------------- pruning
 
 
+@pytest.mark.unit
 def test_prunable_weights_are_conv_and_linear_weights_only():
     assert list(lottery.prunable(models.build("cnn", (1, 28, 28), 10))) == [
         "0.weight",
@@ -31,6 +32,7 @@ def test_prunable_weights_are_conv_and_linear_weights_only():
     assert list(lottery.prunable(mlp())) == ["1.weight", "3.weight"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.8, 0.97, 0.999])
 def test_global_magnitude_masks_hit_the_sparsity_and_keep_the_largest(sparsity):
     weights = lottery.prunable(mlp())
@@ -39,11 +41,16 @@ def test_global_magnitude_masks_hit_the_sparsity_and_keep_the_largest(sparsity):
     pruned = sum(int((~m).sum()) for m in masks.values())
     assert abs(pruned - sparsity * n) <= 1  # within one weight
     assert lottery.sparsity_of(masks) == pytest.approx(sparsity, abs=1 / n)
-    kept = torch.cat([w.detach().abs()[m] for w, m in zip(weights.values(), masks.values())])
-    gone = torch.cat([w.detach().abs()[~m] for w, m in zip(weights.values(), masks.values())])
+    kept = torch.cat(
+        [w.detach().abs()[m] for w, m in zip(weights.values(), masks.values(), strict=True)]
+    )
+    gone = torch.cat(
+        [w.detach().abs()[~m] for w, m in zip(weights.values(), masks.values(), strict=True)]
+    )
     assert gone.max() <= kept.min()  # one threshold over all layers: global, by magnitude
 
 
+@pytest.mark.unit
 def test_apply_masks_zeroes_pruned_weights_and_leaves_the_rest():
     model = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -57,6 +64,7 @@ def test_apply_masks_zeroes_pruned_weights_and_leaves_the_rest():
         assert name not in masks and torch.equal(after[name], before[name])
 
 
+@pytest.mark.unit
 def test_rounds_prune_the_same_fraction_of_survivors_and_masks_are_nested():
     assert lottery.round_sparsities(0.9, 1) == [0.9]
     steps = lottery.round_sparsities(0.875, 3)  # keep 1/2 per round: 1/2, 1/4, 1/8 remain
@@ -78,6 +86,7 @@ def test_rounds_prune_the_same_fraction_of_survivors_and_masks_are_nested():
 # --------------------------------------------------------------------- masked training
 
 
+@pytest.mark.unit
 def test_pruned_weights_stay_exactly_zero_through_training():
     cfg = lottery.LotteryConfig(
         model="mlp", epochs=2, lr=0.1, momentum=0.9, weight_decay=1e-2, progress=False
@@ -104,6 +113,7 @@ def test_pruned_weights_stay_exactly_zero_through_training():
     assert int(torch.count_nonzero(free.get_parameter("1.weight")[~masks["1.weight"]])) > 0
 
 
+@pytest.mark.unit
 def test_each_round_prunes_the_trained_weights_and_resets_survivors_to_theta_k(monkeypatch):
     cfg = lottery.LotteryConfig(model="mlp", epochs=1, rounds=3, progress=False)
     theta_k, final = mlp(1).state_dict(), mlp(2).state_dict()
@@ -135,6 +145,7 @@ def test_each_round_prunes_the_trained_weights_and_resets_survivors_to_theta_k(m
     assert r["reset_step"] == 7 and r["updates"] == 3 * 23 and len(r["per_round"]) == 3
 
 
+@pytest.mark.unit
 def test_amdahl_figures():
     a = lottery.amdahl_figures(1.0, 9.0, workers=2, n_tasks=3)  # f = 0.1
     assert a["serial_fraction"] == pytest.approx(0.1)
@@ -190,6 +201,7 @@ def check_tickets(s: dict) -> None:
     assert rows[(0.5, 0)]["test_loss"] != rows[(0.5, 5)]["test_loss"]  # different rewind points
 
 
+@pytest.mark.e2e
 def test_lottery_cli_reports_accuracy_against_sparsity(tmp_path):
     proc = run_lottery(tmp_path, "--workers", "2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -207,6 +219,7 @@ def test_lottery_cli_reports_accuracy_against_sparsity(tmp_path):
     assert "| sparsity | reached | k=0 | k=5 |" in proc.stdout and "| 80% | 80.00% |" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_lottery_compare_serial_reports_speedup_against_amdahl(tmp_path):
     proc = run_lottery(tmp_path, "--workers", "2", "--compare-serial")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -275,6 +288,7 @@ def test_lottery_under_horovod_matches_a_serial_run(tmp_path):
     assert json.loads((ranks / "summary.json").read_text())["mode"] == "horovod"
 
 
+@pytest.mark.unit
 def test_lottery_a_failing_ticket_is_reported_and_exits_nonzero(monkeypatch, capsys, tmp_path):
     real = lottery.find_ticket
 
@@ -305,6 +319,7 @@ def test_lottery_a_failing_ticket_is_reported_and_exits_nonzero(monkeypatch, cap
     assert (s["mode"], s["workers"], s["amdahl_speedup"]) == ("serial", 1, 1.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -331,6 +346,7 @@ def test_bad_flags_are_one_clear_usage_error(args, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_default_reset_steps_follow_the_dense_run(tmp_path):
     auto = lottery.LotteryConfig(model="mlp", epochs=1)
     assert lottery.resolve_reset_steps(auto, 23).reset_list == [0, 5, 18]  # 0, 20%, 80%
@@ -352,6 +368,7 @@ def test_default_reset_steps_follow_the_dense_run(tmp_path):
     assert s["config"]["reset_steps"] == "0,5,18"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -376,6 +393,7 @@ def test_impossible_runs_stop_before_training(tmp_path, args, message):
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -6,6 +6,8 @@ import torch
 from hvdsgd import models
 from hvdsgd.errors import UsageError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def _seed_one_thread():

@@ -34,6 +34,7 @@ def run(*args, timeout=60, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_wheel_holds_the_horovod_build_script(tmp_path):
     """setup.py's build step (what a wheel is made from) copies scripts/build_horovod.sh into
     the package, byte for byte."""
@@ -44,6 +45,7 @@ def test_wheel_holds_the_horovod_build_script(tmp_path):
     assert (tmp_path / "hvdsgd" / "build_horovod.py").is_file()
 
 
+@pytest.mark.e2e
 def test_sdist_holds_what_the_wheel_is_built_from(tmp_path):
     """The sdist's file list (SOURCES.txt, from MANIFEST.in) has the CMake build of hvdsgd._C
     and the Horovod build script: a wheel built from the sdist needs both."""
@@ -59,6 +61,7 @@ def test_sdist_holds_what_the_wheel_is_built_from(tmp_path):
     assert needed <= sources, f"missing from the sdist: {sorted(needed - sources)}"
 
 
+@pytest.mark.e2e
 def test_help_names_the_script_it_runs():
     proc = run("-m", "hvdsgd.build_horovod", "--help", timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -77,6 +80,7 @@ def fake_layout(root: Path, in_package: bool, in_scripts: bool) -> Path:
     return root / "hvdsgd" / "build_horovod.py"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "in_package, in_scripts, found",
     [
@@ -93,12 +97,14 @@ def test_script_is_found_installed_or_in_a_checkout(
     assert build_horovod.script_path() == tmp_path / found / "build_horovod.sh"
 
 
+@pytest.mark.unit
 def test_missing_script_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.setattr(build_horovod, "__file__", str(fake_layout(tmp_path, False, False)))
     with pytest.raises(UsageError, match="build_horovod.sh is missing .* reinstall hvdsgd"):
         build_horovod.script_path()
 
 
+@pytest.mark.unit
 def test_build_runs_the_script_for_this_python_and_forwards_its_status(tmp_path, monkeypatch):
     """The script gets sys.executable, this environment's bin first on PATH, and its exit
     status is the build's."""
@@ -112,6 +118,7 @@ def test_build_runs_the_script_for_this_python_and_forwards_its_status(tmp_path,
     assert path.split(os.pathsep)[0] == sysconfig.get_path("scripts")
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_the_whole_build(tmp_path):
     """SIGTERM to python -m hvdsgd.build_horovod stops the script's children too (a real build
     runs pip, cmake and the compilers under bash), with one line and exit 128 + 15."""
@@ -152,6 +159,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "tools, missing",
     [
@@ -176,6 +184,7 @@ def test_a_missing_tool_is_one_line(tmp_path, tools, missing):
     )
 
 
+@pytest.mark.unit
 def test_console_script_runs_the_build():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["hvdsgd-build-horovod"] == "hvdsgd.build_horovod:main"
@@ -188,6 +197,7 @@ def requirement_pins(lines) -> dict:
     )
 
 
+@pytest.mark.unit
 def test_metadata_pins_the_tested_torch_pair():
     """pip install . resolves the pair requirements.txt pins (and make setup tests), not the
     newest torch; requires-python agrees with the pins and with config.py's tomllib/tomli."""

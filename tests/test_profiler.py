@@ -8,19 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pynvml as N
 import pytest
+from conftest import ROOT
+from fake_nvml import FakeGpu, FakeNvml
 
 from hvdsgd.errors import UsageError
 from hvdsgd.profiler import Profiler, parse_cuda_visible_devices, read_csv, summarize, visible_gpus
 from hvdsgd.profiler.nvml import GpuSampler, resolve
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_nvml import FakeGpu, FakeNvml  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 UTIL, MEM = N.NVML_GPU_UTILIZATION_SAMPLES, N.NVML_MEMORY_UTILIZATION_SAMPLES
 UUID0, UUID1 = (
     "GPU-aaaa0000-0000-0000-0000-000000000000",
@@ -52,6 +49,7 @@ def values(cols, name):
 # ------------------------------------------------------------------ NVML, through the fake
 
 
+@pytest.mark.unit
 def test_buffered_samples_are_each_read_once(fake_nvml):
     gpu = FakeGpu(UUID0, auto_samples=False)  # holds 5 samples of 99 from before the start
     fake_nvml(gpu)
@@ -69,6 +67,7 @@ def test_buffered_samples_are_each_read_once(fake_nvml):
     N.nvmlShutdown()
 
 
+@pytest.mark.unit
 def test_profiler_records_gpu_and_cpu_metrics(tmp_path, fake_nvml):
     other_pid = 999_999  # another user's process on the same GPU
     fake = fake_nvml(FakeGpu(UUID0, procs={os.getpid(): 30, other_pid: 50}))
@@ -94,6 +93,7 @@ def test_profiler_records_gpu_and_cpu_metrics(tmp_path, fake_nvml):
     assert s["unsupported"] == {} and s["warnings"] == []
 
 
+@pytest.mark.unit
 def test_gpm_pairs_are_100ms_apart_at_a_shorter_interval(tmp_path, fake_nvml):
     fake = fake_nvml(FakeGpu(UUID0))
     prof, cols = profile(tmp_path, interval=0.03)
@@ -108,6 +108,7 @@ def test_gpm_pairs_are_100ms_apart_at_a_shorter_interval(tmp_path, fake_nvml):
     assert dcgm["dram_active"]["mean"] == pytest.approx(0.15)
 
 
+@pytest.mark.unit
 def test_gpm_metric_error_blanks_only_that_metric(tmp_path, fake_nvml):
     fake_nvml(FakeGpu(UUID0, gpm_errors={5: N.NVML_ERROR_NOT_SUPPORTED, 13: N.NVML_ERROR_UNKNOWN}))
     prof, cols = profile(tmp_path)
@@ -120,6 +121,7 @@ def test_gpm_metric_error_blanks_only_that_metric(tmp_path, fake_nvml):
     assert "pipe_tensor_active" not in prof.summary["dcgm"]["gpu0"]
 
 
+@pytest.mark.unit
 def test_refused_counters_are_recorded_and_not_asked_again(tmp_path, fake_nvml):
     fake = fake_nvml(
         FakeGpu(
@@ -145,6 +147,7 @@ def test_refused_counters_are_recorded_and_not_asked_again(tmp_path, fake_nvml):
     assert set(values(cols, "gpu0_util")) == {40}  # everything else still works
 
 
+@pytest.mark.unit
 def test_gpu_without_gpm(tmp_path, fake_nvml):
     fake = fake_nvml(FakeGpu(UUID0, name="NVIDIA A100", gpm=False))
     prof, cols = profile(tmp_path)
@@ -155,6 +158,7 @@ def test_gpu_without_gpm(tmp_path, fake_nvml):
     assert set(values(cols, "gpu0_util")) == {40}
 
 
+@pytest.mark.unit
 def test_mig_instance_samples_its_gpu_instance(tmp_path, fake_nvml):
     fake = fake_nvml(FakeGpu(UUID0, mig_gi=3))
     prof, cols = profile(tmp_path)
@@ -163,6 +167,7 @@ def test_mig_instance_samples_its_gpu_instance(tmp_path, fake_nvml):
     assert set(values(cols, "gpu0_sm_occupancy")) == {30}
 
 
+@pytest.mark.unit
 def test_gpu_lost_mid_run(tmp_path, fake_nvml, caplog):
     gpu = FakeGpu(UUID0)
     fake = fake_nvml(gpu)
@@ -182,6 +187,7 @@ def test_gpu_lost_mid_run(tmp_path, fake_nvml, caplog):
     assert fake.shutdowns == 1 and "lost" in caplog.text
 
 
+@pytest.mark.unit
 def test_cuda_visible_devices_reordered_picks_by_uuid(tmp_path, fake_nvml, monkeypatch):
     fake = fake_nvml(FakeGpu(UUID0), FakeGpu(UUID1))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
@@ -203,6 +209,7 @@ def test_cuda_visible_devices_reordered_picks_by_uuid(tmp_path, fake_nvml, monke
     assert not any(c.startswith("gpu1_") for c in cols)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("broken", ["library", "driver", "no-gpu"])
 def test_without_nvml_records_cpu_only(tmp_path, monkeypatch, caplog, fake_nvml, broken):
     if broken == "library":  # the real loading path: dlopen("libnvidia-ml.so.1") fails
@@ -224,6 +231,7 @@ def test_without_nvml_records_cpu_only(tmp_path, monkeypatch, caplog, fake_nvml,
     assert not any(c.startswith("gpu") for c in cols) and values(cols, "cpu_util")
 
 
+@pytest.mark.unit
 def test_stop_is_prompt_and_sampling_errors_stay_in_the_thread(tmp_path, monkeypatch):
     prof = Profiler(tmp_path, interval=30, gpu=False, plot=False)
     prof.start()
@@ -242,6 +250,7 @@ def test_stop_is_prompt_and_sampling_errors_stay_in_the_thread(tmp_path, monkeyp
     assert prof.summary["warnings"] == ["sampling failed: RuntimeError('psutil broke')"]
 
 
+@pytest.mark.unit
 def test_summarize_statistics(tmp_path):
     csv = tmp_path / "p.csv"
     csv.write_text(
@@ -278,6 +287,7 @@ def write_profile_csv(path, cores, gpu=False, rows=20):
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "cores, gpu, ticks",
     [(3, False, [0, 1, 2]), (2, True, [0, 1]), (40, True, list(range(0, 40, 3)))],
@@ -330,6 +340,7 @@ BURN_THEN_EXIT_3 = (
 )
 
 
+@pytest.mark.e2e
 def test_cli_profiles_a_command_and_returns_its_exit_code(tmp_path):
     start = time.time()
     r = cli(
@@ -359,6 +370,7 @@ def test_cli_profiles_a_command_and_returns_its_exit_code(tmp_path):
     assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_cli_duration_and_rank_file_names(tmp_path):
     r = cli(
         "--duration",
@@ -376,6 +388,7 @@ def test_cli_duration_and_rank_file_names(tmp_path):
     assert (tmp_path / "profile-rank1.json").exists() and not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, fix",
     [
@@ -399,6 +412,7 @@ INTERVAL_RANGE = "--interval must be > 0 and <= 3600 seconds (got {}); e.g. --in
 DURATION_RANGE = "--duration must be > 0 and <= 31536000 seconds (got {}); e.g. --duration 30"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, line",
     [
@@ -421,12 +435,14 @@ def test_cli_float_flags_must_be_finite_and_in_range(tmp_path, args, line):
     assert not (tmp_path / "prof").exists()  # refused before anything was written
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("interval", [float("inf"), float("nan"), 0.0, 1e300])
 def test_profiler_interval_must_be_finite_and_in_range(tmp_path, interval):
     with pytest.raises(UsageError, match=r"^the profiler interval must be > 0 and <= 3600 seconds"):
         Profiler(tmp_path, interval=interval)
 
 
+@pytest.mark.e2e
 def test_cli_command_not_found_exits_127(tmp_path):
     r = cli("--out", str(tmp_path), "--", "no-such-command-hvdsgd")
     assert r.returncode == 127
@@ -435,6 +451,7 @@ def test_cli_command_not_found_exits_127(tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_cli_forwards_sigterm_to_the_command(tmp_path):
     child = (
         "import signal, sys, time\n"
@@ -488,11 +505,12 @@ def test_bf16_matmul_shows_on_a_real_gpu(tmp_path):
     s, cols = prof.summary, read_csv(prof.csv_path)
     (dev,) = s["devices"]
     assert dev["uuid"] == f"GPU-{torch.cuda.get_device_properties(ordinal).uuid}"  # by UUID
-    rows = lambda name, lo, hi: [
-        v
-        for t, v in zip(cols["elapsed_s"], cols[name])  # noqa: E731
-        if lo < t < hi and v is not None
-    ]
+
+    def rows(name, lo, hi):
+        """Column ``name``'s values sampled between ``lo`` and ``hi`` seconds in."""
+        pairs = zip(cols["elapsed_s"], cols[name], strict=True)
+        return [v for t, v in pairs if lo < t < hi and v is not None]
+
     util_idle, util_busy = rows("gpu0_util", 0, 0.5), rows("gpu0_util", 0.9, 2.7)
     assert util_busy and max(util_busy) > 50 and max(util_busy) > max(util_idle, default=0)
     assert max(rows("gpu0_power_w", 0.9, 2.7)) > max(rows("gpu0_power_w", 0, 0.5))
@@ -514,6 +532,7 @@ def test_bf16_matmul_shows_on_a_real_gpu(tmp_path):
 # ------------------------------------------------------------ --profile in training
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["allreduce", "hogwild"])
 def test_train_profile_records_the_run(tmp_path, strategy):
     extra = (
@@ -554,6 +573,7 @@ def test_train_profile_records_the_run(tmp_path, strategy):
     assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_train_profile_interval_must_be_positive(tmp_path):
     proc = subprocess.run(
         [

@@ -33,6 +33,7 @@ def request(port, method, path, data=None):
         return e.code, b""
 
 
+@pytest.mark.unit
 def test_a_scope_is_cleared_once_all_its_ranks_finished_whatever_other_scopes_do():
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
     from horovod.runner.http.http_server import RendezvousServer

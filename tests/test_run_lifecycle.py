@@ -41,6 +41,7 @@ def entry(*args, env=None, timeout=120, cwd=None):
     )
 
 
+@pytest.mark.e2e
 def test_an_out_with_results_is_refused_until_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     run(out, epochs=1)
@@ -53,6 +54,7 @@ def test_an_out_with_results_is_refused_until_resume_or_overwrite(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only run outputs
 
 
+@pytest.mark.e2e
 def test_a_live_run_holds_the_directory_and_is_named_by_pid(tmp_path):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
@@ -78,6 +80,7 @@ def test_a_live_run_holds_the_directory_and_is_named_by_pid(tmp_path):
     assert len(rows(out)) == 1
 
 
+@pytest.mark.e2e
 def test_resume_counts_every_epoch_and_keeps_the_summary_whole(tmp_path):
     out = tmp_path / "r"
     first = run(out, epochs=2)
@@ -115,6 +118,7 @@ def test_resume_counts_every_epoch_and_keeps_the_summary_whole(tmp_path):
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
 
 
+@pytest.mark.e2e
 def test_the_run_directory_is_private_and_nothing_is_world_writable(tmp_path):
     out = tmp_path / "perm"
     proc = entry(
@@ -138,6 +142,7 @@ def test_the_run_directory_is_private_and_nothing_is_world_writable(tmp_path):
         assert not f.stat().st_mode & stat.S_IWOTH, f"{f.name} is world-writable"
 
 
+@pytest.mark.e2e
 def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_one(
     tmp_path, monkeypatch
 ):
@@ -161,12 +166,14 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_o
     assert checkpoint.load(out / "checkpoint.pt", json.loads("{}"))["epoch"] == 1
 
 
+@pytest.mark.e2e
 def test_batch_larger_than_the_training_set_warns_once(tmp_path, capsys):
     run(tmp_path / "big", epochs=2, batch_size=4096)
     out = capsys.readouterr().out
     assert out.count("--batch-size 4096 is larger than the 1437 training samples") == 1
 
 
+@pytest.mark.unit
 def test_gpu_without_a_gpu_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -174,6 +181,7 @@ def test_gpu_without_a_gpu_is_one_line(tmp_path):
         run(tmp_path / "g", gpu=0)
 
 
+@pytest.mark.e2e
 def test_tensorboard_scalars_are_the_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -189,6 +197,7 @@ def test_tensorboard_scalars_are_the_metrics(tmp_path):
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_torchrun_launch_is_one_line_from_rank_0_only(tmp_path):
     argv = ("-m", "hvdsgd.train", "--out", str(tmp_path / "t"))
     lines = []
@@ -203,6 +212,16 @@ def test_torchrun_launch_is_one_line_from_rank_0_only(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.e2e
+def test_plain_process_without_horovodrun(tmp_path):
+    out = tmp_path / "single"
+    proc = entry(
+        "-m", "hvdsgd.train", "--model", "mlp", "--dry-run", "--out", str(out), "--no-progress"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
+
+
 @pytest.fixture
 def no_horovod(tmp_path):
     """A PYTHONPATH on which ``import horovod`` fails, in this process's children too."""
@@ -212,6 +231,7 @@ def no_horovod(tmp_path):
     return {"PYTHONPATH": f"{shim.parent}{os.pathsep}{ROOT}"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "argv",
     [
@@ -255,6 +275,7 @@ def test_every_single_process_entry_point_runs_without_horovod(tmp_path, no_horo
     assert "horovod is not installed (test shim)" in check.stderr  # the shim did block it
 
 
+@pytest.mark.e2e
 def test_the_profiler_runs_without_horovod(tmp_path, no_horovod):
     proc = entry(
         "-m",
@@ -274,6 +295,7 @@ def test_the_profiler_runs_without_horovod(tmp_path, no_horovod):
     assert list((tmp_path / "p").glob("profile*.csv"))
 
 
+@pytest.mark.e2e
 def test_under_horovodrun_horovod_is_required(tmp_path, no_horovod):
     proc = entry(
         "-m",
@@ -317,6 +339,7 @@ def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_tensorboard_of_a_hogwild_run(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -9,6 +9,8 @@ from sklearn.metrics import f1_score
 from hvdsgd import schedule
 from hvdsgd.metrics import Summary, Tally
 
+pytestmark = pytest.mark.unit
+
 
 def test_warm_ramps_from_base_to_peak_then_cosine_to_zero():
     f = schedule.multiplier("warm", total_steps=100, warmup_steps=10, start=0.25)

@@ -1,7 +1,7 @@
-"""hvdsgd._C.SharedBuffer (the parameter buffer in POSIX shared memory) and the atomic and
-sparse kernels: each update policy against a NumPy reference, staleness accounting, no
-lost updates across processes for atomic/locked/sharded (hogwild's losses are measured),
-robust locks, and the header checks on attach."""
+"""hvdsgd._C.SharedBuffer (the parameter buffer in POSIX shared memory): each update policy
+against a NumPy reference, staleness accounting (against threads), no lost updates across
+processes for atomic/locked/sharded (hogwild's losses are bounded), robust locks, the header
+checks on attach, and the README's example of the C++ API."""
 
 import multiprocessing as mp
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sgd_kernel import reference  # the NumPy SGD reference, shared with the plain kernel
+from conftest import reference
 
 from hvdsgd import _C
 
@@ -45,20 +45,16 @@ def shm_path(name: str) -> Path:
     return Path("/dev/shm") / name.lstrip("/")
 
 
-def sparse_reference(p2d, idx, values, lr, wd):
-    for j, row in enumerate(idx):  # in order: a duplicate row is updated twice
-        p2d[row] -= lr * (values[j] + wd * p2d[row])
-
-
 # --- each policy against NumPy ---------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("n", [1, 7, 1000, 4099])  # odd lengths and unaligned tails
-@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("wd", [0.0, 1e-2])
-def test_dense_apply_matches_numpy(make, policy, n, momentum, nesterov, wd):
-    rng = np.random.default_rng([n, int(momentum * 10), nesterov, int(wd * 100)])
+def test_dense_apply_matches_numpy(make, policy, n, momentum, wd):
+    rng = np.random.default_rng([n, int(momentum * 10), int(wd * 100)])
     buf = make(n, workers=2, shards=min(3, n))  # 3 shards do not divide 7, 1000 or 4099
     p = buf.params()
     p[:] = rng.standard_normal(n, dtype=np.float32)
@@ -72,15 +68,14 @@ def test_dense_apply_matches_numpy(make, policy, n, momentum, nesterov, wd):
             1,
             g,
             0.1,
-            policy,
+            policy=policy,
             momentum_buf=mbuf,
             momentum=momentum,
             weight_decay=wd,
-            nesterov=nesterov,
             first_step=step == 0,
             read_into=fresh,
         )
-        reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, wd, nesterov, step == 0)
+        reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, wd, step == 0)
         assert staleness == 0
         np.testing.assert_array_equal(fresh, p)  # read_into got the params after the update
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
@@ -89,6 +84,7 @@ def test_dense_apply_matches_numpy(make, policy, n, momentum, nesterov, wd):
     assert buf.updates == 3
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n,shards", [(4099, 5), (1000, 7), (17, 17), (64, 4), (33, 2)])
 def test_sharded_covers_every_element_once(make, n, shards):
     """Shards are multiples of 16 floats; trailing ones can be empty; every worker's start
@@ -101,104 +97,26 @@ def test_sharded_covers_every_element_once(make, n, shards):
     for worker in range(shards + 1):
         g = rng.standard_normal(n, dtype=np.float32)
         out = np.zeros(n, np.float32)
-        buf.apply(worker, g, 0.05, "sharded", weight_decay=1e-3, read_into=out)
-        reference(p_ref, g.astype(np.float64), None, 0.05, 0.0, 1e-3, False, False)
+        buf.apply(worker, g, 0.05, policy="sharded", weight_decay=1e-3, read_into=out)
+        reference(p_ref, g.astype(np.float64), None, 0.05, 0.0, 1e-3, False)
         np.testing.assert_array_equal(out, p)
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("wd", [0.0, 1e-2])
-def test_sparse_apply_matches_numpy(make, policy, wd):
-    rng = np.random.default_rng(7)
-    rows, dim, offset, n = 50, 13, 21, 21 + 50 * 13 + 9  # unaligned matrix, params around it
-    buf = make(n, shards=6)
-    p = buf.params()
-    p[:] = rng.standard_normal(n, dtype=np.float32)
-    p_ref = p.astype(np.float64)
-    for _ in range(3):
-        idx = rng.integers(0, rows, 40)
-        idx[:3] = [5, 5, rows - 1]  # duplicates and the last row
-        values = rng.standard_normal((40, dim), dtype=np.float32)
-        assert (
-            buf.apply_sparse(0, offset, rows, dim, idx, values, 0.1, policy, weight_decay=wd) == 0
-        )
-        sparse_reference(
-            p_ref[offset : offset + rows * dim].reshape(rows, dim),
-            idx,
-            values.astype(np.float64),
-            0.1,
-            wd,
-        )
-    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
-    assert buf.updates == 3
-
-
-@pytest.mark.parametrize("atomic", [False, True])
-def test_standalone_sparse_kernel(atomic):
-    rng = np.random.default_rng(3)
-    p = rng.standard_normal((30, 7), dtype=np.float32)
-    p_ref = p.astype(np.float64)
-    idx = np.array([3, 3, 0, 29, 3], np.int64)
-    values = rng.standard_normal((5, 7), dtype=np.float32)
-    _C.sgd_sparse(p, idx, values, 0.5, weight_decay=0.1, atomic=atomic)
-    sparse_reference(p_ref, idx, values.astype(np.float64), 0.5, 0.1)
-    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
-    _C.sgd_sparse(p, np.array([], np.int64), np.zeros((0, 7), np.float32), 0.5)  # k = 0
-
-
-@pytest.mark.parametrize("n", [1, 7, 4099])
-@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)])
-def test_standalone_atomic_step_matches_numpy(n, momentum, nesterov):
-    rng = np.random.default_rng(n)
-    p = rng.standard_normal(n, dtype=np.float32)
-    mbuf = np.zeros(n, np.float32) if momentum else None
-    p_ref, mbuf_ref = p.astype(np.float64), (np.zeros(n) if momentum else None)
-    for step in range(3):
-        g = rng.standard_normal(n, dtype=np.float32)
-        _C.sgd_step_atomic(
-            p,
-            g,
-            0.1,
-            mbuf,
-            momentum=momentum,
-            weight_decay=1e-2,
-            nesterov=nesterov,
-            first_step=step == 0,
-        )
-        reference(p_ref, g.astype(np.float64), mbuf_ref, 0.1, momentum, 1e-2, nesterov, step == 0)
-    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
-
-
-def test_standalone_atomic_step_loses_nothing_across_threads():
-    """The GIL is released around the loop, so two threads' loops really overlap."""
-    p = np.zeros(1 << 15, np.float32)
-    g = np.full(p.size, -1.0, np.float32)
-
-    def hammer():
-        for _ in range(100):
-            _C.sgd_step_atomic(p, g, 1.0)
-
-    threads = [threading.Thread(target=hammer) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert (p == 200).all()
-
-
+@pytest.mark.unit
 def test_read_returns_the_version(make):
     buf = make(100)
     g = np.ones(100, np.float32)
     out = np.zeros(100, np.float32)
     assert buf.read(out) == 0
     for _ in range(3):
-        buf.apply(0, g, 0.5, "locked")
+        buf.apply(0, g, 0.5, policy="locked")
     assert buf.read(out, locked=True) == 3 == buf.updates
     np.testing.assert_array_equal(out, np.full(100, -1.5, np.float32))
     np.testing.assert_array_equal(out, buf.params())
 
 
+@pytest.mark.unit
 def test_slots_are_separate_aligned_views(make):
     buf = make(10, slots=3)
     assert buf.n_slots == 3
@@ -222,6 +140,7 @@ def test_slots_are_separate_aligned_views(make):
 # --- staleness ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_staleness_counts_updates_between_read_and_apply(make):
     buf = make(8, workers=2)
     g = np.zeros(8, np.float32)
@@ -249,6 +168,7 @@ def test_staleness_counts_updates_between_read_and_apply(make):
     assert total["staleness_max"] == 3
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("policy", POLICIES)
 def test_staleness_stats_mean_p95_max(make, policy):
     rng = np.random.default_rng(1)
@@ -257,9 +177,9 @@ def test_staleness_stats_mean_p95_max(make, policy):
     wanted = np.concatenate([rng.integers(0, 40, 97), [300, 254, 255]])
     rng.shuffle(wanted)
     for _ in range(300):  # other workers' updates, so that a read 300 updates ago exists
-        buf.apply(0, g, 0.0, policy)
+        buf.apply(0, g, 0.0, policy=policy)
     for s in wanted:  # staleness = counter at the apply - read_version
-        assert buf.apply(2, g, 0.0, policy, read_version=buf.updates - int(s)) == s
+        assert buf.apply(2, g, 0.0, policy=policy, read_version=buf.updates - int(s)) == s
     st = buf.stats(2)
     assert st["updates"] == len(wanted)
     assert st["staleness_mean"] == pytest.approx(wanted.mean())
@@ -268,6 +188,7 @@ def test_staleness_stats_mean_p95_max(make, policy):
     assert buf.stats(0)["updates"] == 300 and buf.stats(0)["staleness_max"] == 0
 
 
+@pytest.mark.unit
 def test_p95_of_the_overflow_bucket(make):
     buf = make(4, workers=2)
     g = np.zeros(4, np.float32)
@@ -278,6 +199,95 @@ def test_p95_of_the_overflow_bucket(make):
     assert buf.stats(0)["staleness_p95"] == 255.0  # the last bucket is ">= 255"
     assert buf.stats(0)["staleness_max"] == 1000  # exact, not the bucket
     assert buf.stats()["staleness_p95"] == 0.0  # 1000 fresh updates out of 1010
+
+
+def _run_with(target, reader):
+    """Run ``target`` in a thread while ``reader()`` is called in this one, until it ends;
+    returns how many times ``reader`` ran."""
+    errors = []
+
+    def guarded():
+        try:
+            target()
+        except BaseException as e:  # re-raised in the test below
+            errors.append(e)
+
+    t = threading.Thread(target=guarded)
+    t.start()
+    reads = 0
+    while t.is_alive():
+        reader()
+        reads += 1
+    t.join()
+    if errors:
+        raise errors[0]
+    return reads
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_read_version_counts_only_landed_updates(make, policy):
+    """``updates`` counts an update once its writes are done, and read() loads it (acquire)
+    before copying: a copy at version v holds all of the first v updates. One writer adds 1
+    to every element per update, so every element of the copy is at least v. (Counting an
+    update when it starts, as hvdsgd did before, fails this within a few reads.)"""
+    n = 1 << 20  # an update takes long enough for reads to land inside one
+    k = 40 if policy == "atomic" else 150  # atomic: a compare-and-swap per element
+    buf = make(n, shards=4)
+    g = np.full(n, -1.0, np.float32)
+    out = np.empty(n, np.float32)
+    behind = []
+
+    def write():
+        for _ in range(k):
+            buf.apply(0, g, 1.0, policy=policy)
+
+    def read():
+        v = buf.read(out)
+        low = float(out.min())
+        if low < v:
+            behind.append((v, low))
+
+    reads = _run_with(write, read)
+    assert buf.updates == k and (buf.params() == k).all()
+    assert reads >= 10, "the reader never overlapped the writer"
+    assert not behind, (
+        f"{len(behind)} of {reads} reads saw version v but not v updates: {behind[:3]}"
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("policy", POLICIES)
+def test_staleness_under_threads_matches_the_landing_order(make, policy):
+    """Two threads read (version v) and apply (staleness s) at once, with the GIL released
+    in both calls: v + s is each update's landing position, so over both threads they are
+    0..2k-1, each once. Under 'locked' the weights read back in the same critical section
+    are exactly the v + s + 1 updates landed (each adds 1 everywhere)."""
+    n, k = 4096, 300
+    buf = make(n, workers=2, shards=4)
+    g = np.full(n, -1.0, np.float32)
+    seen = {0: [], 1: []}  # (read version, staleness) per update
+
+    def worker(w):
+        out, fresh = np.empty(n, np.float32), np.empty(n, np.float32)
+        for _ in range(k):
+            v = buf.read(out)
+            s = buf.apply(w, g, 1.0, policy=policy, read_version=v, read_into=fresh)
+            seen[w].append((v, s))
+            if policy == "locked":
+                np.testing.assert_array_equal(fresh, np.float32(v + s + 1))
+
+    other = threading.Thread(target=worker, args=(1,))
+    other.start()
+    worker(0)
+    other.join()
+    assert len(seen[1]) == k  # the other thread ran to the end
+    assert sorted(v + s for w in (0, 1) for v, s in seen[w]) == list(range(2 * k))
+    for w in (0, 1):
+        stale = [s for _, s in seen[w]]
+        st = buf.stats(w)
+        assert st["updates"] == k and st["staleness_max"] == max(stale)
+        assert st["staleness_mean"] == pytest.approx(np.mean(stale))
 
 
 # --- across processes -----------------------------------------------------------------
@@ -302,7 +312,7 @@ def _hammer(name, n, policy, worker, k, n_procs):
             raise TimeoutError(f"only {buf.attached} of {n_procs} workers attached")
         time.sleep(0.001)
     for _ in range(k):
-        buf.apply(worker, g, 1.0, policy)
+        buf.apply(worker, g, 1.0, policy=policy)
     return buf.stats(worker)["updates"]
 
 
@@ -315,6 +325,7 @@ def run_workers(pool, buf, policy):
     return buf.params()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "policy,n,shards", [("atomic", 16, 1), ("locked", 16, 1), ("sharded", 64, 4)]
 )
@@ -324,7 +335,8 @@ def test_no_lost_updates_across_processes(make, pool, policy, n, shards):
     np.testing.assert_array_equal(p, np.full(n, N_PROCS * K_STEPS, np.float32))
 
 
-def test_hogwild_lost_updates_are_measured(make, pool, record_property):
+@pytest.mark.e2e
+def test_hogwild_lost_updates_are_bounded(make, pool, record_property):
     buf = make(16, workers=N_PROCS)
     p = run_workers(pool, buf, "hogwild")
     expected = N_PROCS * K_STEPS
@@ -334,8 +346,9 @@ def test_hogwild_lost_updates_are_measured(make, pool, record_property):
         f"\nhogwild: {N_PROCS} processes x {K_STEPS} updates of 16 floats on "
         f"{os.cpu_count()} cores: lost-update fraction {lost:.6f}"
     )
-    assert 0.0 <= lost < 1.0
-    assert (p <= expected).all()
+    assert (p <= expected).all()  # racy stores lose updates, they never invent one
+    # About 1% on 2 cores: a kernel that dropped or skipped updates would lose far more.
+    assert lost < 0.25, lost
 
 
 _HOLD_LOCK = """
@@ -348,6 +361,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("policy,lock", [("locked", 0), ("sharded", 2)])
 def test_a_killed_lock_holder_does_not_deadlock_the_others(make, policy, lock):
     buf = make(64, workers=2, shards=4)
@@ -362,7 +376,7 @@ def test_a_killed_lock_holder_does_not_deadlock_the_others(make, policy, lock):
         done = threading.Event()
 
         def update():
-            buf.apply(0, np.full(64, -1.0, np.float32), 1.0, policy)
+            buf.apply(0, np.full(64, -1.0, np.float32), 1.0, policy=policy)
             done.set()
 
         threading.Thread(target=update, daemon=True).start()
@@ -373,16 +387,17 @@ def test_a_killed_lock_holder_does_not_deadlock_the_others(make, policy, lock):
         child.stdout.close()
     assert done.wait(10), "the update deadlocked on a dead process's lock"
     assert buf.lock_recoveries == 1
-    buf.apply(1, np.full(64, -1.0, np.float32), 1.0, policy)  # the lock works as before
+    buf.apply(1, np.full(64, -1.0, np.float32), 1.0, policy=policy)  # the lock works as before
     assert (buf.params() == 2).all()
     assert buf.lock_recoveries == 1
 
 
+@pytest.mark.unit
 def test_relocking_from_the_holding_thread_is_an_error_not_a_hang(make):
     buf = make(8)
     buf._lock_for_test(0)
     with pytest.raises(OSError, match="already holds"):
-        buf.apply(0, np.zeros(8, np.float32), 1.0, "locked")
+        buf.apply(0, np.zeros(8, np.float32), 1.0, policy="locked")
     with pytest.raises(IndexError):
         buf._lock_for_test(2)
 
@@ -390,6 +405,7 @@ def test_relocking_from_the_holding_thread_is_an_error_not_a_hang(make):
 # --- names, modes, unlink, attach checks ------------------------------------------------
 
 
+@pytest.mark.unit
 def test_name_is_unguessable_and_mode_0600(make):
     a, b = make(4), make(4)
     for buf in (a, b):
@@ -400,6 +416,7 @@ def test_name_is_unguessable_and_mode_0600(make):
     assert a.name.rsplit("-", 1)[1] != b.name.rsplit("-", 1)[1]
 
 
+@pytest.mark.unit
 def test_given_name_and_existing_name(make):
     name = f"hvdsgd-test-{uuid.uuid4().hex}"
     buf = make(4, name=name)
@@ -411,6 +428,7 @@ def test_given_name_and_existing_name(make):
         _C.SharedBuffer.create(4, name="a/b")
 
 
+@pytest.mark.unit
 def test_attach_shares_memory_and_counts(make):
     buf = make(32, workers=3, shards=2, slots=1)
     a = _C.SharedBuffer.attach(buf.name, 32)
@@ -420,10 +438,11 @@ def test_attach_shares_memory_and_counts(make):
     a.params()[:] = 3
     b.slot(0)[:] = 4
     assert (buf.params() == 3).all() and (buf.slot(0) == 4).all()
-    a.apply(0, np.ones(32, np.float32), 1.0, "sharded")
+    a.apply(0, np.ones(32, np.float32), 1.0, policy="sharded")
     assert buf.updates == 1 and (b.params() == 2).all()
 
 
+@pytest.mark.unit
 def test_unlink_is_idempotent_and_views_outlive_it():
     buf = _C.SharedBuffer.create(16)
     name, path = buf.name, shm_path(buf.name)
@@ -442,6 +461,7 @@ def test_unlink_is_idempotent_and_views_outlive_it():
     assert (p == 0).all()
 
 
+@pytest.mark.unit
 def test_attach_missing_is_file_not_found():
     name = f"/hvdsgd-test-missing-{uuid.uuid4().hex}"
     with pytest.raises(
@@ -451,6 +471,7 @@ def test_attach_missing_is_file_not_found():
         _C.SharedBuffer.attach(name)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("size,match", [(4096, "bad magic"), (16, "smaller than the")])
 def test_attach_foreign_segment_is_value_error(size, match):
     shm = shared_memory.SharedMemory(create=True, size=size)  # Python's names have no "/"
@@ -464,6 +485,7 @@ def test_attach_foreign_segment_is_value_error(size, match):
         shm.unlink()
 
 
+@pytest.mark.unit
 def test_attach_n_mismatch(make):
     buf = make(10)
     with pytest.raises(ValueError, match="holds 10 params, expected 11"):
@@ -476,6 +498,7 @@ def _patch(name, offset, data):
         fh.write(data)
 
 
+@pytest.mark.unit
 def test_attach_corrupted_header(make):
     buf = make(10, workers=2)
     name, path = buf.name, shm_path(buf.name)
@@ -506,6 +529,7 @@ def test_attach_corrupted_header(make):
 # --- argument checks -----------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -522,6 +546,7 @@ def test_create_checks_its_arguments(kwargs, match):
         _C.SharedBuffer.create(**kwargs)
 
 
+@pytest.mark.unit
 def test_apply_checks_its_arguments(make):
     buf = make(16, workers=2)
     g = np.ones(16, np.float32)
@@ -536,11 +561,11 @@ def test_apply_checks_its_arguments(make):
     with pytest.raises(IndexError, match="worker -1 out of range"):
         buf.apply(-1, g, 0.1)
     with pytest.raises(ValueError, match="'hogwild', 'atomic', 'locked', 'sharded'"):
-        buf.apply(0, g, 0.1, "lockfree")
+        buf.apply(0, g, 0.1, policy="lockfree")
     with pytest.raises(ValueError, match="momentum_buf"):
         buf.apply(0, g, 0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="nesterov needs momentum"):
-        buf.apply(0, g, 0.1, nesterov=True)
+    with pytest.raises(TypeError):  # everything after lr by name only
+        buf.apply(0, g, 0.1, "locked")
     with pytest.raises(TypeError, match="float32"):
         buf.apply(0, g, 0.1, momentum_buf=np.zeros(16), momentum=0.9)
     ro = np.zeros(16, np.float32)
@@ -564,33 +589,14 @@ def test_apply_checks_its_arguments(make):
         buf.stats(2)
 
 
-def test_sparse_checks_its_arguments(make):
-    buf = make(100)
-    values = np.ones((3, 10), np.float32)
-    with pytest.raises(IndexError, match=r"idx\[2\] = 10 is out of range for 10 rows"):
-        buf.apply_sparse(0, 0, 10, 10, np.array([0, 9, 10]), values, 0.1)
-    with pytest.raises(IndexError, match=r"idx\[0\] = -1"):
-        buf.apply_sparse(0, 0, 10, 10, np.array([-1, 0, 1]), values, 0.1)
-    with pytest.raises(ValueError, match="does not fit"):
-        buf.apply_sparse(0, 1, 10, 10, np.array([0, 1, 2]), values, 0.1)
-    with pytest.raises(ValueError, match=r"values must have shape \(k, dim\) = \(2, 10\)"):
-        buf.apply_sparse(0, 0, 10, 10, np.array([0, 1]), values, 0.1)
-    with pytest.raises(TypeError):
-        buf.apply_sparse(0, 0, 10, 10, np.array([0.0, 1.0, 2.0]), values, 0.1)  # float idx
-    with pytest.raises(TypeError):
-        buf.apply_sparse(0, 0, 10, 10, np.array([0, 1, 2]), values.astype(np.float64), 0.1)
-    with pytest.raises(ValueError, match="unknown policy"):
-        buf.apply_sparse(0, 0, 10, 10, np.array([0, 1, 2]), values, 0.1, "fast")
-    assert buf.updates == 0 and (buf.params() == 0).all()
-    # int32 indices are a safe cast
-    buf.apply_sparse(0, 0, 10, 10, np.array([0, 1, 1], np.int32), values, 1.0)
-    assert buf.params()[:30].tolist() == [-1.0] * 10 + [-2.0] * 10 + [0.0] * 10
+# --- the README's example -------------------------------------------------------------
 
-    p = np.zeros((10, 4), np.float32)
-    with pytest.raises(ValueError, match="params must be 2-D"):
-        _C.sgd_sparse(p.ravel(), np.array([0]), np.ones((1, 4), np.float32), 0.1)
-    with pytest.raises(IndexError, match="out of range"):
-        _C.sgd_sparse(p, np.array([10]), np.ones((1, 4), np.float32), 0.1)
-    p.setflags(write=False)
-    with pytest.raises(ValueError, match="params is read-only"):
-        _C.sgd_sparse(p, np.array([0]), np.ones((1, 4), np.float32), 0.1)
+
+@pytest.mark.unit
+def test_readme_c_api_example_runs():
+    """The example under the README's "The C++ API" heading runs, and its asserts hold."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### The C++ API: `hvdsgd._C`", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "SharedBuffer.create" in code and "sgd_step" in code
+    exec(compile(code, "README.md", "exec"), {})

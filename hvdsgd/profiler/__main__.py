@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Callable, Iterator, Sequence
 
-from ..errors import EXIT_USAGE, UsageError
+from ..errors import EXIT_USAGE, ArgumentParser, UsageError
 from .sampler import MAX_INTERVAL_S, Profiler
 
 log = logging.getLogger("hvdsgd")
@@ -29,19 +29,13 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FLOAT_FLAGS = {"interval": (MAX_INTERVAL_S, "0.1"), "duration": (365 * 86400.0, "30")}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        raise UsageError(f"{message} (see --help)")
-
-
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Options before ``--``, and the command after it."""
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m hvdsgd.profiler",
         description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
         usage="%(prog)s [options] -- COMMAND [ARGS...]  |  %(prog)s [options] --duration S",
     )
     p.add_argument(
@@ -113,7 +107,7 @@ def _run_command(prof: Profiler, command: list[str]) -> int:
     try:
         child = subprocess.Popen(command)
     except OSError as e:
-        raise UsageError(f"cannot run {command[0]!r} ({e.strerror}); check the command")
+        raise UsageError(f"cannot run {command[0]!r} ({e.strerror}); check the command") from None
     prof.watch(child.pid)
     with _on_signals(child.send_signal):
         rc = child.wait()

@@ -47,7 +47,8 @@ class CpuSampler:
         now = [_busy_total(t) for t in psutil.cpu_times(percpu=True)]
         pct = [
             min(100.0, max(0.0, 100 * (b - b0) / (t - t0))) if t > t0 else 0.0
-            for (b, t), (b0, t0) in zip(now, self._last)
+            # strict=False: a CPU taken offline or brought online changes the count
+            for (b, t), (b0, t0) in zip(now, self._last, strict=False)
         ]
         self._last = now
         row = {f"cpu{k}_util": p for k, p in enumerate(pct)}
@@ -61,7 +62,7 @@ class CpuSampler:
         """The roots and their children, recursively, and their summed RSS in bytes.
 
         The tree is re-scanned every ``TREE_REFRESH_S`` (a scan reads every process of the
-        host, ~1 ms); in between, only the known processes' RSS is read (microseconds).
+        host); in between, only the known processes' RSS is read, far less work.
         """
         now = time.monotonic()
         if now - self._scanned >= TREE_REFRESH_S:

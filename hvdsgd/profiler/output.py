@@ -119,9 +119,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _line(ax: Any, t: list[float | None], ys: list[float | None], label: str) -> bool:
-    pts = [(x, y) for x, y in zip(t, ys) if x is not None and y is not None]
+    # strict=False: a column the CSV lacks comes as [] (nothing to draw)
+    pts = [(x, y) for x, y in zip(t, ys, strict=False) if x is not None and y is not None]
     if pts:
-        ax.plot(*zip(*pts), label=label, lw=1)
+        ax.plot(*zip(*pts, strict=True), label=label, lw=1)
     return bool(pts)
 
 
@@ -158,8 +159,8 @@ def timeline_figure(csv_path: str | Path) -> Any:
     ]
     for g in gpus:  # memory used as a share of total, for the memory panel
         used, total = cols.get(f"{g}_mem_used_mib", []), cols.get(f"{g}_mem_total_mib", [])
-        cols[f"{g}_mem_used_pct"] = [
-            100 * u / s if u is not None and s else None for u, s in zip(used, total)
+        cols[f"{g}_mem_used_pct"] = [  # strict=False: either column may be missing ([])
+            100 * u / s if u is not None and s else None for u, s in zip(used, total, strict=False)
         ]
     panels = [
         (title, names)
@@ -175,7 +176,7 @@ def timeline_figure(csv_path: str | Path) -> Any:
         layout="constrained",
         figsize=(10, 2.2 * (len(panels) + 1)),
     )
-    for ax, (title, names) in zip(axes[:, 0], panels):
+    for ax, (title, names) in zip(axes[:-1, 0], panels, strict=True):  # the last: CPU cores
         for g in gpus:
             for n in names:
                 _line(ax, t, cols.get(f"{g}_{n}", []), f"{g} {n}")

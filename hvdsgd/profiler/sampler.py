@@ -41,7 +41,9 @@ class Profiler:
 
     Example::
 
-        with Profiler("runs/prof", interval=0.1, cuda_ordinal=hvd.local_rank(), rank=hvd.rank()) as prof:
+        with Profiler(
+            "runs/prof", interval=0.1, cuda_ordinal=hvd.local_rank(), rank=hvd.rank()
+        ) as prof:
             train()
         print(prof.summary["gpu_idle_share"])
     """

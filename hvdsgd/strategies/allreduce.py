@@ -25,18 +25,8 @@ import torch
 
 from .. import dist, schedule
 from ..config import TrainConfig
+from ..engine import make_optimizer
 from ..errors import UsageError
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The local optimizer (SGD with momentum, or AdamW) at learning rate ``lr``."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
-        )
-    return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
 
 
 def gradient_buckets(model: torch.nn.Module, cap_bytes: float) -> list[list[torch.Tensor]]:
@@ -242,7 +232,9 @@ class Allreduce:
         self.scheduler.last_epoch = step
         peak = self.cfg.lr * self.world_scale
         self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+        for group, factor in zip(
+            self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True
+        ):
             group["lr"] = peak * factor(step)
 
     @property

@@ -18,10 +18,9 @@ import torch
 from .. import data, schedule
 from .. import pair as pair_
 from ..config import TrainConfig
-from ..engine import evaluate, train_epoch
+from ..engine import evaluate, make_optimizer, train_epoch
 from ..engine import seed as reseed
 from ..metrics import Summary, Tally
-from .allreduce import make_optimizer
 
 
 class Local:

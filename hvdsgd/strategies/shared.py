@@ -123,7 +123,7 @@ class SharedUpdater:
         self.private = None
         if cfg.strategy == "async-apply":  # a private copy of the weights, refreshed per update
             self.private = torch.from_numpy(shared.snapshot())
-            shm.bind(shm._params(model), self.private)
+            shm.bind(shm.params_of(model), self.private)
         self.grad = shm.grad_buffer(model)  # every p.grad is a view into it
         self.g = self.grad.numpy()
         n = self.buf.size
@@ -150,14 +150,13 @@ class SharedUpdater:
             self.w,
             grad,
             self.lr,
-            self.policy,
-            read_version,
-            self.momentum_buf,
-            self.cfg.momentum,
-            self.cfg.weight_decay,
-            False,
-            self.first,
-            read_into,
+            policy=self.policy,
+            read_version=read_version,
+            momentum_buf=self.momentum_buf,
+            momentum=self.cfg.momentum,
+            weight_decay=self.cfg.weight_decay,
+            first_step=self.first,
+            read_into=read_into,
         )
         self.first = False
         return staleness
@@ -200,14 +199,12 @@ def applier(buf, ctl: Control, cfg: TrainConfig, errors: list) -> None:
                 w,
                 buf.slot(slot),
                 lr,
-                "hogwild",
-                version,
-                momentum_buf,
-                cfg.momentum,
-                cfg.weight_decay,
-                False,
-                first,
-                None,
+                policy="hogwild",
+                read_version=version,
+                momentum_buf=momentum_buf,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                first_step=first,
             )
             first = False
             ctl.free.put(slot)
@@ -643,11 +640,11 @@ class Evaluator:
         self.t0, self.updates_per_epoch = t0, updates_per_epoch(cfg, n_train)
         self.model = models.build(cfg.model, ds.input_shape, ds.num_classes)
         self.flat = torch.zeros(shared.params.size)
-        shm.bind(shm._params(self.model), self.flat)
+        shm.bind(shm.params_of(self.model), self.flat)
         self.state = None
         if shared.state is not None:
             self.state = torch.zeros(shared.state.size)
-            shm.bind(shm._float_buffers(self.model), self.state)
+            shm.bind(shm.float_buffers_of(self.model), self.state)
         self.pending: list = []
         self.rows: list = []
         self.last_flush = time.monotonic()
