@@ -11,6 +11,7 @@ Everything else (autocast, accumulation, metrics, the NaN guard) lives here once
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -144,6 +145,71 @@ def train_epoch(
         if max_steps is not None and steps >= max_steps:
             break
     return steps
+
+
+DRY_RUN_STEPS = 2  # --dry-run: optimizer steps per epoch (one epoch)
+
+
+def steps_per_epoch(
+    samples: int, parts: int, batch_size: int, accum_steps: int, dry_run: bool = False
+) -> int:
+    """Optimizer steps of one epoch over ``samples`` cut into ``parts`` equal shards (ranks or
+    workers; a shard is padded up to ``ceil(samples / parts)``): its batches over
+    ``accum_steps``, and at most ``DRY_RUN_STEPS`` under ``dry_run``."""
+    batches = math.ceil(math.ceil(samples / parts) / batch_size)
+    steps = math.ceil(batches / accum_steps)
+    return min(steps, DRY_RUN_STEPS) if dry_run else steps
+
+
+def begin_epoch(
+    batches, device: torch.device, base_seed: int, epoch: int, who: int = 0, skip: int = 0
+) -> None:
+    """What every strategy does before an epoch's first step: reseed the RNG (dropout and
+    the like) from (``base_seed``, ``epoch``, ``who``: the rank or worker), so that resuming
+    needs no saved generator, and set the sampler's epoch (its shuffle). ``skip``: samples of
+    the epoch already trained (an elastic run going on from the middle of it)."""
+    seed(base_seed + 1000 * epoch + who, device)
+    batches.sampler.set_epoch(epoch)
+    if skip:
+        batches.sampler.done = skip
+
+
+def run_epoch(
+    model,
+    batches,
+    updater: Updater,
+    device: torch.device,
+    cfg,
+    epoch: int,
+    tally: Tally,
+    *,
+    base_seed: int,
+    who: int = 0,
+    skip: int = 0,
+    progress: Callable[[int], Any] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> int:
+    """One epoch as every strategy trains it: ``begin_epoch``, then ``train_epoch`` with
+    ``cfg``'s AMP and accumulation (``DRY_RUN_STEPS`` steps under ``--dry-run``); returns the
+    steps taken. ``progress(batches)``, if given, makes the epoch's progress bar (or None)."""
+    begin_epoch(batches, device, base_seed, epoch, who, skip)
+    bar = progress(len(batches)) if progress is not None else None
+    try:
+        return train_epoch(
+            model,
+            batches,
+            updater,
+            device,
+            cfg.amp,
+            cfg.accum_steps,
+            tally,
+            bar,
+            max_steps=DRY_RUN_STEPS if cfg.dry_run else None,
+            after_step=after_step,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @torch.no_grad()

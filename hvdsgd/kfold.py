@@ -72,19 +72,9 @@ def pooled(cfg: TrainConfig):
     if key not in _POOLED:
         import torch
 
-        from . import data, models
+        from . import data
 
-        ds = data.load(
-            cfg.dataset,
-            cfg.data_dir,
-            cfg.download,
-            cfg.synthetic,
-            cfg.shape,
-            cfg.num_classes,
-            cfg.synthetic_samples,
-            cfg.seed,
-        )
-        ds = data.resize(ds, models.input_size(cfg.model))
+        ds = data.load_for(cfg)
         _POOLED[key] = (
             torch.cat([ds.train_x, ds.test_x]),
             torch.cat([ds.train_y, ds.test_y]),

@@ -133,8 +133,9 @@ def resolve_reset_steps(cfg: LotteryConfig, updates: int) -> LotteryConfig:
 
 def total_updates(cfg: TrainConfig, n_train: int) -> int:
     """Optimizer updates of one ``fit`` over ``n_train`` samples (what ``--reset-steps`` counts)."""
-    per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.accum_steps)
-    return cfg.epochs * (min(2, per_epoch) if cfg.dry_run else per_epoch)
+    from .engine import steps_per_epoch
+
+    return cfg.epochs * steps_per_epoch(n_train, 1, cfg.batch_size, cfg.accum_steps, cfg.dry_run)
 
 
 # --------------------------------------------------------------------------- pruning

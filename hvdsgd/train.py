@@ -31,7 +31,7 @@ import torch
 
 from . import checkpoint, data, dist, logs, models, report
 from .config import RESUME_OUT, SHARED_STRATEGIES, TrainConfig, parse_args
-from .engine import Progress, evaluate, seed, train_epoch
+from .engine import Progress, evaluate, run_epoch, steps_per_epoch
 from .errors import UsageError, exit_on_usage_error
 from .metrics import Tally
 from .strategies.allreduce import Allreduce
@@ -220,8 +220,7 @@ class SyncRun:
         self.ident = checkpoint.identity(cfg, self.model, ds.input_shape, ds.num_classes)
 
     def steps_per_epoch(self, ranks: int) -> int:
-        batches = math.ceil(math.ceil(self.n_train / ranks) / self.cfg.batch_size)
-        return math.ceil(batches / self.cfg.accum_steps)
+        return steps_per_epoch(self.n_train, ranks, self.cfg.batch_size, self.cfg.accum_steps)
 
     def start(self, p: Progress) -> None:
         """Rank 0 reads --resume and prepares --out; every rank learns the outcome."""
@@ -269,30 +268,26 @@ class SyncRun:
         """One epoch (the rest of it, after an elastic reset): train, evaluate, record and
         commit; returns its metrics row and the test summary."""
         cfg, device = self.cfg, self.device
-        # RNG state is a function of (seed, epoch, rank): resuming needs no saved generator.
-        seed(cfg.seed + 1000 * epoch + dist.rank(), device)
-        self.sampler.set_epoch(epoch)
-        self.sampler.done = p.done  # an elastic run may go on from the middle of the epoch
-        bar = progress_bar(cfg, len(self.train_batches), epoch)
         tally = Tally(self.ds.num_classes, device)
         after_step = functools.partial(self.after_step, p, epoch, tally) if self.elastic else None
-        train_epoch(
+        # An elastic run may go on from the middle of the epoch (skip: the samples done).
+        run_epoch(
             self.model,
             self.train_batches,
             self.strategy,
             device,
-            cfg.amp,
-            cfg.accum_steps,
+            cfg,
+            epoch,
             tally,
-            bar,
-            max_steps=2 if cfg.dry_run else None,
+            base_seed=cfg.seed,
+            who=dist.rank(),
+            skip=p.done,
+            progress=functools.partial(progress_bar, cfg, epoch=epoch),
             after_step=after_step,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.time() - p.epoch_start
-        if bar is not None:
-            bar.close()
         # Horovod: sum every rank's loss and confusion counts, so all ranks see the same; an
         # elastic run's view of host changes rides along.
         hosts = self.state.host_view() if self.elastic else None

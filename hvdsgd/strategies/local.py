@@ -9,7 +9,6 @@ rank runs it.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -18,8 +17,7 @@ import torch
 from .. import data, schedule
 from .. import pair as pair_
 from ..config import TrainConfig
-from ..engine import evaluate, make_optimizer, train_epoch
-from ..engine import seed as reseed
+from ..engine import begin_epoch, evaluate, make_optimizer, run_epoch, steps_per_epoch
 from ..metrics import Summary, Tally
 
 
@@ -86,7 +84,8 @@ def fit(
     batches = data.Batches(
         train[0], train[1], cfg.batch_size, sampler, cpu, channels_last=cfg.channels_last
     )
-    updater = Local(cfg, model, math.ceil(len(batches) / cfg.accum_steps), after_update)
+    steps = steps_per_epoch(len(train[1]), 1, cfg.batch_size, cfg.accum_steps)
+    updater = Local(cfg, model, steps, after_update)
     exchange = None
     if (
         pair is not None
@@ -103,23 +102,13 @@ def fit(
         return None  # not splittable: the owner runs the whole task
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):  # >= 1, validated by the config
-        reseed(seed + 1000 * epoch, cpu)  # dropout etc.: a function of (seed, epoch)
-        sampler.set_epoch(epoch)
         tally = Tally(num_classes, cpu)
-        if exchange is not None:
+        if exchange is None:
+            run_epoch(model, batches, updater, cpu, cfg, epoch, tally, base_seed=seed)
+        else:  # the same epoch, its accumulation steps split over the pair
+            begin_epoch(batches, cpu, seed, epoch)
             pair_.train_epoch(
                 model, batches, updater, cfg.amp, cfg.accum_steps, tally, pair, exchange
-            )
-        else:
-            train_epoch(
-                model,
-                batches,
-                updater,
-                cpu,
-                cfg.amp,
-                cfg.accum_steps,
-                tally,
-                max_steps=2 if cfg.dry_run else None,
             )
     train_time = time.perf_counter() - t0
     if exchange is not None:

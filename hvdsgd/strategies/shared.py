@@ -57,7 +57,7 @@ import torch.multiprocessing
 from .. import checkpoint, data, models, report, schedule, shm
 from ..config import TrainConfig
 from ..data import ShardSampler
-from ..engine import evaluate, seed, train_epoch
+from ..engine import evaluate, run_epoch, steps_per_epoch
 from ..errors import Terminated, UsageError
 from ..metrics import Summary, Tally
 
@@ -236,25 +236,14 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
         x, y = spec["train_x"], spec["train_y"]
         sampler = ShardSampler(len(y), w, cfg.workers, cfg.seed)
         batches = data.Batches(x, y, cfg.batch_size, sampler, cpu, channels_last=cfg.channels_last)
-        steps_per_epoch = math.ceil(len(batches) / cfg.accum_steps)
-        updater = SharedUpdater(cfg, w, shared, model, steps_per_epoch, ctl)
+        steps = steps_per_epoch(len(y), cfg.workers, cfg.batch_size, cfg.accum_steps)
+        updater = SharedUpdater(cfg, w, shared, model, steps, ctl)
         ctl.reports.put(("ready", w, torch.get_num_threads()))
         ctl.start.wait()
         t_first = time.monotonic()
         tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
         for epoch in range(cfg.epochs):
-            seed(cfg.seed + 1000 * epoch + w, cpu)  # dropout etc.: (seed, epoch, worker)
-            sampler.set_epoch(epoch)
-            train_epoch(
-                model,
-                batches,
-                updater,
-                cpu,
-                cfg.amp,
-                cfg.accum_steps,
-                tally,
-                max_steps=2 if cfg.dry_run else None,
-            )
+            run_epoch(model, batches, updater, cpu, cfg, epoch, tally, base_seed=cfg.seed, who=w)
             # Report at most every REPORT_S: small epochs last milliseconds.
             if time.monotonic() - last_report >= REPORT_S or epoch + 1 == cfg.epochs:
                 tally.flush()
@@ -345,9 +334,7 @@ def _raise_terminated(signum, frame):
 
 def steps_per_shard(cfg: TrainConfig, n_train: int) -> int:
     """Steps of one worker's epoch (one pass over its shard of ``n_train`` samples)."""
-    batches = math.ceil(math.ceil(n_train / cfg.workers) / cfg.batch_size)
-    steps = math.ceil(batches / cfg.accum_steps)
-    return min(steps, 2) if cfg.dry_run else steps
+    return steps_per_epoch(n_train, cfg.workers, cfg.batch_size, cfg.accum_steps, cfg.dry_run)
 
 
 def updates_per_epoch(cfg: TrainConfig, n_train: int) -> int:
