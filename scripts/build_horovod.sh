@@ -122,6 +122,9 @@ if [ -z "$wheel" ]; then
   # - A rank whose host the discovery script dropped exits 0 without a word when it learns so
   #   at its re-initialisation (stock: "terminate called after throwing an instance of
   #   'std::runtime_error' ... has been removed from elastic job" and SIGABRT).
+  # - The per-rank middleman's stopping threads are silent: when a job was stopped, its main
+  #   thread could reap the rank and exit while the thread was still stopping it, and the
+  #   launcher's stderr got half a traceback ("Exception in thread Thread-1 (fn): ...").
   "$PYTHON" - "$src/horovod" <<'PY'
 import sys
 root = sys.argv[1]
@@ -341,6 +344,14 @@ patch("common/gloo/gloo_context.cc", """      out << hostname_ << "[" << local_r
       LOG(INFO) << out.str();
       std::_Exit(0);
 """)
+patch("runner/common/util/safe_shell_exec.py",
+      "    on_event(exit_event, terminate_executor_shell_and_children, args=(executor_shell.pid,), daemon=True)\n",
+      "    # hvdsgd: silent: the main thread may reap the command and exit while this thread is still\n"
+      "    # stopping it; an exception then (interpreter shutdown) printed half a traceback\n"
+      "    on_event(exit_event, terminate_executor_shell_and_children, args=(executor_shell.pid,), daemon=True,\n"
+      "             silent=True)\n")
+patch("runner/common/util/safe_shell_exec.py", "    in_thread(kill_executor_children_if_parent_dies)\n",
+      "    in_thread(kill_executor_children_if_parent_dies, silent=True)  # hvdsgd: as above\n")
 patch("runner/http/http_server.py", """                        self.server.cache.get(scope, {}).clear()
                         self.server.finished_list.clear()
 """, """                        self.server.cache.get(scope, {}).clear()
