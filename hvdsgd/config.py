@@ -1,32 +1,42 @@
-"""Training configuration: one typed dataclass, validated on construction.
+"""Configuration by concern: option groups (dataclasses) composed into each entry point's config.
+
+Each group holds the fields of one concern (the data set and model, the optimisation, the
+device, the strategy, the shared buffer, the run directory, checkpoints and logs, the
+profiler) and checks them in ``check()``. :class:`TrainConfig` composes every group by
+multiple inheritance, so its fields stay flat (``cfg.lr``, ``cfg.workers``);
+``hvdsgd.sweep.TaskConfig`` composes only the groups that apply to independent tasks.
 
 Every field carries its one-line doc in ``metadata["help"]``; the command line is generated
-from the fields (defaults shown in ``--help``), and ``--config FILE.toml`` supplies defaults
-that explicit flags override.
+from the fields (one argument group per concern, defaults shown in ``--help``), and
+``--config FILE.toml`` supplies defaults that explicit flags override. A field with a fixed
+set of values is typed ``Literal[...]`` and validated from that type.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from .errors import ArgumentParser, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.9/3.10: the same parser, from PyPI
+else:  # pragma: no cover - Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-DATASETS = ("digits", "mnist", "cifar10", "cifar100", "synthetic")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("warm", "cosine", "step", "constant")
-AMP_MODES = ("off", "bf16", "fp16", "auto")
-STRATEGIES = (
+Dataset = Literal["digits", "mnist", "cifar10", "cifar100", "synthetic"]
+Optimizer = Literal["sgd", "adamw"]
+Scheduler = Literal["warm", "cosine", "step", "constant"]
+AmpMode = Literal["off", "bf16", "fp16", "auto"]
+Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal[
     "allreduce",
     "hogwild",
     "lockfree",
@@ -36,11 +46,19 @@ STRATEGIES = (
     "sync",
     "async-apply",
     "async-deferred",
-)
+]
+FailureMode = Literal["abort", "continue"]
+
+DATASETS = typing.get_args(Dataset)
+OPTIMIZERS = typing.get_args(Optimizer)
+SCHEDULERS = typing.get_args(Scheduler)
+AMP_MODES = typing.get_args(AmpMode)
+DEVICES = typing.get_args(Device)
+STRATEGIES = typing.get_args(Strategy)
 SHARED_STRATEGIES = STRATEGIES[1:]  # one shared-memory buffer, CPU worker processes
-FAILURE_MODES = ("abort", "continue")
-DEVICES = ("auto", "cpu", "cuda")
+FAILURE_MODES = typing.get_args(FailureMode)
 MAX_CLASSES = 10_000  # the confusion matrix is classes x classes on every rank
+RESUME_OUT = "<--out>"  # `--resume` alone: the checkpoint in --out
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -49,11 +67,30 @@ def option(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """What to train, on what, and how; see ``python -m hvdsgd.train --help``."""
+class Options:
+    """The base of every option group: on construction the field types and ``Literal``
+    choices are checked, then every group's ``check()`` in turn (each calls ``super()``
+    first, so a group may rely on the types being right)."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        check_types(self)
+        check_choices(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DataOptions(Options):
+    """What to train on: the data set, the model, the seed."""
+
+    TITLE = "data set and model"
 
     model: str = option("cnn", "model")
-    dataset: str = option("digits", "data set: " + ", ".join(DATASETS))
+    dataset: Dataset = option("digits", "data set")
     data_dir: str = option("data", "directory holding the mnist/cifar files")
     download: bool = option(
         False, "download mnist/cifar into --data-dir if missing (needs internet)"
@@ -62,6 +99,33 @@ class TrainConfig:
     input_shape: str = option("3,32,32", "C,H,W of --dataset synthetic")
     num_classes: int = option(10, "classes of --dataset synthetic")
     synthetic_samples: int = option(4096, "training samples of synthetic data")
+    seed: int = option(42, "random seed (same on every rank)")
+
+    def check(self) -> None:
+        super().check()
+        from .models import NAMES  # late: models imports torch
+
+        choice("model", self.model, NAMES)
+        if not 2 <= self.num_classes <= MAX_CLASSES:
+            raise UsageError(
+                f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
+                f"{self.num_classes:,}): every rank keeps a classes x classes confusion matrix"
+            )
+        at_least(self, 1, "synthetic_samples")
+        parse_shape(self.input_shape)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``input_shape`` parsed as (C, H, W)."""
+        return parse_shape(self.input_shape)
+
+
+@dataclass
+class OptimOptions(Options):
+    """How each model trains: epochs, batches, the optimiser and its schedule, precision."""
+
+    TITLE = "training and optimisation"
+
     epochs: int = option(15, "passes over the training set")
     batch_size: int = option(32, "samples per rank per step")
     lr: float = option(
@@ -69,15 +133,68 @@ class TrainConfig:
     )
     momentum: float = option(0.9, "SGD momentum (AdamW: beta1)")
     weight_decay: float = option(1e-4, "L2 regularisation (decoupled for AdamW)")
-    optimizer: str = option("sgd", "sgd or adamw")
-    scheduler: str = option("warm", "warm (linear warm-up then cosine), cosine, step, constant")
+    optimizer: Optimizer = option("sgd", "optimiser")
+    scheduler: Scheduler = option(
+        "warm", "learning-rate schedule; warm: linear warm-up, then cosine"
+    )
     warmup_epochs: float = option(2.0, "epochs of linear warm-up from lr to lr * world size")
     accum_steps: int = option(1, "backward passes per update (Horovod backward_passes_per_step)")
-    amp: str = option(
+    amp: AmpMode = option(
         "off",
         "mixed precision: bf16 (CPU, GPU), fp16 with GradScaler (GPU), or auto "
         "(fp16 on a GPU, bf16 on CPU; what --use-mixed-precision sets)",
     )
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    channels_last: bool = option(False, "NHWC memory format for conv nets")
+    dry_run: bool = option(False, "one epoch of two batches, to check the set-up quickly")
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, 1, "epochs", "batch_size", "accum_steps")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0 (got {self.lr}); try 0.01")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        at_least(self, 0, "weight_decay", "warmup_epochs", "grad_clip")
+
+
+@dataclass
+class DeviceOptions(Options):
+    """Where a rank trains and how its batches are prepared (hvdsgd.train only)."""
+
+    TITLE = "device and input pipeline"
+
+    device: Device = option("auto", "where to train (auto: a GPU if there is one)")
+    gpu: int = option(
+        -1,
+        "GPU index of a single-process run (-1: under horovodrun, each rank's "
+        "local rank; alone, GPU 0)",
+    )
+    threads: int = option(0, "compute threads per rank (0: cores / ranks on this host)")
+    pin_memory: bool | None = option(None, "page-locked host batches (default: on with CUDA)")
+    loader_workers: int = option(
+        0, "background processes preparing batches (0: batches sliced in place)"
+    )
+    test_batch_size: int = option(0, "samples per evaluation batch (0: max(256, --batch-size))")
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, 0, "threads", "loader_workers", "test_batch_size")
+        if self.gpu < -1:
+            raise UsageError(f"--gpu must be a GPU index >= 0 (got {self.gpu})")
+        if self.gpu >= 0 and self.device == "cpu":
+            raise UsageError(
+                f"--gpu {self.gpu} and --device cpu (or --no-cuda) exclude each other; drop one"
+            )
+
+
+@dataclass
+class StrategyOptions(Options):
+    """How gradients become updates, and the Horovod allreduce options."""
+
+    TITLE = "strategy and Horovod allreduce"
+
+    strategy: Strategy = option("allreduce", "how gradients become updates")
     fp16_allreduce: bool = option(False, "compress gradients to fp16 for the allreduce")
     adasum: bool = option(False, "combine gradients with Adasum instead of averaging")
     gradient_predivide_factor: float = option(
@@ -89,51 +206,77 @@ class TrainConfig:
     bucket_mb: float = option(
         25.0, "CPU: allreduce gradients in groups of about this many MB (as DDP)"
     )
-    channels_last: bool = option(False, "NHWC memory format for conv nets")
-    pin_memory: bool | None = option(None, "page-locked host batches (default: on with CUDA)")
-    loader_workers: int = option(
-        0, "background processes preparing batches (0: batches sliced in place)"
-    )
-    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
-    test_batch_size: int = option(0, "samples per evaluation batch (0: max(256, --batch-size))")
-    seed: int = option(42, "random seed (same on every rank)")
-    device: str = option("auto", "auto, cpu or cuda")
-    gpu: int = option(
-        -1,
-        "GPU index of a single-process run (-1: under horovodrun, each rank's "
-        "local rank; alone, GPU 0)",
-    )
-    threads: int = option(0, "compute threads per rank (0: cores / ranks on this host)")
-    strategy: str = option("allreduce", "how gradients become updates: " + ", ".join(STRATEGIES))
-    workers: int = option(
-        2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)"
-    )
-    shards: int = option(2, "locks of --strategy sharded: the buffer is cut into this many shards")
-    eval_interval: float = option(0.5, "shared-buffer strategies: seconds between test evaluations")
-    on_worker_failure: str = option(
-        "abort", "a shared-buffer worker died: abort (stop the rest) or continue (the rest finish)"
-    )
-    out: str = option("runs/train", "run directory: metrics, summary, plots, checkpoint")
-    resume: str = option(
-        "",
-        "continue a run: --resume alone takes --out's checkpoint; --resume PATH "
-        "a checkpoint file or run directory (--epochs counts every epoch)",
-    )
-    overwrite: bool = option(
-        False, "start over in an --out that holds an earlier run's results (deleting them)"
-    )
-    checkpoint: bool = option(True, "save a checkpoint in --out after every epoch")
     commit_every: int = option(
         100,
         "elastic runs (horovodrun --min-np/--max-np): steps between "
         "in-memory commits of the training state; a lost rank costs at most "
         "this many steps redone (every epoch end commits too)",
     )
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, 1, "commit_every")
+        at_least(self, 0, "gradient_predivide_factor")
+        positive(self, "bucket_mb")
+        if self.adasum and self.gradient_predivide_factor not in (0.0, 1.0):
+            raise UsageError(
+                "--gradient-predivide-factor applies to averaging, not --adasum; drop one"
+            )
+
+
+@dataclass
+class SharedBufferOptions(Options):
+    """The worker processes of the shared-buffer strategies."""
+
+    TITLE = "shared-buffer strategies (hogwild, sync, ...)"
+
+    workers: int = option(
+        2, "worker processes of the shared-buffer strategies (hogwild, sync, ...)"
+    )
+    shards: int = option(2, "locks of --strategy sharded: the buffer is cut into this many shards")
+    eval_interval: float = option(0.5, "shared-buffer strategies: seconds between test evaluations")
+    on_worker_failure: FailureMode = option(
+        "abort", "a shared-buffer worker died: abort (stop the rest) or continue (the rest finish)"
+    )
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, 1, "workers", "shards")
+        positive(self, "eval_interval")
+
+
+@dataclass
+class OutputOptions(Options):
+    """Where the results go."""
+
+    TITLE = "run directory"
+
+    out: str = option("runs/train", "run directory: metrics, summary, plots, checkpoint")
+    overwrite: bool = option(
+        False, "start over in an --out that holds an earlier run's results (deleting them)"
+    )
+    progress: bool = option(True, "show a progress bar on rank 0")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+
+@dataclass
+class RunOptions(Options):
+    """Checkpoints, resuming and training logs (hvdsgd.train only)."""
+
+    TITLE = "checkpoints and logs"
+
+    resume: str = option(
+        "",
+        "continue a run: --resume alone takes --out's checkpoint; --resume PATH "
+        "a checkpoint file or run directory (--epochs counts every epoch)",
+    )
+    checkpoint: bool = option(True, "save a checkpoint in --out after every epoch")
     keep_checkpoints: bool = option(
         False, "also keep each epoch's checkpoint as checkpoint-epochN.pt"
     )
-    dry_run: bool = option(False, "one epoch of two batches, to check the set-up quickly")
-    progress: bool = option(True, "show a progress bar on rank 0")
     log_interval: int = option(
         0, "batches between progress lines when stderr is not a terminal (0: one line every 10 s)"
     )
@@ -141,6 +284,20 @@ class TrainConfig:
         False,
         "also write TensorBoard event files into --out (the scalars of metrics.jsonl, per epoch)",
     )
+
+    def check(self) -> None:
+        if isinstance(self.resume, bool):  # TOML `resume = true`, or a Python caller
+            self.resume = RESUME_OUT if self.resume else ""
+        super().check()
+        at_least(self, 0, "log_interval")
+
+
+@dataclass
+class ProfileOptions(Options):
+    """The utilisation profiler of a training run."""
+
+    TITLE = "profiler"
+
     profile: bool = option(
         False,
         "record GPU (NVML/GPM) and CPU utilisation into --out: "
@@ -148,128 +305,44 @@ class TrainConfig:
     )
     profile_interval: float = option(0.1, "seconds between --profile samples")
 
-    def __post_init__(self) -> None:
-        if isinstance(self.resume, bool):  # TOML `resume = true`, or a Python caller
-            self.resume = RESUME_OUT if self.resume else ""
-        _check_types(self)
-        _check_choices(self)
-        _check_ranges(self)
-        _check_combinations(self)
-        _parse_shape(self.input_shape)
+    def check(self) -> None:
+        super().check()
+        positive(self, "profile_interval")
+        from .profiler.sampler import MAX_INTERVAL_S
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``input_shape`` parsed as (C, H, W)."""
-        return _parse_shape(self.input_shape)
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.out)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        if self.profile_interval > MAX_INTERVAL_S:
+            raise UsageError(
+                f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
+                f"{self.profile_interval:g})"
+            )
 
 
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    """``--input-shape`` C,H,W as three ints >= 1, or a UsageError naming the form."""
-    try:
-        c, h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--input-shape must be C,H,W like 3,32,32 (got {text!r})") from None
-    if min(c, h, w) < 1:
-        raise UsageError(f"--input-shape entries must be >= 1 (got {text!r})")
-    return c, h, w
+# Dataclass fields come last base first: data, optimisation, device, strategy, shared buffer,
+# run directory, checkpoints and logs, profiler (the order of --help and of to_dict()).
+@dataclass
+class TrainConfig(
+    ProfileOptions,
+    RunOptions,
+    OutputOptions,
+    SharedBufferOptions,
+    StrategyOptions,
+    DeviceOptions,
+    OptimOptions,
+    DataOptions,
+):
+    """What to train, on what, and how; see ``python -m hvdsgd.train --help``."""
+
+    def check(self) -> None:
+        super().check()
+        if self.resume and self.overwrite:
+            raise UsageError(
+                "--resume continues the run in --out and --overwrite deletes it; pick one"
+            )
+        if self.strategy in SHARED_STRATEGIES:
+            check_shared(self)
 
 
-def _check_choices(cfg: "TrainConfig") -> None:
-    """Every flag with a fixed set of values holds one of them."""
-    from .models import NAMES  # late: models imports torch
-
-    _choice("model", cfg.model, NAMES)
-    _choice("dataset", cfg.dataset, DATASETS)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("scheduler", cfg.scheduler, SCHEDULERS)
-    _choice("amp", cfg.amp, AMP_MODES)
-    _choice("strategy", cfg.strategy, STRATEGIES)
-    _choice("device", cfg.device, DEVICES)
-    _choice("on_worker_failure", cfg.on_worker_failure, FAILURE_MODES)
-
-
-def _check_at_least(cfg: "TrainConfig", low: int, names: Sequence[str]) -> None:
-    for name in names:
-        if getattr(cfg, name) < low:
-            raise UsageError(f"--{_flag(name)} must be >= {low} (got {getattr(cfg, name)})")
-
-
-def _check_ranges(cfg: "TrainConfig") -> None:
-    """Every numeric flag within its range, one line naming the first that is not."""
-    _check_at_least(
-        cfg,
-        1,
-        (
-            "epochs",
-            "batch_size",
-            "accum_steps",
-            "num_classes",
-            "synthetic_samples",
-            "workers",
-            "shards",
-            "commit_every",
-        ),
-    )
-    if not 2 <= cfg.num_classes <= MAX_CLASSES:
-        raise UsageError(
-            f"--num-classes must be between 2 and {MAX_CLASSES:,} (got "
-            f"{cfg.num_classes:,}): every rank keeps a classes x classes "
-            "confusion matrix"
-        )
-    if not cfg.lr > 0:
-        raise UsageError(f"--lr must be > 0 (got {cfg.lr}); try 0.01")
-    if not 0 <= cfg.momentum < 1:
-        raise UsageError(f"--momentum must be in [0, 1) (got {cfg.momentum})")
-    for name in ("bucket_mb", "profile_interval", "eval_interval"):
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"--{_flag(name)} must be > 0 (got {getattr(cfg, name)})")
-    _check_at_least(
-        cfg,
-        0,
-        (
-            "weight_decay",
-            "warmup_epochs",
-            "grad_clip",
-            "loader_workers",
-            "threads",
-            "test_batch_size",
-            "log_interval",
-            "gradient_predivide_factor",
-        ),
-    )
-    from .profiler.sampler import MAX_INTERVAL_S
-
-    if cfg.profile_interval > MAX_INTERVAL_S:
-        raise UsageError(
-            f"--profile-interval must be <= {MAX_INTERVAL_S:.0f} seconds (got "
-            f"{cfg.profile_interval:g})"
-        )
-    if cfg.gpu < -1:
-        raise UsageError(f"--gpu must be a GPU index >= 0 (got {cfg.gpu})")
-
-
-def _check_combinations(cfg: "TrainConfig") -> None:
-    """Flags that exclude each other, and those the shared-buffer strategies cannot honour."""
-    if cfg.gpu >= 0 and cfg.device == "cpu":
-        raise UsageError(
-            f"--gpu {cfg.gpu} and --device cpu (or --no-cuda) exclude each other; drop one"
-        )
-    if cfg.adasum and cfg.gradient_predivide_factor not in (0.0, 1.0):
-        raise UsageError("--gradient-predivide-factor applies to averaging, not --adasum; drop one")
-    if cfg.resume and cfg.overwrite:
-        raise UsageError("--resume continues the run in --out and --overwrite deletes it; pick one")
-    if cfg.strategy in SHARED_STRATEGIES:
-        _check_shared(cfg)
-
-
-def _check_shared(cfg: "TrainConfig") -> None:
+def check_shared(cfg: TrainConfig) -> None:
     """Flags that the shared-buffer strategies (CPU processes, C++ SGD kernel) cannot honour."""
     s = f"--strategy {cfg.strategy}"
     if cfg.device == "cuda":
@@ -282,9 +355,9 @@ def _check_shared(cfg: "TrainConfig") -> None:
         raise UsageError(
             f"{s} runs on CPU, where fp16 autocast has no loss scaling; use --amp bf16"
         )
-    for flag in ("fp16_allreduce", "adasum", "resume"):
-        if getattr(cfg, flag):
-            raise UsageError(f"--{_flag(flag)} applies to --strategy allreduce only; drop it")
+    for name in ("fp16_allreduce", "adasum", "resume"):
+        if getattr(cfg, name):
+            raise UsageError(f"--{flag(name)} applies to --strategy allreduce only; drop it")
     if cfg.strategy == "sharded" and cfg.shards < 2:
         raise UsageError(f"--strategy sharded needs --shards >= 2 (got {cfg.shards})")
     if cfg.strategy == "sync" and cfg.on_worker_failure == "continue":
@@ -294,44 +367,153 @@ def _check_shared(cfg: "TrainConfig") -> None:
         )
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    """The Python type a field holds (``bool | None`` fields hold a bool)."""
-    if f.default is None:
-        return bool if "bool" in str(f.type) else str
-    return float if isinstance(f.default, float) else type(f.default)
+# ------------------------------------------------------------------------------ checks
 
 
-def _check_types(cfg: Any) -> None:
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``--input-shape`` C,H,W as three ints >= 1, or a UsageError naming the form."""
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape must be C,H,W like 3,32,32 (got {text!r})") from None
+    if min(c, h, w) < 1:
+        raise UsageError(f"--input-shape entries must be >= 1 (got {text!r})")
+    return c, h, w
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """The resolved type of every field of ``cls`` (``Literal[...]``, ``bool | None``, ...)."""
+    return typing.get_type_hints(cls)
+
+
+def choices_of(hint: Any) -> tuple | None:
+    """The values of a ``Literal[...]`` type; None for any other type."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def value_type(hint: Any) -> type:
+    """The Python type a field holds: a Literal's values' type, ``bool`` of ``bool | None``."""
+    if choices_of(hint):
+        return type(choices_of(hint)[0])
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def check_choices(cfg: Options) -> None:
+    """Every ``Literal`` field holds one of its values."""
+    for name, hint in hints(type(cfg)).items():
+        values = choices_of(hint)
+        if values is not None:
+            choice(name.replace("_", " "), getattr(cfg, name), values)
+
+
+def check_types(cfg: Options) -> None:
     """Values from TOML or Python callers must match the field types (int is fine for float),
     and every float must be finite: the one check behind every float flag."""
+    types = hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        value, want = getattr(cfg, f.name), _field_type(f)
-        if value is None and f.default is None:
+        value, want = getattr(cfg, f.name), value_type(types[f.name])
+        if value is None and type(None) in typing.get_args(types[f.name]):
             continue
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
             ok = True
         if not ok:
-            raise UsageError(f"--{_flag(f.name)} must be {want.__name__}, got {value!r}")
+            raise UsageError(f"--{flag(f.name)} must be {want.__name__}, got {value!r}")
         if want is float and not math.isfinite(getattr(cfg, f.name)):
-            raise UsageError(f"--{_flag(f.name)} must be a finite number (got {value!r})")
+            raise UsageError(f"--{flag(f.name)} must be a finite number (got {value!r})")
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+def at_least(cfg: Options, low: int, *names: str) -> None:
+    """Each named numeric field >= ``low``, or one line naming the first that is not."""
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise UsageError(f"--{flag(name)} must be >= {low} (got {getattr(cfg, name)})")
 
 
-def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+def positive(cfg: Options, *names: str) -> None:
+    """Each named numeric field > 0, or one line naming the first that is not."""
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{flag(name)} must be > 0 (got {getattr(cfg, name)})")
+
+
+def choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-RESUME_OUT = "<--out>"  # `--resume` alone: the checkpoint in --out
+def flag(name: str) -> str:
+    """The command-line flag of a field, without its dashes: ``batch_size`` -> batch-size."""
+    return name.replace("_", "-")
+
+
+# ------------------------------------------------------------------------ command line
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in every help line; the description and examples keep their line breaks."""
+
+
+class _Refuse(argparse.Action):
+    """A flag of another entry point: one UsageError line naming the fix, at parse time."""
+
+    def __init__(self, option_strings, dest, message: str = "", **kw):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kw)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UsageError(self.message)
+
+
+def field_groups(cls: type) -> list[tuple[str, list[dataclasses.Field]]]:
+    """``cls``'s fields by the option group that defines them, in field order (a field that a
+    subclass redefines, for a new default, stays in its group)."""
+    fields = dataclasses.fields(cls)
+    owner: dict[str, type] = {}
+    for base in reversed(cls.__mro__):
+        for name in base.__dict__.get("__annotations__", {}):
+            owner.setdefault(name, base)
+    groups: dict[str, list] = {}
+    for f in fields:
+        base = owner[f.name]
+        groups.setdefault(base.__dict__.get("TITLE", base.__name__), []).append(f)
+    return list(groups.items())
+
+
+def add_field(group, f: dataclasses.Field, hint: Any) -> None:
+    """One flag for the field ``f`` of type ``hint``."""
+    from .models import NAMES  # late: models imports torch
+
+    name, help_, kw = "--" + flag(f.name), f.metadata["help"], {"dest": f.name}
+    values = choices_of(hint)
+    if f.name == "model":
+        group.add_argument(
+            name, **kw, default=f.default, metavar="MODEL", help=f"{help_}: {', '.join(NAMES)}"
+        )
+    elif f.name == "resume":
+        group.add_argument(
+            name, **kw, nargs="?", const=RESUME_OUT, default=f.default, metavar="PATH", help=help_
+        )
+    elif value_type(hint) is bool:  # --x / --no-x; None (pin_memory): decided later
+        group.add_argument(
+            name, **kw, action=argparse.BooleanOptionalAction, default=f.default, help=help_
+        )
+    elif f.name == "amp":  # `--amp` alone means bf16
+        group.add_argument(
+            name, **kw, nargs="?", const="bf16", default=f.default, choices=values, help=help_
+        )
+    else:
+        group.add_argument(
+            name,
+            **kw,
+            type=value_type(hint),
+            default=f.default,
+            metavar="{" + ",".join(values) + "}" if values else f.name.upper(),
+            help=help_,
+        )
 
 
 def build_parser(
@@ -340,9 +522,10 @@ def build_parser(
     description: str | None = None,
     epilog: str | None = None,
 ) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field, defaults shown in help."""
+    """An argparse parser with one flag per dataclass field, grouped by concern, defaults
+    shown in help. ``cls.REFUSED`` (flag -> message), if any: flags of other entry points,
+    refused in one line naming the fix."""
     from . import __version__
-    from .models import NAMES  # late: models imports torch
 
     p = ArgumentParser(
         prog=prog, description=description or cls.__doc__, epilog=epilog, formatter_class=_Formatter
@@ -353,55 +536,15 @@ def build_parser(
         metavar="FILE",
         help="TOML file of field = value defaults (top level, or all under one [train] table)",
     )
-    names = {f.name for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):
-        flag, help_ = "--" + _flag(f.name), f.metadata["help"]
-        if f.name == "model":
-            p.add_argument(
-                flag,
-                dest=f.name,
-                default=f.default,
-                metavar="MODEL",
-                help=f"{help_}: {', '.join(NAMES)}",
-            )
-        elif f.name == "resume":
-            p.add_argument(
-                flag,
-                dest=f.name,
-                nargs="?",
-                const=RESUME_OUT,
-                default=f.default,
-                metavar="PATH",
-                help=help_,
-            )
-        elif f.type in ("bool", bool) or isinstance(f.default, bool):
-            p.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=help_,
-            )
-        elif f.name == "amp":  # `--amp` alone means bf16
-            p.add_argument(
-                flag,
-                dest=f.name,
-                nargs="?",
-                const="bf16",
-                default=f.default,
-                choices=AMP_MODES,
-                help=help_,
-            )
-        elif f.type in ("bool | None",):
-            p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_
-            )
-        else:
-            kind = type(f.default) if f.default is not None else str
-            p.add_argument(
-                flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(), help=help_
-            )
+    types = hints(cls)
+    for title, fields in field_groups(cls):
+        group = p.add_argument_group(title)
+        for f in fields:
+            add_field(group, f, types[f.name])
+    for name, message in getattr(cls, "REFUSED", {}).items():
+        p.add_argument("--" + name, action=_Refuse, message=message, default=argparse.SUPPRESS)
     # Horovod's example scripts' flags, for users who bring their launch lines along.
+    names = set(types)
     aliases = p.add_argument_group("Horovod example flags (aliases)")
     if "adasum" in names:
         aliases.add_argument(
@@ -462,10 +605,12 @@ def load_toml(path: str, cls: type = TrainConfig) -> dict[str, Any]:
                 "table; put them all in one place"
             )
         data = data["train"]
-    names = {f.name for f in dataclasses.fields(cls)}
+    names, refused = {f.name for f in dataclasses.fields(cls)}, getattr(cls, "REFUSED", {})
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if flag(name) in refused:
+            raise UsageError(f"--config {path}: {refused[flag(name)]}")
         if name not in names:
             raise UsageError(f"--config {path}: unknown key {key!r}")
         out[name] = value

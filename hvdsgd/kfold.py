@@ -6,8 +6,9 @@
 
 The training and test sets of ``--dataset`` are pooled and cut into ``--folds`` stratified
 folds (scikit-learn's ``StratifiedKFold``, shuffled with ``--seed``); each fold is a task
-(:mod:`hvdsgd.tasks`) that trains a fresh model on the other folds with the flags of
-``hvdsgd.train`` and reports test accuracy, macro-F1 and loss on its own fold. A fold's seed is
+(:mod:`hvdsgd.sweep` runs them) that trains a fresh model on the other folds with the data,
+model and training flags of ``hvdsgd.train`` and reports test accuracy, macro-F1 and loss on its
+own fold. A fold's seed is
 ``--seed + fold``, and it runs on ``--task-threads`` threads wherever it runs, so its figures
 are identical serially, over processes and over Horovod ranks. ``--out`` receives
 ``tasks.jsonl``, ``summary.json`` and, with ``--compare-serial``, ``cpu.png``: CPU utilisation
@@ -17,23 +18,25 @@ over time of the serial and the parallel run (from :mod:`hvdsgd.profiler`).
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from . import tasks
-from .config import TrainConfig, option, parse_args
+from .config import DataOptions, option, parse_args
 from .errors import UsageError, exit_on_usage_error
+from .sweep import Runs, Sweep, TaskConfig, cpu_text, data_key, per_task, warm_model
 
 log = logging.getLogger("hvdsgd")
 
 
 @dataclass
-class KFoldConfig(tasks.TaskConfig):
-    """K-fold cross-validation; every flag of ``hvdsgd.train`` applies to each fold."""
+class KFoldConfig(TaskConfig):
+    """K-fold cross-validation; the data, model and training flags of ``hvdsgd.train`` apply
+    to each fold."""
+
+    TITLE = "K-fold"
 
     folds: int = option(5, "number of stratified folds (each is one task)")
     out: str = option("runs/kfold", "run directory: tasks.jsonl, summary.json, cpu.png")
@@ -42,31 +45,18 @@ class KFoldConfig(tasks.TaskConfig):
     batch_size: int = option(64, "samples per step")
     warmup_epochs: float = option(0.0, "epochs of linear warm-up")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.folds < 2:
             raise UsageError(f"--folds must be >= 2 (got {self.folds})")
 
 
 # ------------------------------------------------------------------------------ data
 
-_POOLED: dict[tuple, tuple] = {}  # this process's pooled data, by data_key
+_POOLED: dict[tuple, tuple] = {}  # this process's pooled data, by sweep.data_key
 
 
-def data_key(cfg: TrainConfig) -> tuple:
-    return (
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.model,
-        cfg.seed,
-        cfg.synthetic,
-        cfg.input_shape,
-        cfg.num_classes,
-        cfg.synthetic_samples,
-    )
-
-
-def pooled(cfg: TrainConfig):
+def pooled(cfg: DataOptions):
     """The data set's train and test parts pooled: (x, y, classes), resized for the model."""
     key = data_key(cfg)
     if key not in _POOLED:
@@ -130,13 +120,9 @@ def train_fold(
 def warm_worker(cfg: dict, pooled: tuple) -> None:
     """A task worker's start: take the parent's pooled data (no reload), build the model and
     an optimizer once, so that first-call costs are not charged to the first fold."""
-    from . import models
-    from .engine import make_optimizer
-
     c = KFoldConfig(**cfg)
     _POOLED[data_key(c)] = pooled
-    model = models.build(c.model, tuple(pooled[0].shape[1:]), len(pooled[2]))
-    make_optimizer(c, model, c.lr)  # the first optimizer of a process costs ~1 s of imports
+    warm_model(c, pooled[0].shape[1:], len(pooled[2]))
 
 
 def make_tasks(cfg: KFoldConfig) -> list[tasks.Task]:
@@ -231,103 +217,60 @@ def _mean_std(stat: dict, scale: float, digits: int) -> str:
 
 
 def kfold(cfg: KFoldConfig) -> dict:
-    from . import logs
-
-    logs.setup(cfg.main)
-    out = Path(cfg.out)
-    if cfg.main:
-        from .report import RunDir
-
-        RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
-    parallel_mode = "serial" if cfg.serial else cfg.mode
+    sweep = Sweep(cfg, "hvdsgd.kfold")
     x, y, classes = pooled(cfg)
-    world = int(os.environ.get("HOROVOD_SIZE", "1"))
-    workers = (
-        world
-        if parallel_mode == "horovod"
-        else (1 if parallel_mode == "serial" else min(cfg.workers, cfg.folds))
+    sweep.start(
+        cfg.folds,
+        f"{cfg.folds} stratified folds of {cfg.dataset} ({len(y)} samples, "
+        f"{len(classes)} classes), {cfg.model}, {cfg.epochs} epochs",
+        "fold",
+        warm=(warm_worker, (cfg.to_dict(), (x, y, classes))),
     )
-    log.info(
-        f"hvdsgd.kfold: {cfg.folds} stratified folds of {cfg.dataset} ({len(y)} samples, "
-        f"{len(classes)} classes), {cfg.model}, {cfg.epochs} epochs; "
-        + {
-            "serial": "serially in this process",
-            "processes": f"{workers} worker processes",
-            "horovod": f"{world} Horovod ranks",
-        }[parallel_mode]
-        + f", {cfg.task_threads} thread(s) per fold"
-    )
-    # The same start as a task worker's, here too: first-call costs stay out of every timing.
-    warm = (warm_worker, (cfg.to_dict(), (x, y, classes)))
-    warm_worker(*warm[1])
-    task_list = make_tasks(cfg)
-    runs, walls, profiles = {}, {}, {}
-    if cfg.compare_serial:
-        runs["serial"], walls["serial"], profiles["serial"] = tasks.timed(
-            cfg, task_list, "serial", out, "serial", warm
-        )
-    label = "serial" if parallel_mode == "serial" else "parallel"
-    runs[label], walls[label], profiles[label] = tasks.timed(
-        cfg, task_list, parallel_mode, out, label, warm
-    )
-    results = runs[label]
+    runs = sweep.run(make_tasks(cfg))
     summary = {
         "folds": cfg.folds,
-        "mode": parallel_mode,
+        "mode": sweep.mode,
         "model": cfg.model,
         "dataset": cfg.dataset,
         "samples": len(y),
-        "workers": workers,
+        "workers": sweep.workers,
         "task_threads": cfg.task_threads,
-        "wall_time_s": walls[label],
-        **aggregate(results),
-        "failed": [r.name for r in results if not r.ok],
-        "per_fold": [
-            {
-                "fold": r.name,
-                **(r.result or {}),
-                "seconds": r.seconds,
-                "worker": r.worker,
-                "error": r.error,
-            }
-            for r in results
-        ],
-        "cpu_util_mean": tasks.cpu_mean(profiles[label]),
+        "wall_time_s": runs.wall,
+        **aggregate(runs.reported),
+        "failed": [r.name for r in runs.reported if not r.ok],
+        "per_fold": per_task(runs.reported, "fold"),
+        "cpu_util_mean": runs.cpu(),
         "config": cfg.to_dict(),
     }
-    if cfg.compare_serial:
+    if runs.compared:
         summary["serial"] = {
-            "wall_time_s": walls["serial"],
-            **aggregate(runs["serial"]),
-            "cpu_util_mean": tasks.cpu_mean(profiles["serial"]),
+            "wall_time_s": runs.walls["serial"],
+            **aggregate(runs.results["serial"]),
+            "cpu_util_mean": runs.cpu("serial"),
         }
-        summary["speedup"] = walls["serial"] / walls["parallel"]
-        summary["efficiency"] = summary["speedup"] / workers
-        summary["identical_per_fold"] = tasks.identical(runs["serial"], results)
-    if cfg.main:
-        tasks.write_records(out, results, summary)
-        if cfg.compare_serial:
-            tasks.plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
-        log.info("\n" + table(runs))
-        line = (
-            f"{cfg.folds} folds in {walls[label]:.1f} s ({parallel_mode}); mean accuracy "
-            f"{_pct(summary['test_accuracy'])} ± {100 * summary['test_accuracy']['std']:.2f}"
+        summary.update(runs.speedup(sweep.workers))
+        summary["identical_per_fold"] = runs.identical()
+    return sweep.finish(runs, summary, lambda: report(summary, runs, sweep))
+
+
+def report(summary: dict, runs: Runs, sweep: Sweep) -> None:
+    """The table, then one line: the time, the mean accuracy (and, compared with the serial
+    run, the speed-up, efficiency, identity and CPU utilisation of both)."""
+    log.info("\n" + table(runs.results))
+    s, n = summary, sweep.workers
+    line = (
+        f"{s['folds']} folds in {runs.wall:.1f} s ({s['mode']}); mean accuracy "
+        f"{_pct(s['test_accuracy'])} ± {100 * s['test_accuracy']['std']:.2f}"
+    )
+    if runs.compared:
+        line += (
+            f"; serial {runs.walls['serial']:.1f} s: speed-up {s['speedup']:.2f}x, "
+            f"efficiency {100 * s['efficiency']:.0f}% on {n} "
+            f"workers; per-fold results identical: {s['identical_per_fold']}; "
+            f"CPU {cpu_text(s['serial']['cpu_util_mean'])}% serial, "
+            f"{cpu_text(s['cpu_util_mean'])}% parallel"
         )
-        if cfg.compare_serial:
-            line += (
-                f"; serial {walls['serial']:.1f} s: speed-up {summary['speedup']:.2f}x, "
-                f"efficiency {100 * summary['efficiency']:.0f}% on {workers} "
-                f"workers; per-fold results identical: {summary['identical_per_fold']}; "
-                f"CPU {number(summary['serial']['cpu_util_mean'])}% serial, "
-                f"{number(summary['cpu_util_mean'])}% parallel"
-            )
-        log.info(line + f"; results in {out}/")
-    tasks.exit_if_failed(runs, cfg, "hvdsgd.kfold")
-    return summary
-
-
-def number(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.0f}"
+    log.info(line + f"; results in {sweep.out}/")
 
 
 def _pct(stat: dict) -> str:

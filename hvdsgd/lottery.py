@@ -30,22 +30,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import data, tasks
-from .config import TrainConfig, option, parse_args
+from .config import DataOptions, OptimOptions, option, parse_args
 from .errors import UsageError, exit_on_usage_error
-from .kfold import data_key, number
+from .sweep import Sweep, TaskConfig, cpu_text, data_key, per_task, warm_model
 
 log = logging.getLogger("hvdsgd")
 
 
 @dataclass
-class LotteryConfig(tasks.TaskConfig):
-    """Lottery tickets; every flag of ``hvdsgd.train`` applies to the dense run and each round."""
+class LotteryConfig(TaskConfig):
+    """Lottery tickets; the data, model and training flags of ``hvdsgd.train`` apply to the
+    dense run and each round."""
+
+    TITLE = "lottery tickets"
 
     sparsities: str = option(
         "0.5,0.8,0.9,0.95",
@@ -67,8 +69,8 @@ class LotteryConfig(tasks.TaskConfig):
     batch_size: int = option(64, "samples per step")
     warmup_epochs: float = option(0.0, "epochs of linear warm-up")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _sparsities(self.sparsities)
         if self.reset_steps != "auto":
             _reset_steps(self.reset_steps)
@@ -131,7 +133,7 @@ def resolve_reset_steps(cfg: LotteryConfig, updates: int) -> LotteryConfig:
     return dataclasses.replace(cfg, reset_steps=",".join(map(str, steps)))
 
 
-def total_updates(cfg: TrainConfig, n_train: int) -> int:
+def total_updates(cfg: OptimOptions, n_train: int) -> int:
     """Optimizer updates of one ``fit`` over ``n_train`` samples (what ``--reset-steps`` counts)."""
     from .engine import steps_per_epoch
 
@@ -199,7 +201,7 @@ def apply_masks(model, masks: dict) -> None:
 
 
 def train_masked(
-    cfg: TrainConfig, model, masks: dict, train: tuple, test: tuple, num_classes: int, seed: int
+    cfg: OptimOptions, model, masks: dict, train: tuple, test: tuple, num_classes: int, seed: int
 ) -> dict:
     """``fit`` with the pruned weights held at exactly zero: their gradients are masked before
     clipping, momentum and weight decay see them (so they are not parameters of the ticket),
@@ -228,10 +230,11 @@ def train_masked(
 
 # ------------------------------------------------------------------------------ data
 
-_DATA: dict[tuple, object] = {}  # this process's data set (train and test split), by kfold.data_key
+_DATA: dict[tuple, object] = {}  # this process's data set (train and test split), by data_key
 
 
-def _dataset(cfg: TrainConfig):
+def dataset(cfg: DataOptions):
+    """This process's data set (loaded once; a task worker takes its parent's)."""
     key = data_key(cfg)
     if key not in _DATA:
         _DATA[key] = data.load_for(cfg)
@@ -241,12 +244,9 @@ def _dataset(cfg: TrainConfig):
 def warm_worker(cfg: dict, ds) -> None:
     """A task worker's start: take the parent's data set (no reload), build the model and an
     optimizer once, so that first-call costs are not charged to the first ticket."""
-    from . import models
-    from .engine import make_optimizer
-
     c = LotteryConfig(**cfg)
     _DATA[data_key(c)] = ds
-    make_optimizer(c, models.build(c.model, ds.input_shape, ds.num_classes), c.lr)
+    warm_model(c, ds.input_shape, ds.num_classes)
 
 
 # ----------------------------------------------------------------------- the phases
@@ -266,7 +266,7 @@ def train_dense(cfg: LotteryConfig) -> dict:
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.task_threads)
-    ds = _dataset(cfg)
+    ds = dataset(cfg)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, ds.input_shape, ds.num_classes)
     wanted = set(cfg.reset_list)
@@ -304,7 +304,7 @@ def find_ticket(
     from . import models
 
     c = LotteryConfig(**cfg)
-    ds = _dataset(c)
+    ds = dataset(c)
     model = models.build(c.model, ds.input_shape, ds.num_classes)
     model.load_state_dict(final)
     masks, history, updates, train_time = None, [], 0, 0.0
@@ -475,71 +475,43 @@ def check_run(cfg: LotteryConfig, ds) -> tuple[int, int]:
 
 
 def lottery(cfg: LotteryConfig) -> dict:
-    from . import dist, logs
+    from . import dist
 
-    mode, main = cfg.mode, cfg.main
-    logs.setup(main)
-    out = Path(cfg.out)
-    if main:
-        from .report import RunDir
-
-        RunDir(out).prepare(overwrite=cfg.overwrite)  # no metrics.jsonl: tasks.jsonl instead
-    ds = _dataset(cfg)
+    sweep = Sweep(cfg, "hvdsgd.lottery")
+    ds = dataset(cfg)
     cfg = resolve_reset_steps(cfg, total_updates(cfg, len(ds.train_y)))
     updates, n_weights = check_run(cfg, ds)
-    world = int(os.environ.get("HOROVOD_SIZE", "1"))
     n_tasks = len(cfg.sparsity_list) * len(cfg.reset_list)
-    parallel_mode = "serial" if cfg.serial else mode
-    workers = (
-        world
-        if parallel_mode == "horovod"
-        else (1 if parallel_mode == "serial" else min(cfg.workers, n_tasks))
+    sweep.start(
+        n_tasks,
+        f"{cfg.model} on {cfg.dataset} ({len(ds.train_y)} train / {len(ds.test_y)} test), "
+        f"{n_weights:,} prunable weights; {n_tasks} tickets = {len(cfg.sparsity_list)} "
+        f"sparsities x {len(cfg.reset_list)} reset steps, {cfg.rounds} round(s) of "
+        f"{cfg.epochs} epoch(s) each",
+        "task",
+        warm=(warm_worker, (cfg.to_dict(), ds)),
     )
-    log.info(
-        f"hvdsgd.lottery: {cfg.model} on {cfg.dataset} ({len(ds.train_y)} train / "
-        f"{len(ds.test_y)} test), {n_weights:,} prunable weights; {n_tasks} tickets = "
-        f"{len(cfg.sparsity_list)} sparsities x {len(cfg.reset_list)} reset steps, "
-        f"{cfg.rounds} round(s) of {cfg.epochs} epoch(s) each; "
-        + {
-            "serial": "serially in this process",
-            "processes": f"{workers} worker processes",
-            "horovod": f"{world} Horovod ranks",
-        }[parallel_mode]
-        + f", {cfg.task_threads} thread(s) per task"
-    )
-    # The same start as a task worker's, here too: first-call costs stay out of every timing.
-    warm = (warm_worker, (cfg.to_dict(), ds))
-    warm_worker(*warm[1])
-    if mode == "horovod":
+    horovod = cfg.mode == "horovod"
+    if horovod:
         dist.init_library()  # Horovod: rank and world from horovodrun (tasks.run needs it too)
     log.info(f"serial phase: dense training, {updates} updates")
     # Horovod: rank 0 trains the dense model (the other ranks wait: Amdahl's serial part) and
     # broadcasts the results and snapshots, so every rank's tickets start from the same weights.
     dense = (
         dist.on_main(lambda: train_dense(cfg), name="lottery.dense")
-        if mode == "horovod"
+        if horovod
         else train_dense(cfg)
     )
     log.info(f"dense: test accuracy {_acc(dense['result'])} in {dense['seconds']:.1f} s")
-    task_list = make_tasks(cfg, dense)
-
-    runs, walls, profiles = {}, {}, {}
-    if cfg.compare_serial:
-        runs["serial"], walls["serial"], profiles["serial"] = tasks.timed(
-            cfg, task_list, "serial", out, "serial", warm
-        )
-    label = "parallel" if parallel_mode != "serial" else "serial"
-    runs[label], walls[label], profiles[label] = tasks.timed(
-        cfg, task_list, parallel_mode, out, label, warm
-    )
-    results = runs[label]
+    runs = sweep.run(make_tasks(cfg, dense))
+    results, workers = runs.reported, sweep.workers
 
     # The tickets' serial time: measured with --compare-serial, else the sum of their own times.
-    serial_tickets = walls["serial"] if "serial" in walls else sum(r.seconds for r in results)
+    serial_tickets = runs.walls["serial"] if runs.compared else sum(r.seconds for r in results)
     summary = {
         "model": cfg.model,
         "dataset": cfg.dataset,
-        "mode": parallel_mode,
+        "mode": sweep.mode,
         "train_samples": len(ds.train_y),
         "test_samples": len(ds.test_y),
         "prunable_weights": n_weights,
@@ -551,48 +523,34 @@ def lottery(cfg: LotteryConfig) -> dict:
         "task_threads": cfg.task_threads,
         "dense": {**dense["result"], "seconds": dense["seconds"]},
         "serial_phase_s": dense["seconds"],
-        "parallel_phase_s": walls[label],
-        "wall_time_s": dense["seconds"] + walls[label],
+        "parallel_phase_s": runs.wall,
+        "wall_time_s": dense["seconds"] + runs.wall,
         **amdahl_figures(dense["seconds"], serial_tickets, workers, n_tasks),
-        "serial_fraction_from": "serial run" if "serial" in walls else "task times",
+        "serial_fraction_from": "serial run" if runs.compared else "task times",
         "failed": [r.name for r in results if not r.ok],
-        "per_task": [
-            {
-                "task": r.name,
-                **r.inputs,
-                **(r.result or {}),
-                "seconds": r.seconds,
-                "worker": r.worker,
-                "error": r.error,
-            }
-            for r in results
-        ],
-        "cpu_util_mean": tasks.cpu_mean(profiles[label]),
+        "per_task": per_task(results, "task", inputs=True),
+        "cpu_util_mean": runs.cpu(),
         "config": cfg.to_dict(),
     }
-    if cfg.compare_serial:
-        serial_total = dense["seconds"] + walls["serial"]
+    if runs.compared:
         summary["serial"] = {
-            "tickets_s": walls["serial"],
-            "wall_time_s": serial_total,
-            "cpu_util_mean": tasks.cpu_mean(profiles["serial"]),
+            "tickets_s": runs.walls["serial"],
+            "wall_time_s": dense["seconds"] + runs.walls["serial"],
+            "cpu_util_mean": runs.cpu("serial"),
         }
-        summary["speedup"] = serial_total / summary["wall_time_s"]
-        summary["efficiency"] = summary["speedup"] / workers
-        summary["identical_per_task"] = tasks.identical(runs["serial"], results)
-    if main:
-        tasks.write_records(out, results, summary)
-        plot_accuracy(cfg, results, dense, out / "accuracy.png")
-        if cfg.compare_serial:
-            tasks.plot_cpu({k: p.csv_path for k, p in profiles.items()}, out / "cpu.png")
+        summary.update(runs.speedup(workers, serial_phase_s=dense["seconds"]))
+        summary["identical_per_task"] = runs.identical()
+
+    def report() -> None:
+        plot_accuracy(cfg, results, dense, sweep.out / "accuracy.png")
         log.info(
             f"\ntest accuracy by sparsity and reset step k (dense: "
             f"{_acc(dense['result'])}):\n"
             + table(cfg.sparsity_list, cfg.reset_list, summary["per_task"])
         )
-        log.info(_timing(summary) + f"; results in {out}/")
-    tasks.exit_if_failed(runs, cfg, "hvdsgd.lottery")
-    return summary
+        log.info(_timing(summary) + f"; results in {sweep.out}/")
+
+    return sweep.finish(runs, summary, report)
 
 
 def _timing(s: dict) -> str:
@@ -606,8 +564,8 @@ def _timing(s: dict) -> str:
             f"; serially {s['serial']['wall_time_s']:.1f} s in all: speed-up "
             f"{s['speedup']:.2f}x, efficiency {100 * s['efficiency']:.0f}%; "
             f"per-task results identical: {s['identical_per_task']}; CPU "
-            f"{number(s['serial']['cpu_util_mean'])}% serial, "
-            f"{number(s['cpu_util_mean'])}% parallel"
+            f"{cpu_text(s['serial']['cpu_util_mean'])}% serial, "
+            f"{cpu_text(s['cpu_util_mean'])}% parallel"
         )
     return (
         line + f"\nAmdahl, serial fraction f = {s['serial_fraction']:.3f} (from "

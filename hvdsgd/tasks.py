@@ -36,19 +36,19 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Listener, wait
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
-from .config import TrainConfig, option
 from .errors import UsageError
 
 log = logging.getLogger("hvdsgd")
 
 MODES = ("serial", "processes", "horovod")
-START_METHODS = ("auto", "fork", "spawn", "forkserver")
+StartMethod = Literal["auto", "fork", "spawn", "forkserver"]
+START_METHODS = typing.get_args(StartMethod)
 
 
 @dataclass
@@ -409,7 +409,7 @@ def start_method(requested: str = "auto", threads: int = 1) -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _preload(fns: list[Callable]) -> list[str]:
+def preload_modules(fns: list[Callable]) -> list[str]:
     """What a forkserver imports once for all its workers: torch, the hvdsgd modules this
     process has imported and the modules defining ``fns``; not the main module (a worker runs
     it as ``__mp_main__``, and runpy warns when it finds it imported already)."""
@@ -469,7 +469,7 @@ def run_processes(
     method = start_method(method, threads)
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(_preload([t.fn for t in tasks] + ([fn] if fn else [])))
+        ctx.set_forkserver_preload(preload_modules([t.fn for t in tasks] + ([fn] if fn else [])))
     tail = split_tail(tasks, workers)
     barriers = [ctx.Barrier(2) for _ in tail]
     halves: dict[int, dict[int, Result]] = {i: {} for i in tail}
@@ -675,163 +675,3 @@ def failures_text(results: list[Result]) -> str:
         for r in results
         if not r.ok
     )
-
-
-def write_records(out: Path, results: list[Result], summary: dict) -> None:
-    """``tasks.jsonl`` (one row per task) and ``summary.json`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "tasks.jsonl").open("w") as fh:
-        for r in results:
-            fh.write(json.dumps(asdict(r)) + "\n")
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
-
-
-# ------------------------------------------------------- the entry points' shared parts
-
-
-@dataclass
-class TaskConfig(TrainConfig):
-    """``hvdsgd.train``'s flags plus how a sweep of tasks runs (kfold, lottery)."""
-
-    workers: int = option(2, "task worker processes; a free one takes the next task")
-    task_threads: int = option(
-        1, "compute threads per task (the same in every mode, so results match)"
-    )
-    start_method: str = option(
-        "auto",
-        "how task workers start: auto (fork with one thread per "
-        "task, else forkserver), fork (one thread per task only), spawn, "
-        "forkserver",
-    )
-    serial: bool = option(False, "run the tasks one after another in this process")
-    compare_serial: bool = option(
-        False,
-        "run the tasks serially and in parallel; report speed-up, "
-        "efficiency and CPU utilisation over time of both",
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.task_threads < 1:
-            raise UsageError(f"--task-threads must be >= 1 (got {self.task_threads})")
-        if self.serial and self.compare_serial:
-            raise UsageError("--serial and --compare-serial exclude each other; pick one")
-        check_method(self.start_method, self.task_threads)
-        if self.device == "cuda" or self.gpu >= 0:
-            raise UsageError("the tasks train on CPU, one thread each; drop --device cuda / --gpu")
-        for flag in ("resume", "tensorboard", "keep_checkpoints"):
-            if getattr(self, flag):
-                raise UsageError(
-                    f"--{flag.replace('_', '-')} applies to python -m hvdsgd.train; "
-                    "a sweep's tasks keep no checkpoints or event files: drop it"
-                )
-
-    @property
-    def mode(self) -> str:
-        return mode_for(self.workers, self.serial)
-
-    @property
-    def main(self) -> bool:
-        """This process reports: not a Horovod rank other than 0."""
-        return reporting(self.mode)
-
-
-def timed(
-    cfg: TaskConfig,
-    task_list: list[Task],
-    mode: str,
-    out: Path,
-    label: str,
-    warm: tuple | None = None,
-):
-    """``task_list`` in ``mode`` under the profiler (CPU, on the reporting process): the
-    results, the wall time in seconds and the profiler (None on other ranks)."""
-    from .profiler import Profiler
-
-    prof = Profiler(out, 0.1, prefix=f"profile-{label}", gpu=False) if cfg.main else None
-    if prof:
-        prof.start()
-    t0 = time.perf_counter()
-    try:
-        results = run(
-            task_list,
-            mode,
-            cfg.workers,
-            cfg.task_threads,
-            cfg.progress,
-            warm=warm,
-            method=cfg.start_method,
-        )
-    finally:
-        wall = time.perf_counter() - t0
-        if prof:
-            prof.stop()
-    return results, wall, prof
-
-
-def cpu_mean(prof) -> float | None:
-    """Mean CPU utilisation (%) of a finished profile, None without samples."""
-    if prof is None or not prof.summary:
-        return None
-    return (prof.summary["metrics"].get("cpu_util") or {}).get("mean")
-
-
-def identical(a: list[Result], b: list[Result]) -> bool:
-    """The same figures, task by task (accuracy and loss, bit for bit)."""
-    return all(
-        x.ok
-        and y.ok
-        and x.result["test_accuracy"] == y.result["test_accuracy"]
-        and x.result["test_loss"] == y.result["test_loss"]
-        for x, y in zip(a, b, strict=True)
-    )
-
-
-def exit_if_failed(runs: dict[str, list[Result]], cfg: TaskConfig, prog: str) -> None:
-    """Every failed task on stderr with its inputs (reporting process), then exit status 1."""
-    failed = [r for results in runs.values() for r in results if not r.ok]
-    if failed:
-        if cfg.main:
-            print(failures_text(failed), file=sys.stderr, flush=True)
-            print(f"{prog}: {len(failed)} task(s) failed", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-
-
-def plot_cpu(profiles: dict[str, Path], path: Path) -> None:
-    """CPU utilisation over time, one panel per run (serial above, parallel below)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import statistics
-
-    import matplotlib.pyplot as plt
-
-    from .profiler import read_csv
-
-    fig, axes = plt.subplots(
-        len(profiles), 1, figsize=(9, 2.4 * len(profiles)), sharex=True, squeeze=False
-    )
-    for ax, (name, csv) in zip(axes[:, 0], profiles.items(), strict=True):
-        cols = read_csv(csv)
-        t = cols["elapsed_s"]
-        for key in sorted(
-            k for k in cols if k.startswith("cpu") and k.endswith("_util") and k != "cpu_util"
-        ):
-            ax.plot(t, cols[key], lw=0.8, alpha=0.6, label=key.replace("_util", ""))
-        ax.plot(t, cols["cpu_util"], lw=2, color="black", label="all cores")
-        vals = [v for v in cols["cpu_util"] if v is not None]
-        ax.set_title(
-            f"{name}: mean CPU utilisation {statistics.mean(vals):.0f}%"
-            if vals
-            else f"{name}: no samples (the run was shorter than one interval)",
-            fontsize=10,
-        )
-        ax.set_ylabel("CPU %")
-        ax.set_ylim(0, 105)
-        ax.legend(loc="lower right", fontsize=7, ncol=4)
-    axes[-1, 0].set_xlabel("seconds since start")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,5 +1,7 @@
 """TrainConfig validation, the generated command line and TOML files."""
 
+import dataclasses
+
 import pytest
 
 from hvdsgd.config import TrainConfig, parse_args
@@ -172,3 +174,46 @@ def test_torchrun_without_horovod_is_one_line_on_rank_0(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     with pytest.raises(UsageError, match="started by mpirun as 4 processes"):
         parse_args([])
+
+
+@pytest.mark.parametrize(
+    "name", ["dataset", "optimizer", "scheduler", "device", "strategy", "on_worker_failure"]
+)
+def test_every_choice_is_validated_from_its_literal_type(name):
+    import typing
+
+    from hvdsgd import config
+
+    values = config.choices_of(config.hints(TrainConfig)[name])
+    assert values and getattr(TrainConfig(), name) in values
+    with pytest.raises(UsageError) as e:
+        TrainConfig(**{name: "nope"})
+    assert str(e.value) == (
+        f"unknown {name.replace('_', ' ')} 'nope'; choose one of: {', '.join(values)}"
+    )
+    assert config.STRATEGIES == typing.get_args(config.Strategy)
+    assert config.SHARED_STRATEGIES == config.STRATEGIES[1:]
+
+
+def test_fields_are_grouped_by_concern_and_stay_flat(capsys):
+    from hvdsgd import config
+
+    cfg = TrainConfig(workers=3, lr=0.5)
+    assert (cfg.workers, cfg.lr) == (3, 0.5) and TrainConfig(**cfg.to_dict()) == cfg
+    groups = dict(config.field_groups(TrainConfig))
+    assert [f.name for f in groups["shared-buffer strategies (hogwild, sync, ...)"]] == [
+        "workers",
+        "shards",
+        "eval_interval",
+        "on_worker_failure",
+    ]
+    assert sum(len(fs) for fs in groups.values()) == len(dataclasses.fields(TrainConfig))
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    body = out[out.index("options:") :]
+    starts = [body.index(f"\n{title}:\n") for title in groups] + [len(body)]
+    for i, fields in enumerate(groups.values()):
+        for f in fields:  # each flag under its group's title, before the next title
+            assert starts[i] < body.index(f"\n  --{f.name.replace('_', '-')}") < starts[i + 1]
+    assert "(default: 0.5)" in body and "(default: allreduce)" in body

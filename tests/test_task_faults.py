@@ -132,7 +132,7 @@ def test_start_method_is_fork_only_with_one_thread_per_task():
         match="--start-method fork cannot run --task-threads 2: .*use --start-method forkserver",
     ):
         tasks.run([tasks.Task("t", crunch, {"x": 0})], "processes", threads=2, method="fork")
-    preload = tasks._preload([crunch])  # what the forkserver imports once for every worker
+    preload = tasks.preload_modules([crunch])  # what the forkserver imports once for every worker
     assert preload[0] == "torch" and {"hvdsgd.tasks", "test_task_faults"} <= set(preload)
 
 
@@ -254,7 +254,13 @@ def start(tmp_path, cmd: list, ready) -> tuple:
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as o, err.open("w") as e:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=o, stderr=e, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd,
+            cwd=ROOT,
+            stdout=o,
+            stderr=e,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Ctrl-C reaches it even when pytest runs in a background job (SIGINT ignored there)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     deadline = time.monotonic() + 120
     while not ready(psutil.Process(proc.pid).children(recursive=True), out.read_text()):

@@ -1,5 +1,6 @@
 """hvdsgd.tasks and hvdsgd.kfold: independent tasks over processes and Horovod ranks."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -114,15 +115,6 @@ def test_bad_task_arguments():
         tasks.run(_tasks(), "processes", workers=0)
     with pytest.raises(tasks.UsageError, match="unique"):
         tasks.run(_tasks() + _tasks(), "serial")
-
-
-@pytest.mark.unit
-def test_task_records(tmp_path):
-    results = tasks.run(_tasks(fail_on, n=3, bad=1), "serial", progress=False)
-    tasks.write_records(tmp_path, results, {"failed": 1})
-    rows = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
-    assert [r["ok"] for r in rows] == [True, False, True] and rows[1]["inputs"] == {"x": 1}
-    assert json.loads((tmp_path / "summary.json").read_text()) == {"failed": 1}
 
 
 # ----------------------------------------------------------------------------- kfold
@@ -304,11 +296,15 @@ def test_kfold_compare_serial_reports_speedup_and_identical_folds(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()  # tasks.jsonl holds the per-fold rows
 
 
-@pytest.mark.e2e
+@pytest.mark.unit
 def test_kfold_overwrite_replaces_an_earlier_run(tmp_path):
     (tmp_path / "summary.json").write_text("{}")  # an earlier run's results
-    proc = run_kfold(tmp_path, "--serial", "--folds", "2", "--epochs", "1", "--overwrite")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = kfold.KFoldConfig(
+        model="mlp", folds=2, epochs=1, serial=True, progress=False, out=str(tmp_path)
+    )
+    with pytest.raises(kfold.UsageError, match="--overwrite"):
+        kfold.kfold(cfg)
+    kfold.kfold(dataclasses.replace(cfg, overwrite=True))
     assert json.loads((tmp_path / "summary.json").read_text())["folds"] == 2
 
 
@@ -365,20 +361,25 @@ def test_kfold_a_failing_fold_is_reported_and_exits_nonzero(monkeypatch, capsys,
 
 
 @pytest.mark.e2e
+def test_kfold_bad_input_is_one_line(tmp_path):
+    proc = run_kfold(tmp_path, "--folds", "200", timeout=120)  # found once the data is loaded
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        "hvdsgd: error: --folds 200 but class '8' has only 174 samples; use --folds 174 or fewer"
+    )
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "args, message",
     [
-        (
-            ["--folds", "200"],
-            "--folds 200 but class '8' has only 174 samples; use --folds 174 or fewer",
-        ),
         (["--workers", "0"], "--workers must be >= 1 (got 0)"),
         (["--model", "nope"], "unknown model 'nope'"),
         (["--folds", "1"], "--folds must be >= 2 (got 1)"),
     ],
 )
-def test_kfold_bad_input_is_one_line(tmp_path, args, message):
-    proc = run_kfold(tmp_path, *args, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hvdsgd: error: ") and message in lines[0]
+def test_kfold_bad_flags_are_one_line(args, message):
+    with pytest.raises(kfold.UsageError) as e:
+        kfold.parse_args(args, cls=kfold.KFoldConfig)
+    assert message in str(e.value) and "\n" not in str(e.value)

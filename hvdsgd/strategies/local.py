@@ -16,7 +16,7 @@ import torch
 
 from .. import data, schedule
 from .. import pair as pair_
-from ..config import TrainConfig
+from ..config import OptimOptions
 from ..engine import begin_epoch, evaluate, make_optimizer, run_epoch, steps_per_epoch
 from ..metrics import Summary, Tally
 
@@ -28,7 +28,7 @@ class Local:
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        cfg: OptimOptions,
         model: torch.nn.Module,
         steps_per_epoch: int,
         after_update: Callable[["Local"], None] | None = None,
@@ -63,7 +63,7 @@ class Local:
 
 
 def fit(
-    cfg: TrainConfig,
+    cfg: OptimOptions,
     model: torch.nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
