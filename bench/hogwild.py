@@ -116,10 +116,9 @@ def _reference_worker(w, workers, model, x, y, cfg, ready, start, counts, begins
     import torch.nn.functional as F
 
     from hvdsgd import data
-    from hvdsgd.strategies.shared import ShardSampler
 
     torch.set_num_threads(1)
-    sampler = ShardSampler(len(y), w, workers, cfg["seed"])
+    sampler = data.ShardSampler(len(y), w, workers, cfg["seed"])
     batches = data.Batches(x, y, cfg["batch_size"], sampler, torch.device("cpu"))
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]

@@ -59,18 +59,6 @@ def profiler(
     )
 
 
-def profiled(
-    cfg,
-    out: str | Path,
-    device: str = "cpu",
-    cuda_ordinal: int | None = None,
-    rank: int | None = None,
-):
-    """``profiler`` as a context that starts and stops it (or does nothing)."""
-    prof = profiler(cfg, out, device, cuda_ordinal, rank)
-    return contextlib.nullcontext() if prof is None else prof
-
-
 def profile_figures(prof) -> dict[str, Any]:
     """The ``summary.json`` lines of a profile: its files and the means that matter most."""
     if prof is None or not getattr(prof, "summary", None):

@@ -34,6 +34,7 @@ from .config import RESUME_OUT, SHARED_STRATEGIES, TrainConfig, parse_args
 from .engine import Progress, evaluate, run_epoch, steps_per_epoch
 from .errors import UsageError, exit_on_usage_error
 from .metrics import Tally
+from .run import Outcome, Run
 from .strategies.allreduce import Allreduce
 
 log = logging.getLogger("hvdsgd")
@@ -103,24 +104,19 @@ def epoch_line(r: dict) -> str:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train ``cfg`` on every rank; returns the summary (the same dict on every rank)."""
-    if cfg.strategy in SHARED_STRATEGIES:
-        return train_shared(cfg)
+    """Train ``cfg`` with its strategy on every rank; returns the summary (the same dict on
+    every rank). Every strategy writes its run directory through one ``run.Run``."""
     t_start = time.perf_counter()
-    device = dist.init(cfg.device, cfg.threads, cfg.gpu)
-    elastic = dist.elastic()  # horovodrun --min-np/--max-np: ranks may come and go
-    logs.setup(dist.is_main())
-    if cfg.amp == "auto":
-        cfg.amp = "fp16" if device.type == "cuda" else "bf16"
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
-    if cfg.dry_run:
-        cfg.epochs = 1
-
+    shared = cfg.strategy in SHARED_STRATEGIES
+    device, elastic = setup(cfg, shared)
     # Data: every rank loads it; a failure on any rank stops them all with one message. (An
     # elastic rank fails alone and Horovod goes on without its host: no collective may come
     # before hvd.elastic.run, where ranks that join later could not match it.)
     ds = data.load_for(cfg) if elastic else dist.agree(lambda: data.load_for(cfg), name="load_data")
+    if shared:  # HOGWILD and the parameter-server policies: this process spawns the workers
+        from .strategies.shared import SharedRun
+
+        return SharedRun(cfg, ds, t_start).fit()
     check_world(cfg, ds, dist.size())
     if device.type == "cuda" and cfg.loader_workers == 0:
         ds = ds.to(device)  # small data sets live on the GPU: a batch is one index op
@@ -136,7 +132,41 @@ def train(cfg: TrainConfig) -> dict:
         )
         return hvd_elastic.run(job.fit, job.state)
     finally:
-        job.close()
+        job.run.close()
+
+
+def setup(cfg: TrainConfig, shared: bool) -> tuple[torch.device, bool]:
+    """This process's device and whether it is elastic, its log, and the flags that follow
+    from them. The shared-buffer strategies run in one plain process, on CPU."""
+    if shared:
+        refuse_launcher(cfg)
+    device = torch.device("cpu") if shared else dist.init(cfg.device, cfg.threads, cfg.gpu)
+    elastic = not shared and dist.elastic()  # horovodrun --min-np/--max-np: ranks come and go
+    logs.setup(dist.is_main())
+    if cfg.amp == "auto":
+        cfg.amp = "fp16" if device.type == "cuda" else "bf16"
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU")
+    if cfg.dry_run:
+        cfg.epochs = 1
+    return device, elastic
+
+
+def refuse_launcher(cfg: TrainConfig) -> None:
+    """A shared-buffer strategy under horovodrun (elastic or not): one line saying how to run
+    it."""
+    if dist.elastic():
+        raise UsageError(
+            f"--strategy {cfg.strategy} runs on one host and cannot be elastic; "
+            f"run it as one plain process: python -m hvdsgd.train --strategy "
+            f"{cfg.strategy} --workers N"
+        )
+    if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
+        raise UsageError(
+            f"--strategy {cfg.strategy} starts its own --workers processes; run it "
+            f"as one plain process: python -m hvdsgd.train --strategy {cfg.strategy} "
+            f"--workers N"
+        )
 
 
 def check_world(cfg: TrainConfig, ds: data.Dataset, size: int) -> None:
@@ -156,9 +186,10 @@ def check_world(cfg: TrainConfig, ds: data.Dataset, size: int) -> None:
 
 
 class SyncRun:
-    """One synchronous run on this rank: the model, its batches, the Allreduce strategy, the
-    run directory and the profiler, built once. ``fit`` trains every epoch left and writes the
-    summary; an elastic run re-enters it after every reset, with the state of the last commit.
+    """One synchronous run on this rank: the model, its batches and the Allreduce strategy,
+    built once, and its ``run.Run`` (the run directory, rows, checkpoint, summary and lines of
+    every strategy). ``fit`` trains every epoch left and finishes the run; an elastic run
+    re-enters it after every reset, with the state of the last commit.
     """
 
     def __init__(
@@ -185,7 +216,7 @@ class SyncRun:
         self.model = models.build(cfg.model, ds.input_shape, ds.num_classes).to(device)
         # --channels-last converts the batches only: conv layers follow the input's layout, and
         # the parameters (so their gradients) stay contiguous, as Horovod's collectives require.
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.run = Run(cfg, ds, self.model, t_start)  # the run directory and what a user sees
 
         # Horovod: each rank trains on its own shard, reshuffled every epoch.
         self.sampler = data.EpochSampler(self.n_train, rank, size, cfg.seed)
@@ -212,12 +243,6 @@ class SyncRun:
         self.strategy = Allreduce(
             cfg, self.model, device, self.steps_per_epoch(size), broadcast=not elastic
         )
-        self.run = report.RunDir(cfg.out, tensorboard=cfg.tensorboard)
-        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
-        self.prof = report.profiler(
-            cfg, self.run.path, device.type, device.index, rank if size > 1 else None
-        )
-        self.ident = checkpoint.identity(cfg, self.model, ds.input_shape, ds.num_classes)
 
     def steps_per_epoch(self, ranks: int) -> int:
         return steps_per_epoch(self.n_train, ranks, self.cfg.batch_size, self.cfg.accum_steps)
@@ -227,26 +252,21 @@ class SyncRun:
         cfg, history = self.cfg, None  # history: the metrics of a run continued from elsewhere
         if cfg.resume:
             state, history, (p.samples, p.seconds) = dist.on_main(
-                lambda: resume(cfg, self.run, self.ident), name="resume"
+                lambda: resume(cfg, self.run.dir, self.run.ident), name="resume"
             )
             self.model.load_state_dict(state["model"])
             self.strategy.load_state_dict(state["strategy"])
             p.epoch = state["epoch"]
-        dist.on_main(
-            lambda: self.run.prepare(p.epoch if cfg.resume else None, cfg.overwrite, history),
-            name="prepare_out",
-        )
+        self.run.prepare(p.epoch if cfg.resume else None, history)
         size, ds = dist.size(), self.ds
-        log.info(
-            f"hvdsgd: {cfg.model} ({self.n_params:,} parameters) on {ds.name} "
-            f"({self.n_train} train / {self.n_test} test, "
-            f"{'x'.join(map(str, ds.input_shape))}), "
+        self.run.announce(
+            f", {'x'.join(map(str, ds.input_shape))}",
             f"{size} rank{'s' * (size > 1)} x {cfg.batch_size} x {cfg.accum_steps} accum = "
             f"{size * cfg.batch_size * cfg.accum_steps} samples/step, lr {cfg.lr:g} -> "
             f"{cfg.lr * self.strategy.world_scale:g} ({cfg.scheduler}), {self.device.type}, "
             f"{torch.get_num_threads()} thread(s)/rank"
             + (f", elastic (commit every {cfg.commit_every} steps)" if self.elastic else "")
-            + (f", resuming after epoch {p.epoch}" if p.epoch else "")
+            + (f", resuming after epoch {p.epoch}" if p.epoch else ""),
         )
         p.started, p.epoch_start = True, time.time()
 
@@ -257,8 +277,9 @@ class SyncRun:
             self.start(p)
             if self.elastic:
                 state.commit()
-        if self.prof is not None and self.prof.started is None:
-            self.prof.start()  # once --out is prepared: a new run clears an old run's profile
+        # --profile: one sampler per rank, watching this rank's own GPU (and CPU) beside training.
+        size, device = dist.size(), self.device
+        self.run.start_profiler(device.type, device.index, dist.rank() if size > 1 else None)
         row, test = {}, None
         for epoch in range(p.epoch, self.cfg.epochs):
             row, test = self.train_epoch(epoch, p)
@@ -316,13 +337,13 @@ class SyncRun:
             "epoch_time_s": epoch_time,
             "world_size": dist.size(),
         }
-        log.info(epoch_line(row))
         p.epoch, p.step, p.done, p.partial = epoch + 1, 0, 0, None
         p.samples, p.seconds = p.samples + seen, p.seconds + epoch_time
         if self.elastic:
             self.state.save()  # the epoch is done: a rank lost while recording it redoes nothing
-        # Rank 0 writes; a write that fails (full disk) stops every rank with its one line.
-        dist.on_main(functools.partial(self.record, epoch, row), name=f"record.{epoch}")
+        # Rank 0 writes the row and the checkpoint; a write that fails (full disk) stops every
+        # rank with its one line.
+        self.run.record(row, epoch_line(row), self.model, self.strategy, name=f"record.{epoch}")
         p.epoch_start = time.time()
         if self.elastic:  # the epoch's commit
             self.state.save()
@@ -349,58 +370,24 @@ class SyncRun:
             name=name
         )
 
-    def record(self, epoch: int, row: dict) -> None:
-        """Rank 0: the epoch's metrics row, then the checkpoint."""
-        cfg = self.cfg
-        self.run.log_epoch(row)
-        if cfg.checkpoint and not cfg.dry_run:
-            saved = {
-                "model": self.model.state_dict(),
-                "epoch": epoch + 1,
-                "identity": self.ident,
-                "strategy": self.strategy.state_dict(),
-                "config": cfg.to_dict(),
-            }
-            checkpoint.save(self.run.path / checkpoint.NAME, saved)
-            if cfg.keep_checkpoints:
-                checkpoint.save(self.run.path / f"checkpoint-epoch{epoch + 1}.pt", saved)
-
     def finish(self, p: Progress, row: dict, test) -> dict:
         """The summary: written by rank 0, returned on every rank."""
-        cfg = self.cfg
-        if self.prof is not None:
-            self.prof.stop()  # its summary goes into ours
         if test is None:  # resumed a finished run (or reset after the last epoch): evaluate
             test = self.evaluate("test_metrics.final")
-        extra = {"elastic": {"commit_every": cfg.commit_every, "resets": p.resets}}
-        summary = report.summary(
-            cfg,
-            self.ds.name,
-            self.strategy.name,
-            dist.size(),
-            self.n_params,
-            test,
-            row,
-            p.samples,
-            p.seconds,
-            time.perf_counter() - self.t_start,
-            self.device.type,
-            torch.get_num_threads(),
-            **report.profile_figures(self.prof),
-            **(extra if self.elastic else {}),
+        elastic = {"elastic": {"commit_every": self.cfg.commit_every, "resets": p.resets}}
+        return self.run.finish(
+            Outcome(
+                strategy=self.strategy.name,
+                world_size=dist.size(),
+                test=test,
+                last=row,
+                samples=p.samples,
+                train_time=p.seconds,
+                device=self.device.type,
+                threads=torch.get_num_threads(),
+                extra=elastic if self.elastic else {},
+            )
         )
-        summary["train_samples"] = p.samples
-
-        def write():
-            self.run.write_summary(summary)
-            self.run.plot(test.confusion.numpy(), self.ds.classes)
-
-        dist.on_main(write, name="summary")
-        log.info(
-            f"done: test accuracy {100 * test.accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, "
-            f"{summary['wall_time_s']:.1f} s; results in {self.run.path}/"
-        )
-        return summary
 
     def on_reset(self, event: dict) -> None:
         """Elastic: the new world's ranks, threads, shards, learning rate and buckets."""
@@ -413,20 +400,13 @@ class SyncRun:
         self.strategy.resize(size, self.steps_per_epoch(size), p.epoch + p.done / self.n_train)
         if dist.is_main():
             with contextlib.suppress(UsageError):
-                self.run.lock()  # rank 0 may be a new process now; the old one is gone
+                self.run.dir.lock()  # rank 0 may be a new process now; the old one is gone
         redone = event["steps_redone"]
         log.info(
             f"{event['cause']}: {event['from']} -> {event['to']} ranks; resuming "
             f"epoch {event['epoch']} at step {event['step']} "
             f"({redone} step{'s' * (redone != 1)} redone)"
         )
-
-    def close(self) -> None:
-        """The profiler's samples so far, the lock and TensorBoard; also when training stops
-        early."""
-        if self.prof is not None:
-            self.prof.stop()
-        self.run.close()
 
 
 def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
@@ -451,28 +431,6 @@ def resume(cfg: TrainConfig, run: report.RunDir, ident: dict):
     )
     same = path.parent.resolve() == run.path.resolve()
     return state, None if same else rows, before
-
-
-def train_shared(cfg: TrainConfig) -> dict:
-    """HOGWILD and the parameter-server policies: one process that spawns the workers."""
-    if dist.elastic():
-        raise UsageError(
-            f"--strategy {cfg.strategy} runs on one host and cannot be elastic; "
-            f"run it as one plain process: python -m hvdsgd.train --strategy "
-            f"{cfg.strategy} --workers N"
-        )
-    if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
-        raise UsageError(
-            f"--strategy {cfg.strategy} starts its own --workers processes; run it "
-            f"as one plain process: python -m hvdsgd.train --strategy {cfg.strategy} "
-            f"--workers N"
-        )
-    from .strategies import shared
-
-    logs.setup(True)
-    if cfg.dry_run:
-        cfg.epochs = 1
-    return shared.run(cfg, data.load_for(cfg))
 
 
 @exit_on_usage_error

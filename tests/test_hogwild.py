@@ -2,6 +2,7 @@
 then end to end (hvdsgd.train and its worker processes): accuracy, run directory, faults."""
 
 import json
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -21,7 +22,16 @@ from conftest import (
 )
 
 from hvdsgd import models, shm
-from hvdsgd.strategies.shared import ShardSampler
+from hvdsgd.config import SHARED_STRATEGIES, TrainConfig
+from hvdsgd.data import ShardSampler
+from hvdsgd.strategies.updaters import (
+    KERNEL_POLICY,
+    POLICY_UPDATES,
+    Applier,
+    Control,
+    SharedUpdater,
+    slots,
+)
 
 # ------------------------------------------------------------------------------ units
 
@@ -79,6 +89,45 @@ def test_shared_model_views_are_live_and_unlinked():
     finally:
         shared.unlink()
     assert not (SHM / shared.names["params"].lstrip("/")).exists()
+
+
+@pytest.mark.unit
+def test_the_policy_tables_cover_every_shared_strategy():
+    assert set(POLICY_UPDATES) == set(KERNEL_POLICY) == set(SHARED_STRATEGIES)
+    assert all(callable(f) and hasattr(SharedUpdater, f.__name__) for f in POLICY_UPDATES.values())
+    assert set(KERNEL_POLICY.values()) <= {"hogwild", "atomic", "locked", "sharded"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("strategy", SHARED_STRATEGIES)
+def test_every_policy_moves_the_shared_weights_by_lr_times_the_gradient(strategy):
+    """One worker, in this process: its update lands in the shared buffer (async-deferred: by
+    the applier thread), and async-apply's private copy reads it back."""
+    cfg = TrainConfig(
+        model="mlp", strategy=strategy, workers=1, momentum=0.0, weight_decay=0.0, lr=0.1
+    )
+    torch.manual_seed(0)
+    model = models.build("mlp", (1, 8, 8), 10)
+    shared = shm.SharedModel.create(
+        model, 1, shards=2 if strategy == "sharded" else 1, slots=slots(cfg)
+    )
+    try:
+        ctl = Control.create(mp.get_context("spawn"), cfg)
+        updater = SharedUpdater(cfg, 0, shared, model, 10, ctl)
+        applier = Applier(shared.params, ctl, cfg)
+        if strategy == "async-deferred":
+            applier.start()
+        before, g = shared.flat.clone(), torch.randn(shared.params.size)
+        updater.grad.copy_(g)
+        updater.update()
+        applier.stop()  # (async-deferred) the deposits in its queue are applied first
+        assert shared.params.updates == 1 and not applier.errors
+        assert torch.allclose(shared.flat, before - updater.lr * g, atol=1e-6)
+        assert updater.grad.abs().sum() == 0 and updater.step == 1
+        if strategy == "async-apply":
+            assert torch.equal(updater.private, shared.flat) and updater.version == 1
+    finally:
+        shared.unlink()
 
 
 # ----------------------------------------------------------------------- end to end
@@ -162,7 +211,9 @@ def _start(tmp_path, *args):
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_killed_worker_is_reported(tmp_path, mode):
-    epochs = "3000"  # seconds of training: the kill lands mid-run
+    # Seconds of training, so that the kill lands mid-run; the survivor of "continue" trains
+    # its shard to the end, so that run is shorter (still several seconds after the kill).
+    epochs = "3000" if mode == "abort" else "500"
     proc = subprocess.Popen(
         train_cmd(
             tmp_path,
@@ -231,17 +282,16 @@ def test_signal_while_training_unlinks(tmp_path):
 
 @pytest.mark.e2e
 def test_exception_in_parent_stops_workers_and_unlinks(tmp_path, monkeypatch):
-    from hvdsgd import data
-    from hvdsgd.config import TrainConfig
-    from hvdsgd.strategies import shared
+    from hvdsgd.strategies.supervisor import Supervisor
+    from hvdsgd.train import train
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(shared, "_supervise", broken)
+    monkeypatch.setattr(Supervisor, "supervise", broken)
     cfg = TrainConfig(model="mlp", strategy="hogwild", workers=2, out=str(tmp_path))
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        shared.run(cfg, data.load_digits())
+        train(cfg)
     assert shm_segments(os.getpid()) == []
 
 

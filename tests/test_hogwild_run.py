@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import ROOT, run_train, shm_segments, summary_of, wait_training, workers_of
 
-from hvdsgd import checkpoint, data, models, report
+from hvdsgd import checkpoint, models, report
 from hvdsgd.config import TrainConfig
 from hvdsgd.errors import UsageError
-from hvdsgd.strategies import shared
+from hvdsgd.strategies.supervisor import START_REPORT_S
+from hvdsgd.train import train
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +92,7 @@ def test_threads_oversubscription_warning_and_start_progress(tmp_path):
     # A line every START_REPORT_S while they start (15 s here on 2 busy cores), one when all have.
     started = re.findall(rf"started (\d+)/{workers} workers \(([\d.]+) s\)", out)
     assert started and int(started[-1][0]) == workers, out
-    every = float(started[-1][1]) // shared.START_REPORT_S  # lines due while they started
+    every = float(started[-1][1]) // START_REPORT_S  # lines due while they started
     assert every - 1 <= len(started) - 1 <= every, out  # none missing, none extra
     assert "x 2 threads" in proc.stdout  # the header says what runs
     # Each worker ran with 2 compute threads (it reports torch.get_num_threads()).
@@ -182,7 +183,7 @@ def test_write_error_after_start_stops_workers_and_unlinks(tmp_path, monkeypatch
         model="mlp", strategy="hogwild", workers=2, epochs=2, out=str(tmp_path), progress=False
     )
     with pytest.raises(UsageError, match="Is a directory"):
-        shared.run(cfg, data.load_digits())
+        train(cfg)
     assert shm_segments(os.getpid()) == []
     assert _our_workers() == []
 
@@ -199,5 +200,5 @@ def test_directory_at_checkpoint_path_is_a_usage_error(tmp_path, monkeypatch):
         model="mlp", strategy="hogwild", workers=2, epochs=1, out=str(tmp_path), progress=False
     )
     with pytest.raises(UsageError, match=re.escape(str(tmp_path / checkpoint.NAME))):
-        shared.run(cfg, data.load_digits())
+        train(cfg)
     assert shm_segments(os.getpid()) == [] and _our_workers() == []

@@ -367,3 +367,84 @@ def test_tensorboard_of_a_hogwild_run(tmp_path):
     events.Reload()
     values = [e.value for e in events.Scalars("test_accuracy")]
     assert values == pytest.approx([r["test_accuracy"] for r in rows(out)], rel=1e-6)
+
+
+@pytest.mark.e2e
+def test_sync_and_shared_runs_keep_one_record_format(tmp_path, capsys):
+    """Both kinds of run go through one lifecycle (hvdsgd.run): the same files, the same
+    summary keys (the shared-buffer strategies add theirs), checkpoint entries and lines."""
+    sync = run(tmp_path / "sync", epochs=1)
+    shared = run(tmp_path / "shared", epochs=1, strategy="hogwild", workers=2)
+    assert set(shared) - set(sync) == {
+        "workers",
+        "shards",
+        "updates",
+        "aggregate_samples_per_sec",
+        "staleness_mean",
+        "staleness_p95",
+        "staleness_max",
+        "time_to_accuracy_s",
+        "failed_workers",
+    }
+    assert set(sync) <= set(shared) and sync["train_samples"] == shared["train_samples"] == 1437
+    for kind, summary, extra in (("sync", sync, set()), ("shared", shared, {"updates"})):
+        out = tmp_path / kind
+        assert json.loads((out / "summary.json").read_text()).keys() == summary.keys()
+        assert rows(out) and all(r["epochs"] == 1 for r in rows(out))
+        saved = torch.load(out / checkpoint.NAME, weights_only=True)
+        assert (
+            saved.keys() == {"format", "model", "epoch", "identity", "strategy", "config"} | extra
+        )
+        assert saved["epoch"] == 1 and (out / "curves.png").exists()
+    lines = capsys.readouterr().out.splitlines()
+    start = "hvdsgd: mlp (3,760 parameters) on digits (1437 train / 360 test"
+    assert sum(ln.startswith(start) for ln in lines) == 2, lines
+    assert sum(ln.startswith("done: test accuracy") for ln in lines) == 2, lines
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_the_lifecycle_takes_any_strategys_rows_figures_and_checkpoint(tmp_path, capsys, dry_run):
+    """What a strategy hands run.Run (rows, an Outcome) becomes metrics.jsonl, summary.json
+    (its keys added to every strategy's), a checkpoint (none under --dry-run) and lines."""
+    from hvdsgd import data, logs, models
+    from hvdsgd.metrics import Summary
+    from hvdsgd.run import Outcome, Run
+
+    logs.setup(True)  # the log's lines on this test's stdout
+    cfg = TrainConfig(model="mlp", out=str(tmp_path), dry_run=dry_run, keep_checkpoints=True)
+    x, y = torch.zeros(4, 1, 8, 8), torch.arange(4) % 2
+    ds = data.Dataset("toy", x, y, x, y, ["a", "b"])
+    model = models.build("mlp", (1, 8, 8), 2)
+    r = Run(cfg, ds, model, t_start=0.0)
+    r.prepare()
+    r.announce(", 1x8x8", "my way")
+    row = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.75}
+    r.record(row, "row line", model, torch.optim.SGD(model.parameters()))
+    test = Summary(2.0, torch.tensor([[2, 0], [1, 1]]))
+    summary = r.finish(
+        Outcome(
+            strategy="mine",
+            world_size=3,
+            test=test,
+            last={"train_loss": 0.5},
+            samples=8,
+            train_time=2.0,
+            device="cpu",
+            threads=1,
+            extra={"my_key": 7},
+            done_figures=lambda s: f"{s['my_key']} mine, ",
+        )
+    )
+    r.close()
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert summary["my_key"] == 7 and summary["train_samples"] == 8
+    assert summary["samples_per_sec"] == 4.0 and summary["test_accuracy"] == 0.75
+    assert rows(tmp_path) == [row]
+    saved = {"checkpoint.pt", "checkpoint-epoch1.pt"} & {f.name for f in tmp_path.iterdir()}
+    assert saved == (set() if dry_run else {"checkpoint.pt", "checkpoint-epoch1.pt"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "hvdsgd: mlp (3,352 parameters) on toy (4 train / 4 test, 1x8x8), my way"
+    assert lines[1] == "row line"
+    assert lines[2].startswith("done: test accuracy 75.00%, macro-F1 ") and "7 mine, " in lines[2]
