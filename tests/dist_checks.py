@@ -1,6 +1,8 @@
-"""Checks that run on every rank under `horovodrun -np N --gloo python tests/dist_checks.py CHECK`.
+"""Checks on every rank: `horovodrun -np N --gloo python tests/dist_checks.py CHECK [CHECK...]`.
 
-Each check raises AssertionError on failure (non-zero exit) and prints `CHECK ok` on rank 0.
+The checks run one after the other in one job (one horovodrun start-up for them all). Each raises
+AssertionError on failure: that rank prints `CHECK FAILED on rank R: why`, goes on with the next
+check and exits 1 at the end; rank 0 prints `CHECK ok` for each check that passed.
 """
 
 import copy
@@ -165,8 +167,20 @@ def check_usage_error_on_one_rank():
     main()
 
 
+def main(names: list[str]) -> int:
+    """Run the checks ``names`` in order; 1 when one of them failed on this rank."""
+    failed = False
+    for name in names:
+        try:
+            globals()[f"check_{name}"]()
+        except AssertionError as e:
+            failed = True
+            print(f"{name} FAILED on rank {dist.rank()}: {e}", flush=True)
+            continue
+        if dist.is_main():
+            print(f"{name} ok", flush=True)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    name = sys.argv[1]
-    globals()[f"check_{name}"]()
-    if dist.is_main():
-        print(f"{name} ok", flush=True)
+    sys.exit(main(sys.argv[1:]))

@@ -40,7 +40,7 @@ def check_scaling(out: Path) -> None:
     result = json.loads((out / "scaling-quick.json").read_text())
     # A row for every swept value, each with a time, a throughput and a learned model.
     assert [(r["model"], r["workers"]) for r in result["workers"]] == [("mlp", 1), ("mlp", 2)]
-    assert [(r["model"], r["batch"]) for r in result["batch"]] == [("mlp", 32), ("mlp", 256)]
+    assert [(r["model"], r["batch"]) for r in result["batch"]] == [("mlp", 32)]  # shared point
     for r in result["workers"] + result["batch"]:
         assert r["iter_ms"][0] > 0 and r["samples_per_sec"][0] > 0
         assert 0.5 < r["test_accuracy"][0] <= 1, r
@@ -60,9 +60,12 @@ def check_techniques(out: Path) -> None:
     for r in rows.values():
         assert math.isfinite(r["samples_per_sec"]) and r["samples_per_sec"] > 0
         assert r["peak_mib"] > 0 and r["process_peak_mib"] >= r["peak_mib"]
-        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["test_macro_f1"] <= 1
+        # Scored on the 16 test images --quick asks for: a whole number of them right.
+        right = r["test_accuracy"] * 16
+        assert right == pytest.approx(round(right)) and 0 <= right <= 16, r["test_accuracy"]
+        assert 0 <= r["test_macro_f1"] <= 1
         [run] = r["runs"]
-        assert run["timed_samples"] == 16 and run["updates"] == 3  # 48 images, batch 16, 2 warm-up
+        assert run["timed_samples"] == 8 and run["updates"] == 3  # 24 images, batch 8, 2 warm-up
     base, every = rows["vit", "baseline"], rows["vit", "all"]
     assert base["speed_ratio"] == 1 and base["memory_ratio"] == 1
     assert every["speed_ratio"] == pytest.approx(every["samples_per_sec"] / base["samples_per_sec"])

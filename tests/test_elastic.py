@@ -86,20 +86,20 @@ def set_hosts(tmp_path, *hosts):
     tmp.replace(tmp_path / "hosts")
 
 
-STARTED = []
+STARTED = []  # (horovodrun, its --out) of the test running
 
 
 @pytest.fixture(autouse=True)
 def _no_job_left():
-    """A failing test leaves no horovodrun and no rank behind."""
+    """A failing test leaves no horovodrun and no rank behind (only its own: the ranks are
+    found by their --out, so that a job another test started is left alone)."""
     yield
     while STARTED:
-        proc = STARTED.pop()
+        proc, out = STARTED.pop()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    for host in {*HOSTS, *SIM}:
-        while (p := rank_on(host)) is not None:
+        while (p := rank_on(out=out)) is not None:
             p.kill()
             p.wait(timeout=10)
 
@@ -127,36 +127,35 @@ def launch(tmp_path, np_, flags, min_np=1, max_np=2, hosts=HOSTS, elastic=True, 
     if sim is not None:
         how += sim.ssh_args
     log = open(tmp_path / "horovodrun.log", "w")
-    STARTED.append(
-        subprocess.Popen(
-            [
-                EXE,
-                "-np",
-                str(np_),
-                *how,
-                "--gloo",
-                sys.executable,
-                "tests/elastic_rank.py",
-                "--out",
-                str(tmp_path / "run"),
-                "--no-progress",
-                "--threads",
-                "1",
-                *flags,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={
-                **(sim.env() if sim else os.environ),
-                "PYTHONPATH": str(ROOT),
-                "PYTHONUNBUFFERED": "1",
-                "HVDSGD_TEST_RANKS": str(ranks),
-                **(env or {}),
-            },
-        )
+    proc = subprocess.Popen(
+        [
+            EXE,
+            "-np",
+            str(np_),
+            *how,
+            "--gloo",
+            sys.executable,
+            "tests/elastic_rank.py",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--threads",
+            "1",
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={
+            **(sim.env() if sim else os.environ),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "HVDSGD_TEST_RANKS": str(ranks),
+            **(env or {}),
+        },
     )
-    return STARTED[-1]
+    STARTED.append((proc, str(tmp_path / "run")))
+    return proc
 
 
 def wait_for(tmp_path, proc, pattern, timeout=120):
@@ -179,13 +178,16 @@ def finish(tmp_path, proc, timeout=300):
     return status, lines, reports
 
 
-def rank_on(host):
-    """The rank process that horovodrun started on ``host``."""
+def rank_on(host=None, out=None):
+    """A rank process of tests/elastic_rank.py that horovodrun started on ``host`` (any host
+    when None), writing to ``out`` (any when None)."""
     for p in psutil.process_iter(["cmdline"]):
         try:
+            cmdline = p.info["cmdline"] or []
             if (
-                "tests/elastic_rank.py" in (p.info["cmdline"] or [])
-                and p.environ().get("HOROVOD_HOSTNAME") == host
+                "tests/elastic_rank.py" in cmdline
+                and (out is None or out in cmdline)
+                and (host is None or p.environ().get("HOROVOD_HOSTNAME") == host)
             ):
                 return p
         except psutil.Error:

@@ -546,7 +546,7 @@ def test_train_profile_records_the_run(tmp_path, strategy):
             "--model",
             "mlp",
             "--epochs",
-            "40",
+            "10",
             "--profile",
             "--profile-interval",
             "0.02",
