@@ -16,6 +16,7 @@ before anything is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -136,7 +137,28 @@ _SHAPES = {
 
 
 def load_digits() -> Dataset:
-    """scikit-learn's digits: 1,437 train / 360 test images of 8x8, 10 classes."""
+    """scikit-learn's digits: 1,437 train / 360 test images of 8x8, 10 classes (a stratified
+    split). The split is kept in :func:`cache_dir` (``digits-<scikit-learn version>.npz``), so
+    a run reads a small file instead of importing scikit-learn."""
+    from importlib.metadata import version
+
+    cache = cache_dir() / f"digits-{version('scikit-learn')}.npz"
+    try:
+        with np.load(cache) as z:
+            split = [z[k] for k in ("xtr", "ytr", "xte", "yte")]
+    except Exception:  # none yet, or unreadable: make it (again)
+        split = digits_split()
+        with contextlib.suppress(OSError):  # a read-only cache costs time, nothing else
+            cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                np.savez(f, **dict(zip(("xtr", "ytr", "xte", "yte"), split, strict=True)))
+            os.replace(tmp, cache)  # atomic: ranks that load at once each write their own tmp
+    return _normalised("digits", *split, [str(c) for c in range(10)])
+
+
+def digits_split() -> list[np.ndarray]:
+    """scikit-learn's digits as (x_train, y_train, x_test, y_test): x in [0, 1], (N, 1, 8, 8)."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -144,7 +166,15 @@ def load_digits() -> Dataset:
     x = bunch.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
     y = bunch.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    return _normalised("digits", xtr, ytr, xte, yte, [str(c) for c in range(10)])
+    return [xtr, ytr, xte, yte]
+
+
+def cache_dir() -> Path:
+    """hvdsgd's cache: ``$HVDSGD_CACHE``, else ``$XDG_CACHE_HOME/hvdsgd`` or ``~/.cache/hvdsgd``
+    (the Horovod build's cache too)."""
+    if os.environ.get("HVDSGD_CACHE"):
+        return Path(os.environ["HVDSGD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hvdsgd"
 
 
 def load_mnist(data_dir: str, download: bool = False) -> Dataset:

@@ -295,3 +295,19 @@ def test_sizes_read_in_si_units_up_to_petabytes_and_beyond():
         "2 PB",
         "2e+03 PB",
     ]
+
+
+@pytest.mark.unit
+def test_digits_come_from_the_cache_bit_for_bit_and_a_bad_cache_is_remade(tmp_path, monkeypatch):
+    monkeypatch.setenv("HVDSGD_CACHE", str(tmp_path / "cache"))
+    fresh = data.load_digits()  # made from scikit-learn, then kept
+    [kept] = (tmp_path / "cache").glob("digits-*.npz")
+    assert (tmp_path / "cache").stat().st_mode & 0o077 == 0 and kept.stat().st_mode & 0o077 == 0
+    cached = data.load_digits()
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(fresh, name), getattr(cached, name)), name
+    assert cached.classes == fresh.classes and len(cached.train_y) == 1437
+    kept.write_bytes(b"not an npz")  # a torn or foreign file: made again, not trusted
+    again = data.load_digits()
+    assert torch.equal(again.train_x, fresh.train_x)
+    assert kept.read_bytes()[:2] == b"PK"  # rewritten as an npz (a zip)
