@@ -45,6 +45,29 @@ def pytest_collection_modifyitems(config, items):
         )
 
 
+TIER_TIMES: dict = {}  # tier -> [tests, seconds of setup + call + teardown]
+
+
+def pytest_runtest_logreport(report):
+    tier = next((t for t in TIERS if t in report.keywords), None)
+    if tier is not None:
+        tests, seconds = TIER_TIMES.get(tier, (0, 0.0))
+        TIER_TIMES[tier] = (tests + (report.when == "call"), seconds + report.duration)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line of time per tier (the README's Tests table comes from it)."""
+    if TIER_TIMES:
+        terminalreporter.write_line(
+            "tier times: "
+            + ", ".join(
+                f"{t} {TIER_TIMES[t][0]} tests {TIER_TIMES[t][1]:.1f} s"
+                for t in TIERS
+                if t in TIER_TIMES
+            )
+        )
+
+
 # ----------------------------------------------------------------------------- data sets
 
 
