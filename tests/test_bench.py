@@ -94,20 +94,13 @@ def check_hogwild(out: Path) -> None:
     result = json.loads((out / "hogwild-quick.json").read_text())
     [kernel] = result["kernel"]
     assert kernel["gbps"] and all(v and min(v) > 0 for v in kernel["gbps"].values())
-    assert [r["workers"] for r in result["e2e"]] == [1, 2]
+    assert [r["workers"] for r in result["e2e"]] == [2]
     assert all(
         r["hvdsgd"]["samples_per_sec"] > 0 and r["reference"]["samples_per_sec"] > 0
         for r in result["e2e"]
     )
-    assert {r["policy"] for r in result["policies"]} == {
-        "hogwild",
-        "atomic",
-        "locked",
-        "sharded",
-        "sync",
-        "async-apply",
-        "async-deferred",
-    }
+    # --quick: the two policies bench/strategies.py --quick leaves out
+    assert {r["policy"] for r in result["policies"]} == {"atomic", "locked"}
     assert "hvdsgd / reference" in (out / "hogwild-quick.md").read_text()
 
 

@@ -134,9 +134,10 @@ def test_every_policy_moves_the_shared_weights_by_lr_times_the_gradient(strategy
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("workers", [2, 4])
-def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
+def test_hogwild_reaches_97_percent_on_digits(tmp_path):
+    # 4 workers: more than 2 cores, the most contention and staleness the suite trains with.
     # 60 epochs: each worker's epoch is its own 1/workers shard; the whole run lasts ~1 s.
+    workers = 4
     proc = run_train(
         tmp_path,
         "--strategy",
@@ -184,11 +185,17 @@ def test_hogwild_reaches_97_percent_on_digits(tmp_path, workers):
     "strategy", ["sync", "async-apply", "async-deferred", "lockfree", "sharded", "atomic", "locked"]
 )
 def test_every_policy_reaches_95_percent(tmp_path, strategy):
-    proc = run_train(tmp_path, "--strategy", strategy, "--workers", "2", "--lr", "0.05")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # In this process (its workers are spawned as from the command line): no interpreter start
+    # per policy; the command line itself is run by the other end-to-end tests.
+    from hvdsgd.train import train
+
+    cfg = TrainConfig(
+        model="mlp", strategy=strategy, workers=2, lr=0.05, out=str(tmp_path), progress=False
+    )
+    train(cfg)
     s = summary_of(tmp_path)
     assert s["test_accuracy"] >= 0.95, (strategy, s["test_accuracy"])
-    assert s["strategy"] == strategy
+    assert s["strategy"] == strategy and s["epochs"] == 15
     if strategy == "sync":
         assert s["staleness_max"] == 0  # one update per step, behind a barrier
     expected_shards = 2 if strategy == "sharded" else 1
@@ -198,21 +205,12 @@ def test_every_policy_reaches_95_percent(tmp_path, strategy):
 # ---------------------------------------------------------------------------- faults
 
 
-def _start(tmp_path, *args):
-    return subprocess.Popen(
-        train_cmd(tmp_path, "--epochs", "3000", *args),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_killed_worker_is_reported(tmp_path, mode):
-    # Seconds of training, so that the kill lands mid-run; the survivor of "continue" trains
-    # its shard to the end, so that run is shorter (still several seconds after the kill).
+    # Seconds of training, so that the kill lands mid-run (at the first evaluation, 0.1 s in,
+    # on a busy machine later); the survivor of "continue" trains its shard to the end, so that
+    # run is shorter (still seconds after the kill).
     epochs = "3000" if mode == "abort" else "500"
     proc = subprocess.Popen(
         train_cmd(
@@ -225,6 +223,8 @@ def test_killed_worker_is_reported(tmp_path, mode):
             epochs,
             "--on-worker-failure",
             mode,
+            "--eval-interval",
+            "0.1",
         ),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -248,6 +248,16 @@ def test_killed_worker_is_reported(tmp_path, mode):
     assert shm_segments(proc.pid) == []
 
 
+def status(p) -> str:
+    """``p.status()``; a process gone meanwhile counts as a zombie (it has exited)."""
+    import psutil
+
+    try:
+        return p.status()
+    except psutil.NoSuchProcess:
+        return psutil.STATUS_ZOMBIE
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_parent_stops_workers_and_unlinks(tmp_path, sig):
@@ -266,18 +276,14 @@ def test_signal_to_parent_stops_workers_and_unlinks(tmp_path, sig):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert shm_segments(proc.pid) == []
-    time.sleep(0.5)
-    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
 
+    def running():
+        return [k for k in kids if k.is_running() and status(k) != psutil.STATUS_ZOMBIE]
 
-@pytest.mark.e2e
-def test_signal_while_training_unlinks(tmp_path):
-    proc = _start(tmp_path, "--strategy", "hogwild", "--workers", "2")
-    wait_training(tmp_path)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert shm_segments(proc.pid) == []
+    deadline = time.monotonic() + 10  # the parent has exited: its workers follow at once
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running()
 
 
 @pytest.mark.e2e

@@ -68,35 +68,38 @@ def test_threads_default_to_one_per_worker(default_run):
     assert summary_of(out)["threads_per_rank"] == 1
 
 
-def test_threads_oversubscription_warning_and_start_progress(tmp_path):
+def test_threads_oversubscription_warning_and_start_progress(tmp_path, capsys, monkeypatch):
+    # In this process, with a start-up line every second (START_REPORT_S is 5 s): 2 workers of
+    # `cores` threads each start in seconds and are oversubscribed on any machine.
+    from hvdsgd.strategies import supervisor
+
+    every_s = 1.0
+    assert START_REPORT_S > every_s
+    monkeypatch.setattr(supervisor, "START_REPORT_S", every_s)
     cores = len(os.sched_getaffinity(0))
-    workers = max(6, 3 * cores)
-    proc = run_train(
-        tmp_path,
-        "--strategy",
-        "hogwild",
-        "--workers",
-        str(workers),
-        "--threads",
-        "2",
-        "--epochs",
-        "1",
-        "--progress",
-        timeout=180,
+    workers, threads = 2, max(2, cores)
+    cfg = TrainConfig(
+        model="mlp",
+        strategy="hogwild",
+        workers=workers,
+        threads=threads,
+        epochs=1,
+        out=str(tmp_path),
+        progress=True,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout + proc.stderr
+    train(cfg)
+    out = capsys.readouterr().out
     warnings = [ln for ln in out.splitlines() if "oversubscribed" in ln]
     assert len(warnings) == 1, out
-    assert f"{workers} workers x 2 threads on {cores} core" in warnings[0], warnings[0]
-    # A line every START_REPORT_S while they start (15 s here on 2 busy cores), one when all have.
+    assert f"{workers} workers x {threads} threads on {cores} core" in warnings[0], warnings[0]
+    # A line every START_REPORT_S while they start, one when all have.
     started = re.findall(rf"started (\d+)/{workers} workers \(([\d.]+) s\)", out)
     assert started and int(started[-1][0]) == workers, out
-    every = float(started[-1][1]) // START_REPORT_S  # lines due while they started
-    assert every - 1 <= len(started) - 1 <= every, out  # none missing, none extra
-    assert "x 2 threads" in proc.stdout  # the header says what runs
-    # Each worker ran with 2 compute threads (it reports torch.get_num_threads()).
-    assert summary_of(tmp_path)["threads_per_rank"] == 2
+    due = float(started[-1][1]) // every_s  # lines due while they started
+    assert due - 1 <= len(started) - 1 <= due, out  # none missing, none extra
+    assert f"x {threads} threads" in out  # the header says what runs
+    # Each worker ran with `threads` compute threads (it reports torch.get_num_threads()).
+    assert summary_of(tmp_path)["threads_per_rank"] == threads
 
 
 # ------------------------------------------------------------------------- interruption

@@ -219,11 +219,19 @@ def test_lottery_cli_reports_accuracy_against_sparsity(tmp_path):
     assert "| sparsity | reached | k=0 | k=5 |" in proc.stdout and "| 80% | 80.00% |" in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """``--compare-serial --workers 2``: a serial run and a 2-worker run of the same tickets,
+    compared; (the CompletedProcess, its --out). The Horovod test checks its ranks against it."""
+    out = tmp_path_factory.mktemp("lottery") / "compared"
+    return run_lottery(out, "--workers", "2", "--compare-serial"), out
+
+
 @pytest.mark.e2e
-def test_lottery_compare_serial_reports_speedup_against_amdahl(tmp_path):
-    proc = run_lottery(tmp_path, "--workers", "2", "--compare-serial")
+def test_lottery_compare_serial_reports_speedup_against_amdahl(compared):
+    proc, out = compared
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text())
     check_tickets(s)
     f = s["serial_phase_s"] / (s["serial_phase_s"] + s["serial"]["tickets_s"])
     assert s["serial_fraction"] == pytest.approx(f) and s["serial_fraction_from"] == "serial run"
@@ -235,7 +243,7 @@ def test_lottery_compare_serial_reports_speedup_against_amdahl(tmp_path):
     assert s["efficiency"] == pytest.approx(s["speedup"] / 2)
     assert s["identical_per_task"] is True
     for png in ("accuracy.png", "cpu.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "speed-up" in proc.stdout and "Amdahl" in proc.stdout
 
 
@@ -252,19 +260,12 @@ def per_task(out) -> list[tuple]:
 
 
 @pytest.mark.dist
-def test_lottery_under_horovod_matches_a_serial_run(tmp_path):
-    serial, ranks = tmp_path / "serial", tmp_path / "hvd"
-    lottery.lottery(
-        lottery.LotteryConfig(
-            model="mlp",
-            epochs=1,
-            sparsities="0.5,0.8",
-            reset_steps="0,5",
-            serial=True,
-            progress=False,
-            out=str(serial),
-        )
-    )
+def test_lottery_under_horovod_matches_a_serial_run(tmp_path, compared):
+    # The serial run: the --compare-serial run's, which found its 2 workers' tickets identical.
+    proc, pool = compared
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((pool / "summary.json").read_text())["identical_per_task"] is True
+    ranks = tmp_path / "hvd"
     proc = horovodrun(
         2,
         "-m",
@@ -282,7 +283,7 @@ def test_lottery_under_horovod_matches_a_serial_run(tmp_path):
         str(ranks),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert per_task(serial) == per_task(ranks)
+    assert per_task(pool) == per_task(ranks)
     rows = (ranks / "tasks.jsonl").read_text().splitlines()
     assert {json.loads(line)["worker"] for line in rows} == {"rank 0", "rank 1"}
     assert json.loads((ranks / "summary.json").read_text())["mode"] == "horovod"

@@ -1,6 +1,7 @@
 """A run's directory and life: no reuse without --resume/--overwrite, one run per --out, what
 --resume means, permissions, writes that fail, and one plain process without Horovod."""
 
+import importlib.util
 import json
 import os
 import stat
@@ -27,8 +28,9 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def entry(*args, env=None, timeout=120, cwd=None):
-    """``python ARGS`` with the repository on the path; returns the CompletedProcess."""
+def entry(*args, env=None, timeout=120, cwd=None, **kwargs):
+    """``python ARGS`` with the repository on the path; returns the CompletedProcess.
+    ``kwargs`` go to subprocess.run (preexec_fn= ...)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
     full.update({"PYTHONPATH": str(ROOT), **(env or {})})
     return subprocess.run(
@@ -38,6 +40,7 @@ def entry(*args, env=None, timeout=120, cwd=None):
         env=full,
         timeout=timeout,
         cwd=cwd or ROOT,
+        **kwargs,
     )
 
 
@@ -119,20 +122,8 @@ def test_resume_counts_every_epoch_and_keeps_the_summary_whole(tmp_path):
 
 
 @pytest.mark.e2e
-def test_the_run_directory_is_private_and_nothing_is_world_writable(tmp_path):
-    out = tmp_path / "perm"
-    proc = entry(
-        "-c",
-        "import os, sys; os.umask(0); from hvdsgd.train import main; main(sys.argv[1:])",
-        "--model",
-        "mlp",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr
+def test_the_run_directory_is_private_and_nothing_is_world_writable(plain_train):
+    _, out = plain_train  # run with umask 0: the modes are hvdsgd's own
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     files = [f for f in out.iterdir() if f.is_file()]
     assert {"summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png"} <= {
@@ -222,53 +213,58 @@ def test_plain_process_without_horovodrun(tmp_path):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 1
 
 
-@pytest.fixture
-def no_horovod(tmp_path):
+@pytest.fixture(scope="module")
+def no_horovod(tmp_path_factory):
     """A PYTHONPATH on which ``import horovod`` fails, in this process's children too."""
-    shim = tmp_path / "shim" / "horovod"
-    shim.mkdir(parents=True)
+    shim = tmp_path_factory.mktemp("shim") / "horovod"
+    shim.mkdir()
     (shim / "__init__.py").write_text("raise ImportError('horovod is not installed (test shim)')\n")
     return {"PYTHONPATH": f"{shim.parent}{os.pathsep}{ROOT}"}
 
 
+def without_horovod(tmp_path_factory, no_horovod, *argv, **kwargs):
+    """``python ARGS --out OUT --no-progress`` where horovod cannot be imported, run to its
+    end; (the CompletedProcess, OUT). One run per entry point serves every test reading it."""
+    out = tmp_path_factory.mktemp("plain") / "out"
+    proc = entry(*argv, "--out", str(out), "--no-progress", env=no_horovod, timeout=240, **kwargs)
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def plain_train(tmp_path_factory, no_horovod):
+    """``python -m hvdsgd.train``, 1 epoch, started with umask 0 (so the run directory's modes
+    are hvdsgd's own, not inherited)."""
+    argv = ("-m", "hvdsgd.train", "--model", "mlp", "--epochs", "1")
+    return without_horovod(tmp_path_factory, no_horovod, *argv, preexec_fn=lambda: os.umask(0))
+
+
+@pytest.fixture(scope="module")
+def plain_hogwild(tmp_path_factory, no_horovod):
+    """``python -m hvdsgd.train --strategy hogwild --workers 2``, 2 epochs, with TensorBoard
+    event files (when tensorboard is installed)."""
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    argv = ("-m", "hvdsgd.train", "--strategy", "hogwild", "--workers", "2", "--model", "mlp")
+    argv += ("--epochs", "2", *(["--tensorboard"] if tensorboard else []))
+    return without_horovod(tmp_path_factory, no_horovod, *argv)
+
+
+@pytest.fixture(scope="module")
+def plain_kfold(tmp_path_factory, no_horovod):
+    argv = ("-m", "hvdsgd.kfold", "--folds", "2", "--epochs", "1", "--model", "mlp")
+    return without_horovod(tmp_path_factory, no_horovod, *argv)
+
+
+@pytest.fixture(scope="module")
+def plain_lottery(tmp_path_factory, no_horovod):
+    argv = ("-m", "hvdsgd.lottery", "--epochs", "1", "--model", "mlp", "--sparsities", "0.5")
+    argv += ("--reset-steps", "0", "--rounds", "1")
+    return without_horovod(tmp_path_factory, no_horovod, *argv)
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["-m", "hvdsgd.train", "--model", "mlp", "--epochs", "1"],
-        [
-            "-m",
-            "hvdsgd.train",
-            "--strategy",
-            "hogwild",
-            "--workers",
-            "2",
-            "--model",
-            "mlp",
-            "--epochs",
-            "1",
-        ],
-        ["-m", "hvdsgd.kfold", "--folds", "2", "--epochs", "1", "--model", "mlp"],
-        [
-            "-m",
-            "hvdsgd.lottery",
-            "--epochs",
-            "1",
-            "--model",
-            "mlp",
-            "--sparsities",
-            "0.5",
-            "--reset-steps",
-            "0",
-            "--rounds",
-            "1",
-        ],
-    ],
-    ids=["train", "hogwild", "kfold", "lottery"],
-)
-def test_every_single_process_entry_point_runs_without_horovod(tmp_path, no_horovod, argv):
-    out = tmp_path / "out"
-    proc = entry(*argv, "--out", str(out), "--no-progress", env=no_horovod, timeout=240)
+@pytest.mark.parametrize("name", ["train", "hogwild", "kfold", "lottery"])
+def test_every_single_process_entry_point_runs_without_horovod(request, no_horovod, name):
+    proc, out = request.getfixturevalue(f"plain_{name}")
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
     assert json.loads((out / "summary.json").read_text())
     check = entry("-c", "import horovod", env=no_horovod)
@@ -325,43 +321,26 @@ def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path)
             "--model",
             "mlp",
             "--epochs",
-            "2",
+            "1",
             "--no-progress",
             "--out",
             str(outs[name]),
             *flags,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [r["train_samples"] for r in rows(outs["plain"])] == [1437, 1437]
-    assert json.loads((outs["plain"] / "summary.json").read_text())["train_samples"] == 2 * 1437
+    assert [r["train_samples"] for r in rows(outs["plain"])] == [1437]
+    assert json.loads((outs["plain"] / "summary.json").read_text())["train_samples"] == 1437
     a, b = (torch.load(o / "checkpoint.pt", weights_only=True)["model"] for o in outs.values())
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.e2e
-def test_tensorboard_of_a_hogwild_run(tmp_path):
+def test_tensorboard_of_a_hogwild_run(plain_hogwild):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = tmp_path / "hw"
-    proc = entry(
-        "-m",
-        "hvdsgd.train",
-        "--strategy",
-        "hogwild",
-        "--workers",
-        "2",
-        "--model",
-        "mlp",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--tensorboard",
-        "--out",
-        str(out),
-        timeout=240,
-    )
+    proc, out = plain_hogwild
     assert proc.returncode == 0, proc.stderr[-1500:]
     events = EventAccumulator(str(out))
     events.Reload()

@@ -341,18 +341,17 @@ LINES = {
     [
         (KFOLD, ["--workers", "2"], workers_up(2), signal.SIGKILL),
         (KFOLD, ["--workers", "2"], workers_up(2), signal.SIGTERM),
-        (KFOLD, ["--workers", "2"], workers_up(2), signal.SIGINT),
         # forkserver: the workers' parent is the server, not the killed process
         (KFOLD, ["--workers", "2", "--task-threads", "2"], workers_up(4), signal.SIGKILL),
-        (LOTTERY, ["--workers", "2"], workers_up(2), signal.SIGTERM),
+        # Ctrl-C through the other sweep (one pool, one clean-up: each signal once is enough)
+        (LOTTERY, ["--workers", "2"], workers_up(2), signal.SIGINT),
         (KFOLD, ["--serial"], header_out, signal.SIGTERM),
     ],
     ids=[
         "kfold-kill",
         "kfold-term",
-        "kfold-int",
         "kfold-forkserver-kill",
-        "lottery-term",
+        "lottery-int",
         "kfold-serial-term",
     ],
 )

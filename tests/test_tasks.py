@@ -276,11 +276,19 @@ def per_fold(out) -> list[tuple]:
     ]
 
 
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """``--compare-serial --workers 2``: a serial run and a 2-worker run of the same 3 folds,
+    compared; (the CompletedProcess, its --out). The Horovod test checks its ranks against it."""
+    out = tmp_path_factory.mktemp("kfold") / "compared"
+    return run_kfold(out, "--compare-serial", "--workers", "2"), out
+
+
 @pytest.mark.e2e
-def test_kfold_compare_serial_reports_speedup_and_identical_folds(tmp_path):
-    proc = run_kfold(tmp_path, "--compare-serial", "--workers", "2")
+def test_kfold_compare_serial_reports_speedup_and_identical_folds(compared):
+    proc, out = compared
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text())
     assert s["identical_per_fold"] is True and s["folds"] == 3 and s["workers"] == 2
     assert s["speedup"] == pytest.approx(s["serial"]["wall_time_s"] / s["wall_time_s"])
     assert s["efficiency"] == pytest.approx(s["speedup"] / 2)
@@ -291,9 +299,9 @@ def test_kfold_compare_serial_reports_speedup_and_identical_folds(tmp_path):
     assert 0.8 < s["test_accuracy"]["mean"] <= 1
     assert len(s["per_fold"]) == 3 and sum(r["test_samples"] for r in s["per_fold"]) == 1797
     assert s["serial"]["cpu_util_mean"] > 0 and s["cpu_util_mean"] > 0
-    assert (tmp_path / "cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "cpu.png").read_bytes()[:4] == b"\x89PNG"
     assert "mean ± std" in proc.stdout
-    assert not (tmp_path / "metrics.jsonl").exists()  # tasks.jsonl holds the per-fold rows
+    assert not (out / "metrics.jsonl").exists()  # tasks.jsonl holds the per-fold rows
 
 
 @pytest.mark.unit
@@ -309,11 +317,14 @@ def test_kfold_overwrite_replaces_an_earlier_run(tmp_path):
 
 
 @pytest.mark.dist
-def test_kfold_per_fold_results_identical_serial_workers_and_horovod(tmp_path):
-    serial, pool, ranks = tmp_path / "serial", tmp_path / "pool", tmp_path / "hvd"
-    for out, args in ((serial, ["--serial"]), (pool, ["--workers", "2"])):
-        proc = run_kfold(out, *args)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+def test_kfold_per_fold_results_identical_serial_workers_and_horovod(tmp_path, compared):
+    # The serial and the 2-worker run: the --compare-serial run, which found them identical.
+    proc, pool = compared
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((pool / "summary.json").read_text())
+    assert s["identical_per_fold"] is True  # accuracy and loss, fold by fold, bit for bit
+    assert s["serial"]["test_macro_f1"] == s["test_macro_f1"]  # and the folds' macro-F1
+    ranks = tmp_path / "hvd"
     proc = horovodrun(
         2,
         "-m",
@@ -329,7 +340,7 @@ def test_kfold_per_fold_results_identical_serial_workers_and_horovod(tmp_path):
         str(ranks),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert per_fold(serial) == per_fold(pool) == per_fold(ranks)
+    assert per_fold(pool) == per_fold(ranks)
     workers = {
         json.loads(line)["worker"] for line in (ranks / "tasks.jsonl").read_text().splitlines()
     }
