@@ -190,6 +190,14 @@ def train_cmd(out, *args) -> list[str]:
     ]
 
 
+def run_module(*argv, timeout=240) -> subprocess.CompletedProcess:
+    """``python ARGV...`` (e.g. ``-m hvdsgd.kfold ...``) in one plain process from the repository
+    root, to its end; text stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
 def run_train(out, *args, timeout=240) -> subprocess.CompletedProcess:
     """:func:`train_cmd` run to its end in one plain process; text stdout and stderr."""
     return subprocess.run(

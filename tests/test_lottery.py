@@ -1,12 +1,10 @@
 """hvdsgd.lottery: magnitude pruning, masked training, and the command line."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, horovodrun
+from conftest import horovodrun, run_module
 
 from hvdsgd import lottery, models
 from hvdsgd.errors import UsageError
@@ -158,30 +156,23 @@ def test_amdahl_figures():
 # ----------------------------------------------------------------------- command line
 
 
+LOTTERY = [
+    "-m",
+    "hvdsgd.lottery",
+    "--model",
+    "mlp",
+    "--epochs",
+    "1",
+    "--sparsities",
+    "0.5,0.8",
+    "--reset-steps",
+    "0,5",
+    "--no-progress",
+]  # a small run
+
+
 def run_lottery(out, *args, timeout=180):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvdsgd.lottery",
-            "--model",
-            "mlp",
-            "--epochs",
-            "1",
-            "--sparsities",
-            "0.5,0.8",
-            "--reset-steps",
-            "0,5",
-            "--no-progress",
-            "--out",
-            str(out),
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module(*LOTTERY, "--out", out, *args, timeout=timeout)
 
 
 def check_tickets(s: dict) -> None:
@@ -266,22 +257,7 @@ def test_lottery_under_horovod_matches_a_serial_run(tmp_path, compared):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((pool / "summary.json").read_text())["identical_per_task"] is True
     ranks = tmp_path / "hvd"
-    proc = horovodrun(
-        2,
-        "-m",
-        "hvdsgd.lottery",
-        "--model",
-        "mlp",
-        "--epochs",
-        "1",
-        "--sparsities",
-        "0.5,0.8",
-        "--reset-steps",
-        "0,5",
-        "--no-progress",
-        "--out",
-        str(ranks),
-    )
+    proc = horovodrun(2, *LOTTERY, "--out", str(ranks))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert per_task(pool) == per_task(ranks)
     rows = (ranks / "tasks.jsonl").read_text().splitlines()

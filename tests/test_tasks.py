@@ -4,12 +4,10 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, horovodrun
+from conftest import horovodrun, run_module
 
 from hvdsgd import kfold, tasks
 
@@ -139,28 +137,21 @@ def test_more_folds_than_a_class_has_samples():
         kfold.split(y, 5, seed=0, classes=list("abc"))
 
 
+KFOLD = [
+    "-m",
+    "hvdsgd.kfold",
+    "--model",
+    "mlp",
+    "--folds",
+    "3",
+    "--epochs",
+    "2",
+    "--no-progress",
+]  # a small run
+
+
 def run_kfold(out, *args, timeout=300):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvdsgd.kfold",
-            "--model",
-            "mlp",
-            "--folds",
-            "3",
-            "--epochs",
-            "2",
-            "--no-progress",
-            "--out",
-            str(out),
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module(*KFOLD, "--out", out, *args, timeout=timeout)
 
 
 # ------------------------------------------------------------ split tail (hvdsgd.pair)
@@ -325,20 +316,7 @@ def test_kfold_per_fold_results_identical_serial_workers_and_horovod(tmp_path, c
     assert s["identical_per_fold"] is True  # accuracy and loss, fold by fold, bit for bit
     assert s["serial"]["test_macro_f1"] == s["test_macro_f1"]  # and the folds' macro-F1
     ranks = tmp_path / "hvd"
-    proc = horovodrun(
-        2,
-        "-m",
-        "hvdsgd.kfold",
-        "--model",
-        "mlp",
-        "--folds",
-        "3",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--out",
-        str(ranks),
-    )
+    proc = horovodrun(2, *KFOLD, "--out", str(ranks))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert per_fold(pool) == per_fold(ranks)
     workers = {
