@@ -34,7 +34,7 @@ import torch
 
 from .. import checkpoint, data, models, shm
 from ..config import TrainConfig
-from ..engine import evaluate
+from ..engine import DRY_RUN_STEPS, evaluate
 from ..errors import UsageError
 from ..metrics import Tally
 from ..run import Outcome, Run
@@ -48,7 +48,7 @@ log = logging.getLogger("hvdsgd")
 def real_samples(cfg: TrainConfig, n_train: int, w: int) -> int:
     """Distinct samples in worker ``w``'s epoch: its shard without the repeats that pad it."""
     n = len(range(w, n_train, cfg.workers))
-    return min(n, 2 * cfg.batch_size * cfg.accum_steps) if cfg.dry_run else n
+    return min(n, DRY_RUN_STEPS * cfg.batch_size * cfg.accum_steps) if cfg.dry_run else n
 
 
 class SharedRun:
