@@ -234,6 +234,19 @@ def workers_of(pid: int, n: int, timeout=60.0) -> list:
     raise AssertionError("workers did not start")
 
 
+def wait_started(pid: int, timeout=60.0) -> None:
+    """Return once the shared-buffer run whose parent is ``pid`` has given its workers the
+    start signal: the parent unlinks the segments (all workers have mapped them) just before.
+    Unlike :func:`wait_training` this does not wait for a metrics row, which the evaluator
+    writes in batches (every 2 s), by which time a short run may have ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not shm_segments(pid):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the workers were not started")
+
+
 def wait_training(out, timeout=60.0) -> None:
     """Return once the run in ``out`` has written its first metrics row."""
     deadline = time.time() + timeout

@@ -17,7 +17,7 @@ from conftest import (
     shm_segments,
     summary_of,
     train_cmd,
-    wait_training,
+    wait_started,
     workers_of,
 )
 
@@ -208,9 +208,10 @@ def test_every_policy_reaches_95_percent(tmp_path, strategy):
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_killed_worker_is_reported(tmp_path, mode):
-    # Seconds of training, so that the kill lands mid-run (at the first evaluation, 0.1 s in,
-    # on a busy machine later); the survivor of "continue" trains its shard to the end, so that
-    # run is shorter (still seconds after the kill).
+    # Seconds of training; the kill lands as the workers get the start signal (not at the first
+    # metrics row: the evaluator writes rows every 2 s, after a fast machine had finished 500
+    # epochs, and the victim was gone). The survivor of "continue" trains its shard to the end,
+    # so that run is shorter.
     epochs = "3000" if mode == "abort" else "500"
     proc = subprocess.Popen(
         train_cmd(
@@ -231,8 +232,8 @@ def test_killed_worker_is_reported(tmp_path, mode):
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim = workers_of(proc.pid, 2)[1]
-    wait_training(tmp_path)
+    victim = workers_of(proc.pid, 2)[1]  # spawned after the segments were made
+    wait_started(proc.pid)
     victim.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
     if mode == "abort":
