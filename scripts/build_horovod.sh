@@ -14,7 +14,13 @@
 #
 # Environment:
 #   HVDSGD_CACHE          cache root (default: ${XDG_CACHE_HOME:-~/.cache}/hvdsgd)
-#   HVDSGD_HOROVOD_GPU    1 = build NCCL GPU ops, 0 = CPU only (default: auto, needs nvcc + a driver)
+#   HVDSGD_HOROVOD_GPU    1 = build NCCL GPU ops, 0 = CPU only (default: auto, needs nvcc + a driver).
+#                         1 works without a GPU (nvcc, a CUDA torch and pip's NCCL suffice); the
+#                         NCCL wheel also runs CPU training over Gloo, so one build serves both.
+#   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures to compile (default: those the installed
+#                         torch was built for that this nvcc supports, e.g. 75,80,86,90,100,120)
+#   HVDSGD_HOROVOD_INSTALL  0 = build and cache the wheel, print its path, install nothing
+#                         (the NCCL build on a CPU host, next to its CPU environment)
 #   MAKEFLAGS / HVDSGD_BUILD_JOBS   parallel compile jobs (default: nproc)
 set -euo pipefail
 
@@ -44,7 +50,12 @@ GPU=${HVDSGD_HOROVOD_GPU:-auto}
 if [ "$GPU" = auto ]; then
   if command -v nvcc >/dev/null 2>&1 && have_driver && [ "$CUDA_TORCH" != none ]; then GPU=1; else GPU=0; fi
 fi
-VARIANT=$([ "$GPU" = 1 ] && echo nccl || echo cpu)
+VARIANT=$([ "$GPU" = 1 ] && echo "nccl-cu${CUDA_TORCH//./}" || echo cpu)
+if [ "$GPU" = 1 ]; then
+  command -v nvcc >/dev/null 2>&1 || die "HVDSGD_HOROVOD_GPU=1 needs nvcc on PATH (a CUDA toolkit, e.g. /usr/local/cuda/bin)"
+  [ "$CUDA_TORCH" != none ] || die "HVDSGD_HOROVOD_GPU=1 needs a CUDA build of torch; this one is CPU-only"
+fi
+INSTALL=${HVDSGD_HOROVOD_INSTALL:-1}
 
 CACHE=${HVDSGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdsgd}
 KEY="horovod-${HOROVOD_VERSION}-p${PATCH_LEVEL}-torch${TORCH_VERSION}-${PY_TAG}-${VARIANT}"
@@ -52,7 +63,7 @@ WHEEL_DIR="$CACHE/wheels/$KEY"
 
 # The environment records which build it holds; horovod.torch must also still import.
 MARKER="$("$PYTHON" -c 'import sys; print(sys.prefix)')/.hvdsgd-horovod"
-if [ "$(cat "$MARKER" 2>/dev/null)" = "$KEY" ] && "$PYTHON" -c 'import horovod.torch' 2>/dev/null; then
+if [ "$INSTALL" = 1 ] && [ "$(cat "$MARKER" 2>/dev/null)" = "$KEY" ] && "$PYTHON" -c 'import horovod.torch' 2>/dev/null; then
   say "Horovod $HOROVOD_VERSION already installed ($KEY)"
   exit 0
 fi
@@ -479,8 +490,29 @@ PY
   fi
   if [ "$GPU" = 1 ]; then
     export HOROVOD_GPU_OPERATIONS=NCCL
-    nccl=$("$PYTHON" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null || true)
-    [ -n "$nccl" ] && [ -z "${HOROVOD_NCCL_HOME:-}" ] && export HOROVOD_NCCL_HOME="$nccl"
+    # CUDA 13 dropped every architecture before Turing (75), and nvcc fails on a list that
+    # names one; Horovod's default is every sm_ nvcc lists (12 on 13.0). Build those torch
+    # was built for (its kernels define what can run at all) that nvcc supports.
+    if [ -z "${HOROVOD_BUILD_CUDA_CC_LIST:-}" ]; then
+      supported=" $(nvcc --list-gpu-arch | sed -n 's/^compute_//p' | tr '\n' ' ')"
+      cc=$("$PYTHON" -c 'import torch; print(" ".join(a[3:] for a in torch._C._cuda_getArchFlags().split() if a.startswith("sm_")))')
+      list=""; for c in $cc; do case "$supported" in *" $c "*) list="$list${list:+,}$c";; esac; done
+      [ -n "$list" ] || die "torch's GPU architectures ($cc) and nvcc's ($supported) have nothing in common; set HOROVOD_BUILD_CUDA_CC_LIST"
+      export HOROVOD_BUILD_CUDA_CC_LIST="$list"
+    fi
+    case ",$HOROVOD_BUILD_CUDA_CC_LIST," in *,90,*) ;; *) say "warning: HOROVOD_BUILD_CUDA_CC_LIST=$HOROVOD_BUILD_CUDA_CC_LIST has no 90 (Hopper)";; esac
+    # NCCL: the nvidia-nccl wheel that pip installed beside the CUDA torch (a namespace package:
+    # no __file__), unless HOROVOD_NCCL_HOME/_INCLUDE/_LIB point elsewhere. It ships only
+    # libnccl.so.2, so the linker gets a libnccl.so link in the build dir; at run time torch has
+    # already loaded that libnccl.so.2 when Horovod's library loads.
+    if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_LIB:-}" ]; then
+      nccl=$("$PYTHON" -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)
+      [ -n "$nccl" ] && [ -f "$nccl/include/nccl.h" ] && [ -f "$nccl/lib/libnccl.so.2" ] \
+        || die "no NCCL found: pip install nvidia-nccl-cu${CUDA_TORCH%%.*}, or set HOROVOD_NCCL_HOME"
+      mkdir -p "$work/nccl-lib" && ln -sf "$nccl/lib/libnccl.so.2" "$work/nccl-lib/libnccl.so"
+      export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl-lib" HOROVOD_NCCL_LINK=SHARED
+    fi
+    say "NCCL ops for CUDA $CUDA_TORCH, architectures $HOROVOD_BUILD_CUDA_CC_LIST, NCCL from ${HOROVOD_NCCL_INCLUDE:-$HOROVOD_NCCL_HOME}"
   fi
   # horovod's setup.py needs cmake; use the system one if present, else PyPI's (with the policy flag).
   command -v cmake >/dev/null 2>&1 || "$PYTHON" -m pip install -q cmake
@@ -495,7 +527,14 @@ else
   say "reusing cached $wheel"
 fi
 
+if [ "$INSTALL" != 1 ]; then
+  say "not installed (HVDSGD_HOROVOD_INSTALL=$INSTALL); the wheel:"
+  echo "$wheel"            # the last line, alone: callers take it with tail -n 1
+  exit 0
+fi
 "$PYTHON" -m pip install -q --force-reinstall --no-deps "$wheel"
-"$PYTHON" -m pip install -q "cloudpickle" "psutil" "pyyaml" "packaging" "cffi>=1.4.0"
+# Horovod's own requirements, those missing only (a GPU machine may have no registry).
+missing=$("$PYTHON" -c 'import importlib.util as u; print(" ".join(p for m, p in (("cloudpickle", "cloudpickle"), ("psutil", "psutil"), ("yaml", "pyyaml"), ("packaging", "packaging")) if u.find_spec(m) is None))')
+[ -z "$missing" ] || "$PYTHON" -m pip install -q $missing
 echo "$KEY" >"$MARKER"
 say "installed Horovod $HOROVOD_VERSION; check: horovodrun --check-build"
