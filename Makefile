@@ -1,6 +1,6 @@
 # hvdsgd: two commands from a fresh machine.
 #   make demo   set up .venv (dependencies, patched Horovod, hvdsgd), then train on 4 ranks
-#   make test   the same set-up, the ruff gate (make lint), then every test tier
+#   make test   the same set-up, the ruff gate (make lint), then every test tier (2 workers)
 #   make test-fast  the unit tier only (pytest -m unit: in-process tests, at most 90 s on 2 cores)
 #   make bench  every bench/ script (about 30 min on 2 cores), then the README's Results section
 #   make bench-quick  every bench/ script in a reduced form (minutes), into BENCH_OUT
@@ -46,8 +46,12 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two pytest-xdist workers on 2 cores (the suite waits on processes a third of the time):
+# a module's tests stay on one worker, every multihost test on one (tests/conftest.py).
+# WORKERS=0 runs the suite in one process.
+WORKERS ?= 2
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 
 # Every bench/ script, in full (bench/results/, then the README's Results section from them), or
 # in its reduced form (BENCH_OUT, default bench/results: *-quick.* files, never in the README).
