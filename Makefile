@@ -46,12 +46,11 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Two pytest-xdist workers on 2 cores (the suite waits on processes a third of the time):
-# a module's tests stay on one worker, every multihost test on one (tests/conftest.py).
-# WORKERS=0 runs the suite in one process.
+# Two pytest-xdist workers on 2 cores (one process waits on its children a third of the time),
+# a test file's tests on one worker (its module-scoped runs are made once); WORKERS=0: one process.
 WORKERS ?= 2
 test: lint
-	$(PY) -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+	$(PY) -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
 # Every bench/ script, in full (bench/results/, then the README's Results section from them), or
 # in its reduced form (BENCH_OUT, default bench/results: *-quick.* files, never in the README).

@@ -122,6 +122,11 @@ make_keys() {
 }
 
 # ~/.ssh/known_hosts: the lines we add, recorded in $STATE/known_hosts.added; `down` takes them out.
+# Another set of hosts (another state directory: a second test worker, say) may edit the file at
+# the same time; every edit (read, filter, write back) holds this lock.
+KNOWN_LOCK=${TMPDIR:-/tmp}/hvdsgd-sim-hosts.known_hosts.lock
+locked() { ( flock -x 9; "$@" ) 9>>"$KNOWN_LOCK"; }
+
 add_known() {  # addr
   local line
   line="[$1]:$(cat "$STATE/port") $(cut -d' ' -f1,2 "$STATE/ssh_host_ed25519_key.pub")"
@@ -190,7 +195,7 @@ EOF
     sim-host "$STATE/local" "$STATE/hosts.$addr" "$name" "$SSHD" "$conf" \
     </dev/null >"$STATE/sshd-$addr.log" 2>&1 &
   echo $! >"$STATE/sshd-$addr.pid"
-  add_known "$addr"
+  locked add_known "$addr"
 }
 
 wait_host() {  # i: until ssh to it works (or its sshd died)
@@ -223,7 +228,7 @@ stop_host() {  # addr
     [ -z "$(in_namespace "$ns")" ] || echo "sim_hosts: processes of $1 still run: $(in_namespace "$ns" | xargs)" >&2
   fi
   rm -f "$f" "$STATE/sshd_config.$1" "$STATE/sshd-$1.log" "$STATE/hosts.$1" "$STATE/pidns.$1"
-  remove_known "$1"
+  locked remove_known "$1"
 }
 
 write_env() {
@@ -280,7 +285,7 @@ cmd_down() {
     [ -e "$f" ] || continue
     addr=${f##*/sshd-}; stop_host "${addr%.pid}"
   done
-  remove_known
+  locked remove_known
   # The directory is ours (marked by up): keys, configs and the host-local files go with it.
   [ -e "$STATE/.hvdsgd-sim-hosts" ] && rm -rf "$STATE"
   echo "sim_hosts: down"

@@ -43,13 +43,6 @@ def pytest_collection_modifyitems(config, items):
             "set pytestmark = pytest.mark.TIER in the module, or mark each test\n"
             + "\n".join(wrong)
         )
-    # pytest-xdist (`make test` runs 2 workers, --dist loadgroup): a module's tests stay on one
-    # worker (its module-scoped runs are made once), and every multihost test on one worker:
-    # the simulated hosts are one set of sshds on fixed addresses, brought up once.
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            group = "multihost" if item.get_closest_marker("multihost") else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 TIER_TIMES: dict = {}  # tier -> [tests, seconds of setup + call + teardown]

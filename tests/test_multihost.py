@@ -65,15 +65,33 @@ def processes_writing(out):
 # --------------------------------------------------------------------------- the script
 
 
+def edit_known_hosts(edit) -> None:
+    """``edit(lines)`` on ~/.ssh/known_hosts under scripts/sim_hosts.sh's lock: another set of
+    hosts (another test worker's) may be editing the file too."""
+    import fcntl
+
+    known = Path.home() / ".ssh" / "known_hosts"
+    lock = Path(os.environ.get("TMPDIR", "/tmp")) / "hvdsgd-sim-hosts.known_hosts.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        lines = known.read_text().splitlines() if known.exists() else []
+        known.write_text("".join(f"{line}\n" for line in edit(lines)))
+
+
 def test_sim_hosts_up_is_idempotent_and_down_leaves_nothing(tmp_path):
     state, known = tmp_path / "state", Path.home() / ".ssh" / "known_hosts"
-    before = known.read_bytes() if known.exists() else None
-    host, left = None, []
+    # A line nobody else writes: down must leave it (and every other line not its own) alone.
+    sentinel = "[192.0.2.1]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIhvdsgdSentinelLineOfThisTest"
+    (Path.home() / ".ssh").mkdir(mode=0o700, exist_ok=True)
+    edit_known_hosts(lambda lines: [*lines, sentinel])
+    host, left, ours = None, [], None
     up = sim_hosts_script(state, "up", "1")
     try:
         if up.returncode != 0:
             sim_hosts_unavailable(up)
         first = (state / "env").read_text()
+        ours = " ".join((state / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+        assert any(ours in line for line in known.read_text().splitlines())  # up wrote its key
         host = psutil.Process(int((state / "sshd-127.0.0.2.pid").read_text()))  # its unshare
         values = dict(line.split("=", 1) for line in first.splitlines())
         assert values["SIM_HOSTS"] == "127.0.0.2"
@@ -119,11 +137,12 @@ def test_sim_hosts_up_is_idempotent_and_down_leaves_nothing(tmp_path):
         assert (state / "env").read_text() == first and gone(third) and not gone(host)
     finally:
         down = sim_hosts_script(state, "down")
+        after = known.read_text().splitlines() if known.exists() else []
+        edit_known_hosts(lambda lines: [line for line in lines if line != sentinel])
     assert down.returncode == 0, down.stderr
     assert host is not None and gone(host) and left and all(gone(p) for p in left)
-    assert (
-        known.read_bytes() if known.exists() else None
-    ) == before  # exactly what up added is gone
+    # Exactly what up added is gone: no line of this set's host key, the sentinel kept.
+    assert ours and sentinel in after and not any(ours in line for line in after), after
     assert not state.exists()
     assert sim_hosts_script(state, "down").returncode == 0
 
