@@ -1,7 +1,7 @@
 """Elastic training: what the commits cost, and how long a lost rank stops the run.
 
     python bench/elastic.py           # 15 launches
-    python bench/elastic.py --quick   # 4 launches, for the test suite
+    python bench/elastic.py --quick   # 3 launches, for the test suite
 
 Every launch is 2 ranks, one per "host" (localhost and 127.0.0.1: two names of this machine,
 which Horovod's elastic driver counts as two hosts), ``--gloo``, one compute thread each, the
@@ -483,7 +483,9 @@ def render(res: dict) -> str:
 
 def _args(argv) -> argparse.Namespace:
     """The command line, checked; ``--quick`` shrinks it to one pair and one lost rank."""
-    p = parser(__doc__, "1 pair fixed/elastic, --commit-every 5, one lost rank; 3 epochs")
+    p = parser(
+        __doc__, "1 pair fixed/elastic at the default --commit-every, one lost rank; 3 epochs"
+    )
     p.add_argument("--epochs", type=int, default=6, help="epochs per run (the first is warm-up)")
     p.add_argument("--samples", type=int, default=12800, help="synthetic training samples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per rank")
@@ -502,7 +504,7 @@ def _args(argv) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of every run")
     args = p.parse_args(argv)
     if args.quick:
-        args.epochs, args.repeats, args.commits, args.kills, args.kill_commits = 3, 1, "5", 1, ""
+        args.epochs, args.repeats, args.commits, args.kills, args.kill_commits = 3, 1, "", 1, ""
     if args.repeats < 1 or args.kills < 1:
         p.error(
             "--repeats and --kills must be at least 1: the ratio and the resume time need a run"

@@ -183,24 +183,58 @@ def _first_conv_stride1(ctor: Callable[..., nn.Module]) -> Callable[[Shape, int]
     return build_net
 
 
-def _vit(shape: Shape, k: int) -> nn.Module:
-    """Small Vision Transformer for 32x32: 4x4 patches, 6 layers, 8 heads, width 256, MLP 512."""
-    from torchvision.models import VisionTransformer
+def _resnet50_narrow(shape: Shape, k: int) -> nn.Module:
+    """ResNet-50's depth (3-4-6-3 torchvision bottlenecks) at a quarter of its width (16, 32,
+    64, 128 planes; 1/16 of the multiply-adds), CIFAR stem: ResNet-50 sized for a CPU."""
+    from torchvision.models.resnet import Bottleneck
 
-    model = VisionTransformer(
-        image_size=32,
-        patch_size=4,
-        num_layers=6,
-        num_heads=8,
-        hidden_dim=256,
-        mlp_dim=512,
-        num_classes=k,
-    )
-    conv = nn.Conv2d(shape[0], 256, kernel_size=4, stride=4)
-    nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (shape[0] * 4 * 4)))
-    nn.init.zeros_(conv.bias)
-    model.conv_proj = conv
+    width, inplanes = 16, 16
+    layers: list[nn.Module] = [
+        nn.Conv2d(shape[0], width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+    ]
+    for stage, blocks in enumerate((3, 4, 6, 3)):
+        planes = width * 2**stage
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            down = None
+            if stride != 1 or inplanes != planes * Bottleneck.expansion:
+                down = nn.Sequential(
+                    nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(planes * Bottleneck.expansion),
+                )
+            layers.append(Bottleneck(inplanes, planes, stride, down))
+            inplanes = planes * Bottleneck.expansion
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, k))
+    for m in model.modules():  # as torchvision's ResNet
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def _vit_sized(layers: int, heads: int, width: int, mlp: int) -> Callable[[Shape, int], nn.Module]:
+    """A Vision Transformer for 32x32 inputs with 4x4 patches (64 tokens) taking C channels."""
+
+    def build_vit(shape: Shape, k: int) -> nn.Module:
+        from torchvision.models import VisionTransformer
+
+        model = VisionTransformer(
+            image_size=32,
+            patch_size=4,
+            num_layers=layers,
+            num_heads=heads,
+            hidden_dim=width,
+            mlp_dim=mlp,
+            num_classes=k,
+        )
+        conv = nn.Conv2d(shape[0], width, kernel_size=4, stride=4)
+        nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (shape[0] * 4 * 4)))
+        nn.init.zeros_(conv.bias)
+        model.conv_proj = conv
+        return model
+
+    return build_vit
 
 
 # name -> (builder(input_shape, num_classes), required square input size or None)
@@ -214,8 +248,11 @@ _REGISTRY: dict[str, tuple[Callable[[Shape, int], nn.Module], int | None]] = {
     "mobilenet_v2": (_first_conv_stride1(_torchvision("mobilenet_v2")), 32),
     "resnet18": (_resnet(_torchvision("resnet18")), 32),
     "resnet50": (_resnet(_torchvision("resnet50")), 32),
+    "resnet50_narrow": (_resnet50_narrow, 32),
     "efficientnet_b0": (_first_conv_stride1(_torchvision("efficientnet_b0")), 32),
-    "vit": (_vit, 32),
+    # Small ViT: 6 layers, 8 heads, width 256, MLP 512; tiny (a CPU's): 4 layers, 4 heads, 128, 256
+    "vit": (_vit_sized(6, 8, 256, 512), 32),
+    "vit_tiny": (_vit_sized(4, 4, 128, 256), 32),
 }
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY)

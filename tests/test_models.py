@@ -35,9 +35,31 @@ def test_names_in_order():
         "mobilenet_v2",
         "resnet18",
         "resnet50",
+        "resnet50_narrow",
         "efficientnet_b0",
         "vit",
+        "vit_tiny",
     )
+
+
+def test_cpu_sized_variants_keep_the_depth_at_a_fraction_of_the_width():
+    """resnet50_narrow: ResNet-50's 16 bottlenecks at a quarter of the width (about 1/16 of
+    the weights); vit_tiny: 4 layers of width 128 against vit's 6 of 256."""
+    from torchvision.models.resnet import Bottleneck
+
+    full, narrow = (models.build(n, (3, 32, 32), 10) for n in ("resnet50", "resnet50_narrow"))
+    blocks = [m for m in narrow.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == sum(isinstance(m, Bottleneck) for m in full.modules()) == 16
+    assert [b.conv2.out_channels for b in blocks[::5]] == [
+        16,
+        32,
+        64,
+        128,
+    ]  # one per stage
+    assert 1 / 20 < _n_params(narrow) / _n_params(full) < 1 / 12
+    vit, tiny = (models.build(n, (1, 32, 32), 10) for n in ("vit", "vit_tiny"))
+    assert (len(vit.encoder.layers), vit.hidden_dim) == (6, 256)
+    assert (len(tiny.encoder.layers), tiny.hidden_dim) == (4, 128)
 
 
 def test_cnn_parameter_count():
