@@ -203,6 +203,34 @@ def test_make_bench_quick_runs_every_script(tmp_path):
         assert re.match(r"`python bench/\w+\.py --quick --out .+` on \d+ cores", md.read_text()), md
 
 
+@pytest.mark.e2e
+def test_kfold_grid_runs_on_cifar10_from_data_dir_and_refuses_a_dir_without_it(
+    tmp_path, cifar10_dir
+):
+    """The grid on CIFAR-10 (the conftest's small original-format batches) when --data-dir holds
+    it; a --data-dir without it is one line and exit 2."""
+    kfold = [sys.executable, "bench/kfold.py", "--quick", "--parts", "grid"]
+    bad = subprocess.run(
+        [*kfold, "--data-dir", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "holds no cifar-10-batches-py folder (CIFAR-10's)"
+    ), bad.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*kfold, "--schedules", "cosine", "--data-dir", str(cifar10_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [row] = json.loads((out / "kfold-quick.json").read_text())["grid"]
+    assert (row["model"], row["schedule"], row["identical"]) == ("lenet", "cosine", True)
+    assert row["difference_points"] == 0.0
+    assert "3-fold on CIFAR-10" in (out / "kfold-quick.md").read_text()  # --quick: 3 folds
+
+
 # ------------------------------------------------------------------------ bench/readme.py
 
 
