@@ -192,8 +192,7 @@ def grid(args) -> tuple[list[dict], str]:
             epochs, budget = GRID_BUDGET.get(model, (args.epochs, []))
             epochs = args.grid_epochs or epochs
             for schedule in args.schedules.split(","):
-                # warm: the first epoch (or the whole run, when shorter) warms up linearly
-                warm = ["--warmup-epochs", str(min(1, epochs))] if schedule == "warm" else []
+                warm = ["--warmup-epochs", "1"] if schedule == "warm" else []  # the first epoch
                 t0 = time.time()
                 r = run_hvdsgd(
                     args,
@@ -266,17 +265,14 @@ def main(argv=None) -> None:
         args.grid_models, args.grid_epochs = "lenet", 1
     info = machine(gpu=False)
     where = f"CIFAR-10 from {args.data_dir}" if args.data_dir else "digits"
-    print(
-        f"kfold: {args.folds} folds, {args.workers} workers on {info['cores']} cores; "
-        + (
-            "compare: " + f"{args.model} on digits, {args.epochs} epochs, "
-            if "compare" in parts
-            else ""
+    said = [f"kfold: {args.folds} folds, {args.workers} workers on {info['cores']} cores"]
+    if "compare" in parts:
+        said.append(
+            f"compare: {args.model} on digits, {args.epochs} epochs, {args.repeats} repeats"
         )
-        + (f"{args.repeats} repeats; " if "compare" in parts else "")
-        + (f"grid: {args.grid_models} x {args.schedules} on {where}" if "grid" in parts else ""),
-        flush=True,
-    )
+    if "grid" in parts:
+        said.append(f"grid: {args.grid_models} x {args.schedules} on {where}")
+    print("; ".join(said), flush=True)
     result, md = {"machine": info, "config": vars(args)}, []
     if "compare" in parts:
         result["compare"], text = compare(args)

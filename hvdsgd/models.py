@@ -188,7 +188,7 @@ def _resnet50_narrow(shape: Shape, k: int) -> nn.Module:
     64, 128 planes; 1/16 of the multiply-adds), CIFAR stem: ResNet-50 sized for a CPU."""
     from torchvision.models.resnet import Bottleneck
 
-    width, inplanes = 16, 16
+    inplanes = width = 16
     layers: list[nn.Module] = [
         nn.Conv2d(shape[0], width, 3, 1, 1, bias=False),
         nn.BatchNorm2d(width),
