@@ -9,10 +9,12 @@ import platform
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+START = time.monotonic()  # every bench script imports this module first: its run starts here
 
 
 def mean_spread(xs: list[float]) -> tuple[float, float]:
@@ -78,9 +80,16 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
+def took(seconds: float) -> str:
+    """A duration as the README writes it: ``42 s``, ``3 min 05 s``."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 def write_results(out: str | Path, name: str, results: dict, md: str) -> Path:
-    """``out/name.json`` (``results``, which must hold ``command`` and ``machine``) and
-    ``out/name.md`` (a line with the command and the machine, then ``md``); a run on a GPU
+    """``out/name.json`` (``results``, which must hold ``command`` and ``machine``, plus
+    ``elapsed_s``: the script's run time so far) and ``out/name.md`` (a line with the command,
+    the machine and the run time, then ``md``); a run on a GPU
     machine is ``name-gpu``, so that it stands beside the CPU record instead of replacing it.
     Returns ``out/name`` (without suffix), for the script's plot. The README's Results section
     is generated from the ``.md`` files (``python bench/readme.py``)."""
@@ -88,8 +97,10 @@ def write_results(out: str | Path, name: str, results: dict, md: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if results["machine"].get("gpu"):
         name += "-gpu"
+    results = {**results, "elapsed_s": round(time.monotonic() - START, 1)}
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(
-        f"`{results['command']}` on {results['machine']['description']}\n\n{md.strip()}\n"
+        f"`{results['command']}` on {results['machine']['description']}, "
+        f"in {took(results['elapsed_s'])}\n\n{md.strip()}\n"
     )
     return out / name

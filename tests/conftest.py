@@ -28,19 +28,46 @@ SHM = Path("/dev/shm")
 TIERS = ("unit", "e2e", "dist", "multihost", "bench", "gpu")
 
 
-# The files that take longest (seconds of a one-process run on 2 cores, session 4), run first:
-# `make test`'s 2 xdist workers take files in collection order (--dist loadfile), and a long
-# file started last leaves one worker idle at the end while the other finishes it.
+# The files that take longest (seconds under `make test`'s 2 xdist workers on 2 cores, session 5),
+# collected first: a long file started last leaves one worker idle while the other finishes it.
 LONGEST_FIRST = (
-    "test_bench.py",  # 184 s: make bench-quick
-    "test_distributed.py",  # 136
-    "test_task_faults.py",  # 62
-    "test_elastic.py",  # 59
-    "test_run_lifecycle.py",  # 51
-    "test_hogwild.py",  # 46
-    "test_tasks.py",  # 24
-    "test_multihost.py",  # 23
+    "test_bench.py",  # 330: make bench-quick, one test per script (SPLIT_FILES)
+    "test_distributed.py",  # 284
+    "test_hogwild.py",  # 138
+    "test_elastic.py",  # 122
+    "test_run_lifecycle.py",  # 114
+    "test_task_faults.py",  # 107
+    "test_nccl_build.py",  # 69 (where the NCCL wheel is cached; skipped in CI)
+    "test_tasks.py",  # 53
+    "test_multihost.py",  # 48
+    "test_hogwild_run.py",  # 47
+    "test_rendezvous.py",  # 42
+    "test_lottery.py",  # 42
+    "test_profiler.py",  # 34
 )
+# Files whose tests are independent runs (no module-scoped run shared between them): each test is
+# its own unit of xdist work, so that both workers share them.
+SPLIT_FILES = ("test_bench.py",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (a file's tests on one worker: its module-scoped runs are made once) in
+    collection order, which puts LONGEST_FIRST first; stock xdist orders files by their number
+    of tests, which here started the 5-minute test_bench.py last. SPLIT_FILES go test by test."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # keep the collection order
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if Path(path).name in SPLIT_FILES else path
+
+    return LongestFirst(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m and -k deselect: `-m unit` checks every test too
