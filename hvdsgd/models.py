@@ -184,11 +184,13 @@ def _first_conv_stride1(ctor: Callable[..., nn.Module]) -> Callable[[Shape, int]
 
 
 def _resnet50_narrow(shape: Shape, k: int) -> nn.Module:
-    """ResNet-50's depth (3-4-6-3 torchvision bottlenecks) at a quarter of its width (16, 32,
-    64, 128 planes; 1/16 of the multiply-adds), CIFAR stem: ResNet-50 sized for a CPU."""
+    """ResNet-50's depth (3-4-6-3 torchvision bottlenecks) at an eighth of its width (8, 16, 32,
+    64 planes; about 1/64 of the weights), CIFAR stem: ResNet-50 sized for a CPU. Each block's
+    last BatchNorm starts at 0 (torchvision's ``zero_init_residual``, Goyal et al. 2017), so the
+    16 blocks start as identities: on digits it trains at lr 0.1 from 20 warm-up updates on."""
     from torchvision.models.resnet import Bottleneck
 
-    inplanes = width = 16
+    inplanes = width = 8
     layers: list[nn.Module] = [
         nn.Conv2d(shape[0], width, 3, 1, 1, bias=False),
         nn.BatchNorm2d(width),
@@ -207,29 +209,58 @@ def _resnet50_narrow(shape: Shape, k: int) -> nn.Module:
             layers.append(Bottleneck(inplanes, planes, stride, down))
             inplanes = planes * Bottleneck.expansion
     model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, k))
-    for m in model.modules():  # as torchvision's ResNet
+    for m in model.modules():  # as torchvision's ResNet(zero_init_residual=True)
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
     return model
 
 
-def _vit_sized(layers: int, heads: int, width: int, mlp: int) -> Callable[[Shape, int], nn.Module]:
-    """A Vision Transformer for 32x32 inputs with 4x4 patches (64 tokens) taking C channels."""
+def _efficientnet_b0_narrow(shape: Shape, k: int) -> nn.Module:
+    """EfficientNet-B0's 7 MBConv stages (16 blocks with squeeze-excitation) at half the width,
+    without stochastic depth and dropout (regularisers that hold a short run back), stride-1
+    first conv taking C channels: EfficientNet-B0 sized for a CPU."""
+    from functools import partial
+
+    from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+    conf = partial(MBConvConfig, width_mult=0.5, depth_mult=1.0)
+    stages = [  # B0's: expand ratio, kernel, stride, channels in, out, blocks
+        conf(1, 3, 1, 32, 16, 1),
+        conf(6, 3, 2, 16, 24, 2),
+        conf(6, 5, 2, 24, 40, 2),
+        conf(6, 3, 2, 40, 80, 3),
+        conf(6, 5, 1, 80, 112, 3),
+        conf(6, 5, 2, 112, 192, 4),
+        conf(6, 3, 1, 192, 320, 1),
+    ]
+    model = EfficientNet(stages, dropout=0.0, stochastic_depth_prob=0.0, num_classes=k)
+    first = model.features[0][0]
+    model.features[0][0] = _stem(first, shape[0], first.kernel_size[0], first.padding[0])
+    return model
+
+
+def _vit_sized(
+    layers: int, heads: int, width: int, mlp: int, patch: int = 4
+) -> Callable[[Shape, int], nn.Module]:
+    """A Vision Transformer for 32x32 inputs taking C channels, in patches of ``patch`` pixels
+    (4: 64 tokens; 8: 16)."""
 
     def build_vit(shape: Shape, k: int) -> nn.Module:
         from torchvision.models import VisionTransformer
 
         model = VisionTransformer(
             image_size=32,
-            patch_size=4,
+            patch_size=patch,
             num_layers=layers,
             num_heads=heads,
             hidden_dim=width,
             mlp_dim=mlp,
             num_classes=k,
         )
-        conv = nn.Conv2d(shape[0], width, kernel_size=4, stride=4)
-        nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (shape[0] * 4 * 4)))
+        conv = nn.Conv2d(shape[0], width, kernel_size=patch, stride=patch)
+        nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (shape[0] * patch * patch)))
         nn.init.zeros_(conv.bias)
         model.conv_proj = conv
         return model
@@ -250,9 +281,11 @@ _REGISTRY: dict[str, tuple[Callable[[Shape, int], nn.Module], int | None]] = {
     "resnet50": (_resnet(_torchvision("resnet50")), 32),
     "resnet50_narrow": (_resnet50_narrow, 32),
     "efficientnet_b0": (_first_conv_stride1(_torchvision("efficientnet_b0")), 32),
-    # Small ViT: 6 layers, 8 heads, width 256, MLP 512; tiny (a CPU's): 4 layers, 4 heads, 128, 256
+    "efficientnet_b0_narrow": (_efficientnet_b0_narrow, 32),
+    # Small ViT: 6 layers, 8 heads, width 256, MLP 512, 4x4 patches; tiny (a CPU's): 4 layers,
+    # 4 heads, width 128, MLP 256, 8x8 patches (16 tokens: digits are 8x8 images scaled up 4x)
     "vit": (_vit_sized(6, 8, 256, 512), 32),
-    "vit_tiny": (_vit_sized(4, 4, 128, 256), 32),
+    "vit_tiny": (_vit_sized(4, 4, 128, 256, patch=8), 32),
 }
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -56,7 +56,8 @@ def check_scaling(out: Path) -> None:
 def check_techniques(out: Path) -> None:
     result = json.loads((out / "techniques-quick.json").read_text())
     rows = {(r["model"], r["setting"]): r for r in result["rows"]}
-    assert set(rows) == {("vit", "baseline"), ("vit", "all")}  # what --quick asks for
+    assert set(rows) == {("vit_tiny", "baseline"), ("vit_tiny", "all")}  # what --quick asks for
+    assert result["budgets"]["vit_tiny"]["epochs"] == 1
     for r in rows.values():
         assert math.isfinite(r["samples_per_sec"]) and r["samples_per_sec"] > 0
         assert r["peak_mib"] > 0 and r["process_peak_mib"] >= r["peak_mib"]
@@ -66,13 +67,14 @@ def check_techniques(out: Path) -> None:
         assert 0 <= r["test_macro_f1"] <= 1
         [run] = r["runs"]
         assert run["timed_samples"] == 8 and run["updates"] == 3  # 24 images, batch 8, 2 warm-up
-    base, every = rows["vit", "baseline"], rows["vit", "all"]
+    base, every = rows["vit_tiny", "baseline"], rows["vit_tiny", "all"]
     assert base["speed_ratio"] == 1 and base["memory_ratio"] == 1
     assert every["speed_ratio"] == pytest.approx(every["samples_per_sec"] / base["samples_per_sec"])
     assert every["memory_ratio"] == pytest.approx(every["peak_mib"] / base["peak_mib"])
     md = (out / "techniques-quick.md").read_text()
     assert "| model | setting | samples/s | × baseline | peak memory (MiB) |" in md
-    assert "| vit | baseline |" in md and "| vit | all |" in md
+    assert "| vit_tiny | baseline |" in md and "| vit_tiny | all |" in md
+    assert "- vit_tiny: 1 epoch(s) at batch 8, adamw" in md
     assert (out / "techniques-quick.png").read_bytes()[:8] == PNG
 
 
@@ -275,3 +277,31 @@ def test_readme_section_is_built_from_the_results_files(tmp_path):
 def test_readme_results_section_matches_bench_results():
     """Every figure in the README's Results section comes from a bench/results/ file."""
     readme.main(["--check"])
+
+
+@pytest.mark.unit
+def test_techniques_marks_a_setting_that_loses_more_than_a_point():
+    """bench/techniques.py's table: accuracy as mean ± spread over the seeds, and a setting whose
+    mean is more than 1 point below the baseline's is marked; one within a point is not."""
+    code = """
+import json, techniques as t
+def runs(*accs):
+    return [dict(samples_per_sec=100.0, peak_mib=10.0, process_peak_mib=20.0, test_accuracy=a,
+                 test_macro_f1=a) for a in accs]
+base = t.summarise("m", "baseline", runs(0.95, 0.97), None, "")
+rows = [t.summarise("m", s, runs(*a), base, "") for s, a in
+        (("baseline", (0.95, 0.97)), ("amp", (0.94, 0.95)), ("accum", (0.955, 0.96)))]
+print(json.dumps([rows, t.render(rows)]))
+"""
+    proc = subprocess.run(  # bench/ is a folder of scripts: import one from there
+        [sys.executable, "-c", code], cwd=ROOT / "bench", capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows, md = json.loads(proc.stdout)
+    assert [r["loses_accuracy"] for r in rows] == [False, True, False]
+    assert rows[1]["accuracy_points"] == pytest.approx(-1.5)
+    assert rows[0]["test_accuracy_spread"] == pytest.approx(1.96 * 0.02 / 2**0.5)
+    lines = md.splitlines()
+    assert "| 96.0 ± 2.8 | — |" in lines[2]  # the baseline: its own reference
+    assert "| 94.5 ± 1.4 | **-1.5 ▼** |" in lines[3]
+    assert "| 95.8 ± 0.7 | -0.2 |" in lines[4]

@@ -37,29 +37,41 @@ def test_names_in_order():
         "resnet50",
         "resnet50_narrow",
         "efficientnet_b0",
+        "efficientnet_b0_narrow",
         "vit",
         "vit_tiny",
     )
 
 
 def test_cpu_sized_variants_keep_the_depth_at_a_fraction_of_the_width():
-    """resnet50_narrow: ResNet-50's 16 bottlenecks at a quarter of the width (about 1/16 of
-    the weights); vit_tiny: 4 layers of width 128 against vit's 6 of 256."""
+    """resnet50_narrow: ResNet-50's 16 bottlenecks at an eighth of the width (about 1/64 of the
+    weights), each starting as an identity; efficientnet_b0_narrow: B0's 16 MBConv blocks at
+    half the width, no stochastic depth; vit_tiny: 4 layers of width 128 in 16 tokens against
+    vit's 6 of 256 in 64."""
+    from torchvision.models.efficientnet import MBConv
     from torchvision.models.resnet import Bottleneck
 
     full, narrow = (models.build(n, (3, 32, 32), 10) for n in ("resnet50", "resnet50_narrow"))
     blocks = [m for m in narrow.modules() if isinstance(m, Bottleneck)]
     assert len(blocks) == sum(isinstance(m, Bottleneck) for m in full.modules()) == 16
-    assert [b.conv2.out_channels for b in blocks[::5]] == [
-        16,
-        32,
-        64,
-        128,
-    ]  # one per stage
-    assert 1 / 20 < _n_params(narrow) / _n_params(full) < 1 / 12
+    assert [b.conv2.out_channels for b in blocks[::5]] == [8, 16, 32, 64]  # one per stage
+    assert 1 / 80 < _n_params(narrow) / _n_params(full) < 1 / 50
+    assert all(not b.bn3.weight.any() for b in blocks)  # zero_init_residual: identities at first
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.isfinite(narrow(x)).all()
+
+    b0, half = (
+        models.build(n, (3, 32, 32), 10) for n in ("efficientnet_b0", "efficientnet_b0_narrow")
+    )
+    mb = [m for m in half.modules() if isinstance(m, MBConv)]
+    assert len(mb) == sum(isinstance(m, MBConv) for m in b0.modules()) == 16
+    assert half.features[-1][0].out_channels * 2 == b0.features[-1][0].out_channels
+    assert all(m.stochastic_depth.p == 0 for m in mb)
+    assert half(x).shape == (4, 10)
+
     vit, tiny = (models.build(n, (1, 32, 32), 10) for n in ("vit", "vit_tiny"))
-    assert (len(vit.encoder.layers), vit.hidden_dim) == (6, 256)
-    assert (len(tiny.encoder.layers), tiny.hidden_dim) == (4, 128)
+    assert (len(vit.encoder.layers), vit.hidden_dim, vit.seq_length) == (6, 256, 65)
+    assert (len(tiny.encoder.layers), tiny.hidden_dim, tiny.seq_length) == (4, 128, 17)
 
 
 def test_cnn_parameter_count():
