@@ -195,7 +195,10 @@ def worker(args) -> None:
 
 
 def launch(kind: str, model: str, args, result: Path) -> list[float]:
-    per_iter = args.batches_per_iter or (20 if model in SHAPES else 3)
+    small = model in SHAPES  # cnn, mlp: milliseconds a step; the others: a second or more
+    per_iter = args.batches_per_iter or (20 if small else 2)
+    warmup = args.warmup if args.warmup is not None else (5 if small else 2)
+    iters = args.iters or (6 if small else 4)
     common = [
         str(Path(__file__).resolve()),
         "--worker",
@@ -205,9 +208,9 @@ def launch(kind: str, model: str, args, result: Path) -> list[float]:
         "--batch-size",
         str(args.batch_size),
         "--iters",
-        str(args.iters),
+        str(iters),
         "--warmup",
-        str(args.warmup),
+        str(warmup),
         "--batches-per-iter",
         str(per_iter),
         "--result",
@@ -233,14 +236,18 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="cnn,resnet18", help="comma-separated model names")
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
-    p.add_argument("--iters", type=int, default=6, help="timed iterations per run")
+    p.add_argument(
+        "--iters", type=int, default=None, help="timed iterations a run (None: 6 cnn/mlp, else 4)"
+    )
     p.add_argument(
         "--batches-per-iter",
         type=int,
         default=None,
-        help="steps per timed iteration (default: 20 for cnn/mlp, 3 otherwise)",
+        help="steps per timed iteration (None: 20 for cnn/mlp, 2 otherwise)",
     )
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (None: 5 for cnn/mlp, else 2)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
     p.add_argument("--worker", choices=("hvdsgd", "horovod", "ddp"), help=argparse.SUPPRESS)
@@ -263,7 +270,7 @@ def main(argv=None) -> None:
     print(
         f"throughput: -np {args.np}, batch {args.batch_size}/rank, {info['cores']} cores, "
         f"GPU: {info['gpu'] or 'none'}; "
-        f"{args.repeats} interleaved launches x {args.iters} iterations"
+        f"{args.repeats} interleaved launches x {args.iters or '6 (cnn/mlp) or 4'} iterations"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
