@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from common import command_line, machine, mean_ci, mean_spread, parser, save_figure, write_results
@@ -440,19 +440,25 @@ def budgets_for(args, gpu: bool, p: argparse.ArgumentParser) -> dict[str, Budget
     if unknown:
         p.error(f"unknown --models {unknown}; choose from {', '.join(zoo.NAMES)}")
     default = next(iter(table.values()))  # a model outside the table trains as the first one
+    given = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "warmup_steps": args.lr_warmup,
+    }
+    over = {k: v for k, v in given.items() if v is not None}
+    bad = [k for k in ("epochs", "batch_size", "lr") if over.get(k, 1) <= 0]
+    if bad:
+        p.error(f"--{bad[0].replace('_', '-')} must be positive")
+    if over.get("warmup_steps", 0) < 0:
+        p.error("--lr-warmup must be 0 or more")
+    if over.get("batch_size", 2) % 2:
+        p.error("--batch-size must be even (accum splits it into 2 micro-batches)")
     out = {}
-    for m in names:
-        b = table.get(m, default)
-        out[m] = Budget(
-            args.epochs or b.epochs,
-            args.batch_size or b.batch_size,
-            args.optimizer or b.optimizer,
-            args.lr or b.lr,
-            b.warmup_steps if args.lr_warmup is None else args.lr_warmup,
-            b.why if m in table and not (args.epochs or args.batch_size or args.lr) else "",
-        )
-        if out[m].batch_size % 2:
-            p.error("--batch-size must be even (accum splits it into 2 micro-batches)")
+    for m in names:  # an overridden or borrowed budget was not found for m: no "why"
+        why = {"why": ""} if over or m not in table else {}
+        out[m] = replace(table.get(m, default), **over, **why)
     return out
 
 

@@ -305,3 +305,19 @@ print(json.dumps([rows, t.render(rows)]))
     assert "| 96.0 ± 2.8 | — |" in lines[2]  # the baseline: its own reference
     assert "| 94.5 ± 1.4 | **-1.5 ▼** |" in lines[3]
     assert "| 95.8 ± 0.7 | -0.2 |" in lines[4]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "flags,error",
+    [
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--lr-warmup", "-1"], "--lr-warmup must be 0 or more"),
+        (["--batch-size", "7"], "--batch-size must be even"),
+    ],
+)
+def test_techniques_refuses_a_bad_budget_in_one_line(flags, error):
+    proc = subprocess.run(
+        [sys.executable, "bench/techniques.py", *flags], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 2 and error in proc.stderr.strip().splitlines()[-1], proc.stderr
