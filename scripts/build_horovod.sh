@@ -25,7 +25,7 @@
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PATCH_LEVEL=7          # bump when the patches below change: it is part of the cache key
+PATCH_LEVEL=8          # bump when the patches below change: it is part of the cache key
 PYTHON=${1:-.venv/bin/python}
 say() { printf '[build_horovod] %s\n' "$*"; }
 die() { printf '[build_horovod] error: %s\n' "$*" >&2; exit 1; }
@@ -102,7 +102,9 @@ if [ -z "$wheel" ]; then
   #   error the rank has reported itself); "horovodrun: interrupted" (exit 130) on Ctrl-C and
   #   "horovodrun: stopped by SIGTERM" (143). The ranks it then stops are told by SIGTERM; a
   #   rank's Gloo "Connection reset by peer" lines (Horovod's background loop logs them at
-  #   ERROR the moment a peer dies) are held and dropped when the job was being stopped. The
+  #   ERROR the moment a peer dies) are held and dropped when the job was being stopped, and
+  #   so is hvdsgd's "rank R lost contact with the other ranks": a rank that met the lost peer
+  #   before its own SIGTERM (on a loaded host, more than its 3 s grace) says so itself. The
   #   shell execs each rank, so no shell is left to add "Killed" or "Terminated".
   # - HOROVOD_WAKE_ON_ENQUEUE=1 (opt-in, set by hvdsgd on CPU): the background loop sleeps
   #   until its cycle ends *or* a tensor is enqueued, and does not sleep while tensors of its
@@ -185,11 +187,12 @@ def _failure_line(rank, status):
 
 
 class _HeldPeerLoss(object):
-    """hvdsgd: a rank's stderr, less Horovod's and Gloo's reports of a lost connection. Those are
-    held until the rank exits, then dropped if the job was being stopped (they only echo the loss
-    horovodrun reports in its one line) and written out otherwise."""
+    """hvdsgd: a rank's stderr, less Horovod's, Gloo's and hvdsgd's reports of a lost connection.
+    Those are held until the rank exits, then dropped if the job was being stopped (they only echo
+    the loss horovodrun reports in its one line) and written out otherwise."""
     PATTERN = re.compile(r'background loop uncaught exception|gloo/transport|'
-                         r'Connection (reset|closed) by peer')
+                         r'Connection (reset|closed) by peer|'
+                         r'hvdsgd: error: rank \d+ lost contact with the other ranks')
 
     def __init__(self, stream):
         self._stream, self._held = stream, []

@@ -6,7 +6,11 @@ check and exits 1 at the end; rank 0 prints `CHECK ok` for each check that passe
 """
 
 import copy
+import itertools
+import os
+import signal
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +168,25 @@ def check_usage_error_on_one_rank():
             raise UsageError("--data-dir /nonexistent does not exist on rank 1")
         dist.hvd().allreduce(torch.ones(1), name="wait.for.rank.1")
 
+    main()
+
+
+def check_lost_contact_while_the_job_is_stopped():
+    """Rank 0 ignores horovodrun's SIGTERM (as a rank starved on a loaded host effectively does)
+    and steps until the job is stopped: it meets the lost peer and, after its grace time, says
+    "lost contact". The test stops horovodrun and checks that the line is dropped."""
+
+    @exit_on_usage_error
+    def main():
+        dist.init("cpu", threads=1)
+        for step in itertools.count():
+            dist.hvd().allreduce(torch.ones(1), name=f"step.{step}")
+            if step == 10 and dist.is_main():
+                print("stepping", flush=True)
+            time.sleep(0.01)
+
+    if os.environ.get("HOROVOD_RANK") == "0":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # kept by exit_on_usage_error
     main()
 
 
