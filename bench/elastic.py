@@ -1,6 +1,6 @@
 """Elastic training: what the commits cost, and how long a lost rank stops the run.
 
-    python bench/elastic.py           # 15 launches
+    python bench/elastic.py           # 12 launches
     python bench/elastic.py --quick   # 3 launches, for the test suite
 
 Every launch is 2 ranks, one per "host" (localhost and 127.0.0.1: two names of this machine,
@@ -486,16 +486,16 @@ def _args(argv) -> argparse.Namespace:
     p = parser(
         __doc__, "1 pair fixed/elastic at the default --commit-every, one lost rank; 3 epochs"
     )
-    p.add_argument("--epochs", type=int, default=6, help="epochs per run (the first is warm-up)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is warm-up)")
     p.add_argument("--samples", type=int, default=12800, help="synthetic training samples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per rank")
-    p.add_argument("--repeats", type=int, default=3, help="fixed/elastic pairs at the default")
+    p.add_argument("--repeats", type=int, default=2, help="fixed/elastic pairs at the default")
     p.add_argument(
         "--commits",
         default="5,20,50,200",
         help="other --commit-every values, one elastic launch each",
     )
-    p.add_argument("--kills", type=int, default=3, help="lost-rank runs at the default")
+    p.add_argument("--kills", type=int, default=2, help="lost-rank runs at the default")
     p.add_argument(
         "--kill-commits",
         default="5,200",

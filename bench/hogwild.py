@@ -17,8 +17,10 @@
    worker's last step) and *aggregate* (the sum of each worker's own rate over its own first
    to last step: the steady state with every worker running, without the tail in which the
    last worker finishes alone after a moment of interference on a shared machine).
-3. ``policies``: every ``--strategy`` of the shared buffer at 2 workers: samples/s, final
-   accuracy, time to 97%, mean staleness.
+3. ``policies``: the kernel's synchronised forms (``atomic``, ``locked``) against ``hogwild``
+   at 2 workers (``--policies``; the others, ``sharded``, ``sync``, ``async-apply`` and
+   ``async-deferred``, are in bench/strategies.py's table beside Horovod's allreduce):
+   samples/s, final accuracy, time to 97%, mean staleness.
 
 Writes ``bench/results/hogwild.json`` and ``hogwild.md``.
 """
@@ -337,12 +339,19 @@ def main(argv=None) -> None:
     p = parser(__doc__, "small sizes, 1 repeat, 2 workers, the atomic and locked policies")
     p.add_argument("--parts", default="kernel,e2e,policies", help="comma-separated parts to run")
     p.add_argument("--sizes", default="1000000,25000000", help="kernel buffer sizes (parameters)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each variant")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each variant")
     p.add_argument("--workers", default="1,2,4", help="end-to-end worker counts")
     p.add_argument("--epochs", type=int, default=200, help="end-to-end epochs")
     p.add_argument("--eval-interval", type=float, default=0.01, help="seconds between evaluations")
+    p.add_argument(
+        "--policies",
+        default="hogwild,atomic,locked",
+        help=f"policies part: comma-separated, of {','.join(POLICIES)}",
+    )
     args = p.parse_args(argv)
-    policies = POLICIES
+    policies = tuple(args.policies.split(","))
+    if set(policies) - set(POLICIES):
+        p.error(f"--policies {args.policies}: choose from {','.join(POLICIES)}")
     if args.quick:
         args.sizes, args.repeats, args.workers, args.epochs = "100000", 1, "2", 3
         # The other policies run in bench/strategies.py --quick: here only the kernel's two

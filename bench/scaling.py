@@ -208,7 +208,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=64, help="sweep 1: batch size per rank")
     p.add_argument("--batches", default="16,64,256", help="sweep 2: batch sizes per rank")
     p.add_argument("--batch-workers", type=int, default=2, help="sweep 2: number of ranks")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per run (the first is warm-up)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per run (the first is warm-up)")
     p.add_argument("--lr", type=float, default=0.02, help="base learning rate per rank")
     p.add_argument("--seed", type=int, default=42, help="seed of the first repeat (+1 each)")
     p.add_argument("--device", default="cpu", help="device of every rank (cpu, cuda)")

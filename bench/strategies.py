@@ -1,6 +1,6 @@
 """Update strategies side by side: Horovod allreduce, the parameter-server policies, HOGWILD.
 
-    python bench/strategies.py             # mlp on digits, 2 workers, 3 repeats
+    python bench/strategies.py             # mlp on digits, 2 workers, 2 repeats
     python bench/strategies.py --quick     # a reduced form, for the test suite
 
 One table on the same model, data, batch per worker, learning rate and number of workers:
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2, help="ranks / worker processes")
     p.add_argument("--epochs", type=int, default=30, help="epochs")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate per worker")
-    p.add_argument("--repeats", type=int, default=3, help="repeats, order alternating")
+    p.add_argument("--repeats", type=int, default=2, help="repeats, order alternating")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     args = p.parse_args(argv)
     if args.quick:

@@ -255,7 +255,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps first (None: 5 for cnn/mlp, else 2)"
     )
-    p.add_argument("--repeats", type=int, default=3, help="interleaved launches of each variant")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved launches of each variant")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
     p.add_argument("--worker", choices=("hvdsgd", "horovod", "ddp"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
