@@ -2,7 +2,7 @@
 #   make demo   set up .venv (dependencies, patched Horovod, hvdsgd), then train on 4 ranks
 #   make test   the same set-up, the ruff gate (make lint), then every test tier (2 workers)
 #   make test-fast  the unit tier only (pytest -m unit: in-process tests, at most 90 s on 2 cores)
-#   make bench  every bench/ script (42 min on 2 cores), then the README's Results section
+#   make bench  every bench/ script (23 min on 2 cores), then the README's Results section
 #   make bench-quick  every bench/ script in a reduced form (minutes), into BENCH_OUT
 #   make bench-gpu    on an NVIDIA GPU machine: throughput, techniques, occupancy on the GPU
 # Each step leaves a stamp in .venv; a second run skips what is done and takes seconds.

@@ -44,7 +44,8 @@ SECTIONS = [
     (
         "techniques",
         "Training techniques: AMP, accumulation, pinned memory, channels-last",
-        "Each technique on its own and all together against the same model's baseline, every "
+        "Each technique on its own (on a GPU also all together) against the same model's "
+        "baseline, every "
         "setting in a fresh process: samples/s, peak memory, and test accuracy over 2 seeds "
         "after the same budget. Each model's budget is the cheapest found in which its baseline "
         "passes 90% on digits, so that the accuracy column can show a technique losing some; on "
@@ -62,8 +63,9 @@ SECTIONS = [
         "HOGWILD: the kernel, end to end, and the policies",
         "The C++ update kernel against NumPy and `torch.optim.SGD` on one flat buffer (GB/s "
         "counted as STREAM does); HOGWILD end to end against the pattern of pytorch/examples "
-        "`mnist_hogwild` on the same model, batches and evaluation loop; every policy at 2 "
-        "workers.",
+        "`mnist_hogwild` on the same model, batches and evaluation loop; the kernel's "
+        "synchronised policies (`atomic`, `locked`) against `hogwild` at 2 workers (the other "
+        "policies are in the strategies table above).",
     ),
     (
         "occupancy",
@@ -77,7 +79,8 @@ SECTIONS = [
         "K-fold cross-validation in parallel",
         "5-fold `cnn` on digits: serially, over hvdsgd's worker processes, and over a joblib pool "
         "running one fold per job (the pattern of `cross_val_score(n_jobs=2)`), same folds and "
-        "seeds. Then the grid of the K-fold study this project grew from: LeNet, MobileNetV2 and "
+        "seeds. Then, in 3 folds, the grid of the K-fold study this project grew from: LeNet, "
+        "MobileNetV2 and "
         "VGG-11, each with the `warm` and `cosine` schedules, serial against parallel; the "
         "difference is 0.00 because the folds, seeds and training code are the same (each run "
         "checks every fold's result for equality). Each model's epochs are the budget in which "

@@ -187,6 +187,21 @@ def mlp_run(tmp_path_factory):
     return out
 
 
+def test_padding_is_not_counted_and_predivision_gives_the_same_average(tmp_path, mlp_run):
+    """-np 2 on 1,437 digits: the sampler pads one sample, which is not a training sample; and
+    --gradient-predivide-factor changes where the division happens, not the result."""
+    proc, out = run_train(
+        tmp_path, "--model", "mlp", "--epochs", "1", "--gradient-predivide-factor", "2"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (mlp_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_samples"] for r in rows] == [1437]
+    assert json.loads((mlp_run / "summary.json").read_text())["train_samples"] == 1437
+    a, b = (torch.load(o / "checkpoint.pt", weights_only=True)["model"] for o in (mlp_run, out))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
 def copy_run(run, tmp_path):
     """``run`` copied to ``tmp_path/run`` (where :func:`run_train` writes); returns the copy."""
     return Path(shutil.copytree(run, tmp_path / "run"))
