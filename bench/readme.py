@@ -79,8 +79,9 @@ SECTIONS = [
         "K-fold cross-validation in parallel",
         "5-fold `cnn` on digits: serially, over hvdsgd's worker processes, and over a joblib pool "
         "running one fold per job (the pattern of `cross_val_score(n_jobs=2)`), same folds and "
-        "seeds. Then, in 3 folds, the grid of the K-fold study this project grew from: LeNet, "
-        "MobileNetV2 and "
+        "seeds. Then, in 3 folds (in 5, its 12 serial and parallel passes would take make "
+        "bench past 30 minutes on 2 cores), the grid of the K-fold study this project grew from: "
+        "LeNet, MobileNetV2 and "
         "VGG-11, each with the `warm` and `cosine` schedules, serial against parallel; the "
         "difference is 0.00 because the folds, seeds and training code are the same (each run "
         "checks every fold's result for equality). Each model's epochs are the budget in which "

@@ -307,6 +307,32 @@ print(json.dumps([rows, t.render(rows)]))
     assert "| 95.8 ± 0.7 | -0.2 |" in lines[4]
 
 
+@pytest.mark.unit
+def test_techniques_gpu_form_trains_the_papers_models_at_full_size():
+    """On a GPU the table runs ResNet-50, EfficientNet-B0 and ViT themselves; CPU_BUDGETS holds
+    their CPU-sized variants, named as such, with a fraction of the weights."""
+    code = (
+        "import json, techniques as t; "
+        "print(json.dumps([list(t.GPU_BUDGETS), list(t.CPU_BUDGETS)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "bench", capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    gpu, cpu = json.loads(proc.stdout)
+    assert gpu == ["resnet50", "efficientnet_b0", "vit"]
+    assert cpu == ["resnet50_narrow", "efficientnet_b0_narrow", "vit_tiny"]
+    from hvdsgd import models
+
+    def weights(name):
+        return sum(p.numel() for p in models.build(name, (3, 32, 32), 10).parameters())
+
+    full = {m: weights(m) for m in gpu}
+    assert full["resnet50"] > 23e6 and full["efficientnet_b0"] > 4e6, full  # torchvision's
+    for small, big in zip(cpu, gpu, strict=True):
+        assert weights(small) < full[big] / 3, (small, big)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "flags,error",
