@@ -3,7 +3,7 @@
 #   make test   the same set-up, the ruff gate (make lint), then every test tier (2 workers)
 #   make test-fast  the unit tier only (pytest -m unit: in-process tests, at most 90 s on 2 cores)
 #   make bench  every bench/ script (23 min on 2 cores), then the README's Results section
-#   make bench-quick  every bench/ script in a reduced form (minutes), into BENCH_OUT
+#   make bench-quick  every bench/ script in a reduced form, 2 at a time (minutes), into BENCH_OUT
 #   make bench-gpu    on an NVIDIA GPU machine: throughput, techniques, occupancy on the GPU
 # Each step leaves a stamp in .venv; a second run skips what is done and takes seconds.
 
@@ -68,8 +68,14 @@ bench: $(SETUP)
 	@for b in $(BENCH); do echo "==> bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 	$(PY) bench/readme.py
 
+# The reduced forms check the scripts, not the figures: BENCH_JOBS of them at once (default 2, one
+# per core), each one's output printed whole when it ends.
+BENCH_JOBS ?= 2
 bench-quick: $(SETUP)
-	@for b in $(BENCH); do echo "==> bench/$$b.py --quick"; $(PY) bench/$$b.py --quick --out $(BENCH_OUT) || exit 1; done
+	@$(MAKE) --no-print-directory -j$(BENCH_JOBS) --output-sync=target $(addprefix bench-quick-,$(BENCH))
+
+bench-quick-%:
+	@echo "==> bench/$*.py --quick"; $(PY) bench/$*.py --quick --out $(BENCH_OUT)
 
 # On an NVIDIA GPU machine: the GPU forms (recorded as bench/results/NAME-gpu.*, beside the CPU ones).
 BENCH_GPU := throughput techniques occupancy

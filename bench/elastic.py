@@ -538,6 +538,7 @@ def _train_flags(args: argparse.Namespace) -> list[str]:
         "--threads",
         "1",
         "--no-progress",
+        "--no-plots",
         "--no-checkpoint",
         "--overwrite",
     ]

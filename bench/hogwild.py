@@ -245,6 +245,7 @@ def run_hvdsgd(strategy: str, workers: int, cfg: dict, eval_interval: float, tmp
         "--eval-interval",
         str(eval_interval),
         "--no-progress",
+        "--no-plots",
         "--no-checkpoint",
         "--overwrite",
         "--out",

@@ -124,6 +124,7 @@ def run_setting(setting: dict, epochs: int, interval: float, out: Path) -> dict:
         "--profile-interval",
         str(interval),
         "--no-progress",
+        "--no-plots",
         "--no-checkpoint",
         "--overwrite",
         "--out",

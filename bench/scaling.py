@@ -79,6 +79,7 @@ def run(model: str, workers: int, batch: int, args, out: Path) -> dict:
         "--threads",
         str(args.threads),
         "--no-progress",
+        "--no-plots",
         "--no-checkpoint",
         "--overwrite",
         "--out",

@@ -50,6 +50,7 @@ def run(strategy: str, args, out: Path) -> dict:
         "--warmup-epochs",
         "0",
         "--no-progress",
+        "--no-plots",
         "--no-checkpoint",
         "--overwrite",
         "--out",

@@ -284,6 +284,11 @@ class RunOptions(Options):
         False,
         "also write TensorBoard event files into --out (the scalars of metrics.jsonl, per epoch)",
     )
+    plots: bool = option(
+        True,
+        "draw curves.png and confusion.png into --out at the end (--no-plots: for scripted "
+        "runs that read metrics.jsonl; drawing costs rank 0 over a second of CPU)",
+    )
 
     def check(self) -> None:
         if isinstance(self.resume, bool):  # TOML `resume = true`, or a Python caller

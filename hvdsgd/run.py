@@ -153,7 +153,8 @@ class Run:
 
         def write():
             self.dir.write_summary(summary)
-            self.dir.plot(o.test.confusion.numpy(), self.ds.classes)
+            if self.cfg.plots:
+                self.dir.plot(o.test.confusion.numpy(), self.ds.classes)
             if o.final_checkpoint is not None:
                 self.save_checkpoint(**o.final_checkpoint)
 

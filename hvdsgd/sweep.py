@@ -90,7 +90,10 @@ TRAIN_ONLY = {  # the option groups of python -m hvdsgd.train that a task has no
     RunOptions: "a sweep's tasks keep no checkpoints or event files",
     ProfileOptions: "a sweep profiles the CPU of its runs itself (profile-*.csv in --out)",
 }
-BECAUSE = {"log_interval": "a sweep logs one line per finished task"}  # not its group's reason
+BECAUSE = {  # not its group's reason
+    "log_interval": "a sweep logs one line per finished task",
+    "plots": "a sweep's tasks draw no per-run curves",
+}
 FIXES = {"threads": "use --task-threads"}  # the fix when it is not "drop it"
 
 

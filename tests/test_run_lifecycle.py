@@ -189,6 +189,17 @@ def test_tensorboard_scalars_are_the_metrics(tmp_path):
 
 
 @pytest.mark.e2e
+def test_no_plots_draws_nothing_and_keeps_the_rest(tmp_path):
+    """--no-plots (the bench scripts' launches): no PNG, the same records otherwise."""
+    run(tmp_path / "plain", epochs=1)
+    run(tmp_path / "bare", epochs=1, plots=False)
+    made = {p: {f.name for f in (tmp_path / p).iterdir()} for p in ("plain", "bare")}
+    assert made["plain"] - made["bare"] == {"curves.png", "confusion.png"}
+    assert {"summary.json", "metrics.jsonl", "checkpoint.pt"} <= made["bare"]
+    assert not any(name.endswith(".png") for name in made["bare"])
+
+
+@pytest.mark.e2e
 def test_torchrun_launch_is_one_line_from_rank_0_only(tmp_path):
     argv = ("-m", "hvdsgd.train", "--out", str(tmp_path / "t"))
     lines = []
