@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -30,7 +31,9 @@ from hvdsgd.strategies.updaters import (
     Applier,
     Control,
     SharedUpdater,
+    give_start,
     slots,
+    wait_start,
 )
 
 # ------------------------------------------------------------------------------ units
@@ -247,6 +250,34 @@ def test_killed_worker_is_reported(tmp_path, mode):
         s = summary_of(tmp_path)
         assert len(s["failed_workers"]) == 1
     assert shm_segments(proc.pid) == []
+
+
+def _wait_for_start(ctl) -> None:  # a spawned worker's wait, as hvdsgd's workers do it
+    ctl.reports.put("waiting")
+    wait_start(ctl)
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_while_it_waits_for_the_start_does_not_hang_the_parent():
+    """SIGKILL (the OOM killer) to a worker waiting for the start signal: the parent still gives
+    it and goes on to notice the death. With a multiprocessing Event the parent's set() waited
+    for the dead sleeper to wake, for ever (test_killed_worker_is_reported[abort] hung so in CI
+    when its kill landed on the start)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    ctl = Control.create(ctx, TrainConfig(strategy="hogwild", workers=2))
+    waiters = [ctx.Process(target=_wait_for_start, args=(ctl,), daemon=True) for _ in range(2)]
+    for p in waiters:
+        p.start()
+    assert [ctl.reports.get() for _ in waiters] == ["waiting", "waiting"]
+    time.sleep(0.5)  # both asleep in the wait
+    waiters[0].kill()
+    waiters[0].join()
+    go = threading.Thread(target=give_start, args=(ctl, 2), daemon=True)
+    go.start()
+    go.join(timeout=10)
+    assert not go.is_alive(), "the start signal hung on the killed worker"
+    waiters[1].join(timeout=10)
+    assert waiters[1].exitcode == 0  # the living worker got its start
 
 
 def status(p) -> str:

@@ -29,7 +29,7 @@ from .. import shm
 from ..config import TrainConfig
 from ..errors import Terminated, UsageError
 from ..metrics import Summary
-from .updaters import Applier, Control
+from .updaters import Applier, Control, give_start
 from .worker import EXIT_STOPPED, worker
 
 log = logging.getLogger("hvdsgd")
@@ -184,7 +184,7 @@ class Supervisor:
             self.applier.start()
         self.wait_ready()
         self.shared.unlink()  # every worker has mapped it: /dev/shm keeps nothing from here on
-        self.ctl.start.set()
+        give_start(self.ctl, len(self.procs))
         self.t0 = time.monotonic()
 
     def wait_ready(self) -> None:

@@ -53,7 +53,7 @@ KERNEL_POLICY = {
 class Control:
     """The parent's channels to the workers (all inherited at spawn)."""
 
-    start: Any  # Event: every worker attached; go
+    start: Any  # Semaphore: one release per worker when every worker has attached; go
     reports: Any  # SimpleQueue: worker -> parent messages
     barrier: Any = None  # sync
     free: Any = None  # async-deferred: free slot ids
@@ -62,7 +62,7 @@ class Control:
     @classmethod
     def create(cls, ctx, cfg: TrainConfig) -> Control:
         """The channels ``cfg.strategy`` needs, from multiprocessing context ``ctx``."""
-        ctl = cls(start=ctx.Event(), reports=ctx.SimpleQueue())
+        ctl = cls(start=ctx.Semaphore(0), reports=ctx.SimpleQueue())
         if cfg.strategy == "sync":
             ctl.barrier = ctx.Barrier(cfg.workers)
         if cfg.strategy == "async-deferred":
@@ -70,6 +70,19 @@ class Control:
             for s in range(slots(cfg)):
                 ctl.free.put(s)
         return ctl
+
+
+def wait_start(ctl: Control) -> None:
+    """A worker: block until the parent's start signal."""
+    ctl.start.acquire()
+
+
+def give_start(ctl: Control, workers: int) -> None:
+    """The parent: the start signal to ``workers`` workers. A semaphore, not an Event: Event.set
+    waits for every process asleep in wait() to wake, so one SIGKILLed while it waited (the OOM
+    killer) hung the parent for ever; a release never blocks, a dead worker's is left unused."""
+    for _ in range(workers):
+        ctl.start.release()
 
 
 def slots(cfg: TrainConfig) -> int:

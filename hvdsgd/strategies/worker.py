@@ -23,7 +23,7 @@ from ..config import TrainConfig
 from ..engine import run_epoch, steps_per_epoch
 from ..errors import UsageError
 from ..metrics import Tally
-from .updaters import Control, SharedUpdater
+from .updaters import Control, SharedUpdater, wait_start
 
 EXIT_STOPPED = 3  # a worker that stopped because another one failed
 REPORT_S = 0.1  # a worker reports its training loss and epoch count at most this often
@@ -53,7 +53,7 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
         steps = steps_per_epoch(len(y), cfg.workers, cfg.batch_size, cfg.accum_steps)
         updater = SharedUpdater(cfg, w, shared, model, steps, ctl)
         ctl.reports.put(("ready", w, torch.get_num_threads()))
-        ctl.start.wait()
+        wait_start(ctl)
         t_first = time.monotonic()
         tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
         for epoch in range(cfg.epochs):
