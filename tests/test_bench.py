@@ -279,12 +279,24 @@ def test_readme_results_section_matches_bench_results():
     readme.main(["--check"])
 
 
+def techniques_json(code: str):
+    """What ``code``, run with bench/techniques.py importable as ``t``, prints as JSON (bench/
+    is a folder of scripts, not a package: the code runs there in its own process)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json, techniques as t\n" + code],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 @pytest.mark.unit
 def test_techniques_marks_a_setting_that_loses_more_than_a_point():
     """bench/techniques.py's table: accuracy as mean ± spread over the seeds, and a setting whose
     mean is more than 1 point below the baseline's is marked; one within a point is not."""
     code = """
-import json, techniques as t
 def runs(*accs):
     return [dict(samples_per_sec=100.0, peak_mib=10.0, process_peak_mib=20.0, test_accuracy=a,
                  test_macro_f1=a) for a in accs]
@@ -293,11 +305,7 @@ rows = [t.summarise("m", s, runs(*a), base, "") for s, a in
         (("baseline", (0.95, 0.97)), ("amp", (0.94, 0.95)), ("accum", (0.955, 0.96)))]
 print(json.dumps([rows, t.render(rows)]))
 """
-    proc = subprocess.run(  # bench/ is a folder of scripts: import one from there
-        [sys.executable, "-c", code], cwd=ROOT / "bench", capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows, md = json.loads(proc.stdout)
+    rows, md = techniques_json(code)
     assert [r["loses_accuracy"] for r in rows] == [False, True, False]
     assert rows[1]["accuracy_points"] == pytest.approx(-1.5)
     assert rows[0]["test_accuracy_spread"] == pytest.approx(1.96 * 0.02 / 2**0.5)
@@ -311,15 +319,7 @@ print(json.dumps([rows, t.render(rows)]))
 def test_techniques_gpu_form_trains_the_papers_models_at_full_size():
     """On a GPU the table runs ResNet-50, EfficientNet-B0 and ViT themselves; CPU_BUDGETS holds
     their CPU-sized variants, named as such, with a fraction of the weights."""
-    code = (
-        "import json, techniques as t; "
-        "print(json.dumps([list(t.GPU_BUDGETS), list(t.CPU_BUDGETS)]))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT / "bench", capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    gpu, cpu = json.loads(proc.stdout)
+    gpu, cpu = techniques_json("print(json.dumps([list(t.GPU_BUDGETS), list(t.CPU_BUDGETS)]))")
     assert gpu == ["resnet50", "efficientnet_b0", "vit"]
     assert cpu == ["resnet50_narrow", "efficientnet_b0_narrow", "vit_tiny"]
     from hvdsgd import models

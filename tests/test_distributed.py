@@ -231,41 +231,35 @@ def test_nan_loss_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path, mlp_r
 # --------------------------------------------------------------------------- a job that goes wrong
 
 
-def start_training(tmp_path, epochs=100, flags=("--no-progress",), ready=r"epoch +1/"):
-    """horovodrun -np 2 training an mlp, output in a file; returns (Popen, log path, --out)
-    once the log shows ``ready`` (by default: rank 0 has finished its first epoch)."""
-    out, log = tmp_path / "run", tmp_path / "horovodrun.log"
+def start_horovodrun(log, *args, ready):
+    """``horovodrun -np 2 -H localhost:2 --gloo python ARGS`` in the background, its output in
+    ``log``; returns the Popen once the log matches ``ready``."""
     exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [
-                exe,
-                "-np",
-                "2",
-                "-H",
-                "localhost:2",
-                "--gloo",
-                sys.executable,
-                "-m",
-                "hvdsgd.train",
-                "--model",
-                "mlp",
-                "--epochs",
-                str(epochs),
-                *flags,
-                "--out",
-                str(out),
-            ],
+            [exe, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, *args],
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
         )
     deadline = time.monotonic() + 60
-    while not re.search(ready, log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    return proc, log, out
+    try:
+        while not re.search(ready, log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+    except BaseException:
+        proc.kill()  # horovodrun's middlemen stop the ranks when it dies
+        raise
+    return proc
+
+
+def start_training(tmp_path, epochs=100, flags=("--no-progress",), ready=r"epoch +1/"):
+    """horovodrun -np 2 training an mlp, output in a file; returns (Popen, log path, --out)
+    once the log shows ``ready`` (by default: rank 0 has finished its first epoch)."""
+    out, log = tmp_path / "run", tmp_path / "horovodrun.log"
+    train = ["-m", "hvdsgd.train", "--model", "mlp", "--epochs", str(epochs), *flags]
+    return start_horovodrun(log, *train, "--out", str(out), ready=ready), log, out
 
 
 def rank_processes(out):
@@ -386,22 +380,9 @@ def test_a_rank_that_meets_the_lost_peer_while_the_job_is_stopped_adds_nothing(t
     its grace time, say "lost contact with the other ranks" (seen once in a make test run).
     horovodrun was stopping the job: that line is dropped, one line in all."""
     log = tmp_path / "horovodrun.log"
-    exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
-    cmd = [exe, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable]
-    check = ["tests/dist_checks.py", "lost_contact_while_the_job_is_stopped"]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd + check,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-        )
+    check = ("tests/dist_checks.py", "lost_contact_while_the_job_is_stopped")
+    proc = start_horovodrun(log, *check, ready="stepping")
     try:
-        deadline = time.monotonic() + 60
-        while "stepping" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=30)
     finally:
