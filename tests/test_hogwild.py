@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 from conftest import (
@@ -235,10 +236,15 @@ def test_killed_worker_is_reported(tmp_path, mode):
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim = workers_of(proc.pid, 2)[1]  # spawned after the segments were made
-    wait_started(proc.pid)
-    victim.send_signal(signal.SIGKILL)
-    out, err = proc.communicate(timeout=180)
+    run = psutil.Process(proc.pid)
+    try:
+        victim = workers_of(proc.pid, 2)[1]  # spawned after the segments were made
+        wait_started(proc.pid)
+        victim.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=180)
+    finally:  # a failed wait or a hung run leaves nothing behind
+        for p in [*run.children(recursive=True), run] if proc.poll() is None else []:
+            p.kill()
     if mode == "abort":
         assert proc.returncode != 0
         line = [ln for ln in err.splitlines() if ln.startswith("hvdsgd: error:")]
@@ -282,8 +288,6 @@ def test_a_worker_killed_while_it_waits_for_the_start_does_not_hang_the_parent()
 
 def status(p) -> str:
     """``p.status()``; a process gone meanwhile counts as a zombie (it has exited)."""
-    import psutil
-
     try:
         return p.status()
     except psutil.NoSuchProcess:
