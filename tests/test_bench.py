@@ -279,11 +279,11 @@ def test_readme_results_section_matches_bench_results():
     readme.main(["--check"])
 
 
-def techniques_json(code: str):
-    """What ``code``, run with bench/techniques.py importable as ``t``, prints as JSON (bench/
-    is a folder of scripts, not a package: the code runs there in its own process)."""
+def bench_json(script: str, code: str):
+    """What ``code``, run with bench/SCRIPT.py importable as ``t``, prints as JSON (bench/ is a
+    folder of scripts, not a package: the code runs there in its own process)."""
     proc = subprocess.run(
-        [sys.executable, "-c", "import json, techniques as t\n" + code],
+        [sys.executable, "-c", f"import json, {script} as t\n" + code],
         cwd=ROOT / "bench",
         capture_output=True,
         text=True,
@@ -305,7 +305,7 @@ rows = [t.summarise("m", s, runs(*a), base, "") for s, a in
         (("baseline", (0.95, 0.97)), ("amp", (0.94, 0.95)), ("accum", (0.955, 0.96)))]
 print(json.dumps([rows, t.render(rows)]))
 """
-    rows, md = techniques_json(code)
+    rows, md = bench_json("techniques", code)
     assert [r["loses_accuracy"] for r in rows] == [False, True, False]
     assert rows[1]["accuracy_points"] == pytest.approx(-1.5)
     assert rows[0]["test_accuracy_spread"] == pytest.approx(1.96 * 0.02 / 2**0.5)
@@ -319,7 +319,9 @@ print(json.dumps([rows, t.render(rows)]))
 def test_techniques_gpu_form_trains_the_papers_models_at_full_size():
     """On a GPU the table runs ResNet-50, EfficientNet-B0 and ViT themselves; CPU_BUDGETS holds
     their CPU-sized variants, named as such, with a fraction of the weights."""
-    gpu, cpu = techniques_json("print(json.dumps([list(t.GPU_BUDGETS), list(t.CPU_BUDGETS)]))")
+    gpu, cpu = bench_json(
+        "techniques", "print(json.dumps([list(t.GPU_BUDGETS), list(t.CPU_BUDGETS)]))"
+    )
     assert gpu == ["resnet50", "efficientnet_b0", "vit"]
     assert cpu == ["resnet50_narrow", "efficientnet_b0_narrow", "vit_tiny"]
     from hvdsgd import models
@@ -331,6 +333,53 @@ def test_techniques_gpu_form_trains_the_papers_models_at_full_size():
     assert full["resnet50"] > 23e6 and full["efficientnet_b0"] > 4e6, full  # torchvision's
     for small, big in zip(cpu, gpu, strict=True):
         assert weights(small) < full[big] / 3, (small, big)
+
+
+ELASTIC_FAKE_LAUNCH = """
+import sys, time
+slept = []
+time.sleep = slept.append
+class Rank:
+    def kill(self):
+        pass
+class Job:  # a launch whose rank was lost in epoch LOST of 4
+    def wait_for(self, pattern):
+        return None
+    def rank_on(self, host):
+        return Rank()
+    def set_hosts(self, *hosts):
+        pass
+    def fail(self, why):
+        sys.exit("failed: " + why)
+    def finish(self):
+        event = dict(cause="rank lost", epoch=LOST, step=50, steps_redone=50, time_s=1.0, to=1)
+        event["from"] = 2
+        rows = [dict(epoch=e, samples_per_sec=1000.0, epoch_time_s=1.0) for e in range(1, 5)]
+        return dict(summary=dict(elastic=dict(resets=[event]), wall_time_s=9.0, world_size=1),
+                    rows=rows, launch_s=10.0, timings=dict(reset=[dict(began=time.time())],
+                    restore=[time.time() + 1], step=[time.time() + 2]))
+t.launch = lambda where, flags, elastic: Job()
+"""
+
+
+@pytest.mark.unit
+def test_elastic_bench_kills_halfway_through_a_steady_epoch_and_names_a_late_kill():
+    """bench/elastic.py's lost-rank run sleeps half of a steady epoch (measured by the elastic
+    runs before it) after epoch 1's line, not half of epoch 1, whose warm-up made a loaded CI
+    machine kill in the last epoch; a kill that still lands there fails in one line, not with a
+    ZeroDivisionError."""
+    code = "from pathlib import Path\n" + ELASTIC_FAKE_LAUNCH
+    code += "k = t.lost_rank(Path('.'), [], 100, 0.8)\nprint(json.dumps([slept, k]))"
+    slept, k = bench_json("elastic", code.replace("LOST", "2"))
+    assert slept == [0.4] and k["epoch"] == 2 and k["samples_per_sec_after"] == 1000.0
+    proc = subprocess.run(
+        [sys.executable, "-c", "import elastic as t\n" + code.replace("LOST", "4")],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "failed: the rank was lost in the last epoch (4)" in proc.stderr
 
 
 @pytest.mark.e2e
