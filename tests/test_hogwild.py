@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -33,6 +34,7 @@ from hvdsgd.strategies.updaters import (
     Control,
     SharedUpdater,
     give_start,
+    receive,
     slots,
     wait_start,
 )
@@ -117,7 +119,7 @@ def test_every_policy_moves_the_shared_weights_by_lr_times_the_gradient(strategy
     )
     try:
         ctl = Control.create(mp.get_context("spawn"), cfg)
-        updater = SharedUpdater(cfg, 0, shared, model, 10, ctl)
+        updater = SharedUpdater(cfg, 0, shared, model, 10, ctl.ends[0])
         applier = Applier(shared.params, ctl, cfg)
         if strategy == "async-deferred":
             applier.start()
@@ -258,9 +260,9 @@ def test_killed_worker_is_reported(tmp_path, mode):
     assert shm_segments(proc.pid) == []
 
 
-def _wait_for_start(ctl) -> None:  # a spawned worker's wait, as hvdsgd's workers do it
-    ctl.reports.put("waiting")
-    wait_start(ctl)
+def _wait_for_start(ends) -> None:  # a spawned worker's wait, as hvdsgd's workers do it
+    ends.report.send("waiting")
+    wait_start(ends)
 
 
 @pytest.mark.e2e
@@ -271,10 +273,10 @@ def test_a_worker_killed_while_it_waits_for_the_start_does_not_hang_the_parent()
     when its kill landed on the start)."""
     ctx = torch.multiprocessing.get_context("spawn")
     ctl = Control.create(ctx, TrainConfig(strategy="hogwild", workers=2))
-    waiters = [ctx.Process(target=_wait_for_start, args=(ctl,), daemon=True) for _ in range(2)]
+    waiters = [ctx.Process(target=_wait_for_start, args=(e,), daemon=True) for e in ctl.ends]
     for p in waiters:
         p.start()
-    assert [ctl.reports.get() for _ in waiters] == ["waiting", "waiting"]
+    assert [r.recv() for r in ctl.reports] == ["waiting", "waiting"]
     time.sleep(0.5)  # both asleep in the wait
     waiters[0].kill()
     waiters[0].join()
@@ -284,6 +286,100 @@ def test_a_worker_killed_while_it_waits_for_the_start_does_not_hang_the_parent()
     assert not go.is_alive(), "the start signal hung on the killed worker"
     waiters[1].join(timeout=10)
     assert waiters[1].exitcode == 0  # the living worker got its start
+
+
+def _wchan(p: psutil.Process) -> str:
+    """Where the kernel has ``p`` asleep ("anon_pipe_read", "futex_do_wait", ...)."""
+    try:
+        return (Path("/proc") / str(p.pid) / "wchan").read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.e2e
+def test_async_deferred_worker_killed_while_it_waits_for_a_slot_leaves_the_others_going(tmp_path):
+    """async-deferred, --on-worker-failure continue: the parent (the applier) is frozen, so the
+    workers run out of free slots and wait; the one asleep in a pipe read is SIGKILLed. With one
+    free-slot queue for all workers that one held the queue's read lock, and the survivor
+    waited for it for ever; with a pipe per worker the survivor trains to the end."""
+    proc = subprocess.Popen(
+        train_cmd(
+            tmp_path,
+            "--strategy",
+            "async-deferred",
+            "--workers",
+            "2",
+            "--epochs",
+            "300",
+            "--on-worker-failure",
+            "continue",
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = psutil.Process(proc.pid)
+    try:
+        ws = workers_of(proc.pid, 2)
+        wait_started(proc.pid)
+        run.suspend()
+        deadline = time.time() + 30
+        while not any("pipe" in _wchan(w) for w in ws if w.status() == "sleeping"):
+            assert time.time() < deadline, [_wchan(w) for w in ws]
+            time.sleep(0.05)
+        [victim, *_] = [w for w in ws if "pipe" in _wchan(w)]
+        victim.kill()
+        while status(victim) != psutil.STATUS_ZOMBIE:  # dead; its parent, frozen, reaps it later
+            assert time.time() < deadline
+            time.sleep(0.05)
+        run.resume()
+        out, err = proc.communicate(timeout=120)
+    finally:  # a hung run leaves nothing behind
+        for p in [*run.children(recursive=True), run] if proc.poll() is None else []:
+            p.kill()
+    assert proc.returncode == 0, out + err
+    assert "SIGKILL" in out + err
+    s = summary_of(tmp_path)
+    assert s["failed_workers"] == [ws.index(victim)]
+    assert shm_segments(proc.pid) == []
+
+
+def _half_a_message_then_die(ends) -> None:  # a worker killed in the middle of a report
+    os.write(ends.report.fileno(), (1000).to_bytes(4, "big") + b"x" * 10)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report(ends) -> None:
+    ends.report.send("ok")
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_mid_report_is_read_as_gone_and_the_others_are_heard():
+    """The parent reads each worker's reports from that worker's own pipe, whose other end
+    only the worker holds: half a message and then death is end-of-file there (the pipe is
+    dropped), never a read that waits for the rest, and the other worker's report arrives."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    ctl = Control.create(ctx, TrainConfig(strategy="hogwild", workers=2))
+    procs = []
+    for w, target in enumerate((_half_a_message_then_die, _report)):
+        procs.append(ctx.Process(target=target, args=(ctl.ends[w],), daemon=True))
+        procs[-1].start()
+        ctl.spawned(w)
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [-signal.SIGKILL, 0]
+    heard, conns = [], list(ctl.reports)
+
+    def read() -> None:
+        while conns:
+            heard.extend(receive(conns, timeout=1.0))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the parent waits for the rest of a dead worker's message"
+    assert heard == ["ok"] and conns == []
 
 
 def status(p) -> str:

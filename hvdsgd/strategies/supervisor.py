@@ -29,7 +29,7 @@ from .. import shm
 from ..config import TrainConfig
 from ..errors import Terminated, UsageError
 from ..metrics import Summary
-from .updaters import Applier, Control, give_start
+from .updaters import Applier, Control, give_start, receive
 from .worker import EXIT_STOPPED, worker
 
 log = logging.getLogger("hvdsgd")
@@ -174,11 +174,12 @@ class Supervisor:
         for w in range(cfg.workers):
             p = self.ctx.Process(
                 target=worker,
-                args=(w, cfg.to_dict(), self.spec, self.ctl),
+                args=(w, cfg.to_dict(), self.spec, self.ctl.ends[w]),
                 name=f"hvdsgd-worker-{w}",
                 daemon=True,
             )
             p.start()
+            self.ctl.spawned(w)  # its pipes: one writer (the worker), EOF when it dies
             self.procs.append(p)
         if self.applier is not None:
             self.applier.start()
@@ -240,8 +241,9 @@ class Supervisor:
                 return self.failed
 
     def drain(self) -> None:
-        while not self.ctl.reports.empty():
-            self.reports.take(self.ctl.reports.get())
+        while msgs := receive(self.ctl.reports):
+            for msg in msgs:
+                self.reports.take(msg)
 
     def check_workers(self) -> None:
         """Report workers that died; stop (abort) or note it (continue)."""

@@ -1,7 +1,8 @@
 """One shared-buffer worker process: attach to the segments, train ``--epochs`` passes over its
 shard with the engine's epoch loop and a ``SharedUpdater``, report to the parent, exit.
 
-Messages on ``Control.reports`` (read by :class:`hvdsgd.strategies.supervisor.WorkerReports`):
+Messages on the worker's own ``WorkerEnds.report`` pipe (read by
+:class:`hvdsgd.strategies.supervisor.WorkerReports`):
 ``("ready", w, threads)``, ``("epoch", w, epochs_done, loss_sum, confusion, lr)`` at most every
 ``REPORT_S``, ``("done", w, first_step, last_step)`` (monotonic clock), and on failure
 ``("usage", w, message)`` or ``("error", w, message)``.
@@ -23,7 +24,7 @@ from ..config import TrainConfig
 from ..engine import run_epoch, steps_per_epoch
 from ..errors import UsageError
 from ..metrics import Tally
-from .updaters import Control, SharedUpdater, wait_start
+from .updaters import SharedUpdater, WorkerEnds, wait_start
 
 EXIT_STOPPED = 3  # a worker that stopped because another one failed
 REPORT_S = 0.1  # a worker reports its training loss and epoch count at most this often
@@ -37,7 +38,7 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
+def worker(w: int, cfg_dict: dict, spec: dict, ends: WorkerEnds) -> None:
     """Worker ``w``: attach, train ``epochs`` passes over its shard, report, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
     die_with_parent()
@@ -51,9 +52,9 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
         sampler = data.ShardSampler(len(y), w, cfg.workers, cfg.seed)
         batches = data.Batches(x, y, cfg.batch_size, sampler, cpu, channels_last=cfg.channels_last)
         steps = steps_per_epoch(len(y), cfg.workers, cfg.batch_size, cfg.accum_steps)
-        updater = SharedUpdater(cfg, w, shared, model, steps, ctl)
-        ctl.reports.put(("ready", w, torch.get_num_threads()))
-        wait_start(ctl)
+        updater = SharedUpdater(cfg, w, shared, model, steps, ends)
+        ends.report.send(("ready", w, torch.get_num_threads()))
+        wait_start(ends)
         t_first = time.monotonic()
         tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
         for epoch in range(cfg.epochs):
@@ -61,11 +62,11 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
             # Report at most every REPORT_S: small epochs last milliseconds.
             if time.monotonic() - last_report >= REPORT_S or epoch + 1 == cfg.epochs:
                 tally.flush()
-                ctl.reports.put(
+                ends.report.send(
                     ("epoch", w, epoch + 1, tally.loss.item(), tally.confusion.tolist(), updater.lr)
                 )
                 tally, last_report = Tally(spec["num_classes"], cpu), time.monotonic()
-        ctl.reports.put(("done", w, t_first, time.monotonic()))
+        ends.report.send(("done", w, t_first, time.monotonic()))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # nothing left to clean up; torch's interpreter teardown is slow
@@ -74,7 +75,7 @@ def worker(w: int, cfg_dict: dict, spec: dict, ctl: Control) -> None:
     except BaseException as e:
         usage = isinstance(e, UsageError)
         with contextlib.suppress(Exception):
-            ctl.reports.put(
+            ends.report.send(
                 ("usage" if usage else "error", w, str(e) if usage else f"{type(e).__name__}: {e}")
             )
         sys.stdout.flush()
