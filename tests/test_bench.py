@@ -279,15 +279,20 @@ def test_readme_results_section_matches_bench_results():
     readme.main(["--check"])
 
 
-def bench_json(script: str, code: str):
-    """What ``code``, run with bench/SCRIPT.py importable as ``t``, prints as JSON (bench/ is a
-    folder of scripts, not a package: the code runs there in its own process)."""
-    proc = subprocess.run(
+def bench_code(script: str, code: str) -> subprocess.CompletedProcess:
+    """``code`` run with bench/SCRIPT.py importable as ``t`` (bench/ is a folder of scripts, not
+    a package: the code runs there in its own process)."""
+    return subprocess.run(
         [sys.executable, "-c", f"import json, {script} as t\n" + code],
         cwd=ROOT / "bench",
         capture_output=True,
         text=True,
     )
+
+
+def bench_json(script: str, code: str):
+    """What ``code`` (see :func:`bench_code`) prints as JSON."""
+    proc = bench_code(script, code)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -372,12 +377,7 @@ def test_elastic_bench_kills_halfway_through_a_steady_epoch_and_names_a_late_kil
     code += "k = t.lost_rank(Path('.'), [], 100, 0.8)\nprint(json.dumps([slept, k]))"
     slept, k = bench_json("elastic", code.replace("LOST", "2"))
     assert slept == [0.4] and k["epoch"] == 2 and k["samples_per_sec_after"] == 1000.0
-    proc = subprocess.run(
-        [sys.executable, "-c", "import elastic as t\n" + code.replace("LOST", "4")],
-        cwd=ROOT / "bench",
-        capture_output=True,
-        text=True,
-    )
+    proc = bench_code("elastic", code.replace("LOST", "4"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "failed: the rank was lost in the last epoch (4)" in proc.stderr
 

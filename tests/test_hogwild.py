@@ -211,6 +211,29 @@ def test_every_policy_reaches_95_percent(tmp_path, strategy):
 # ---------------------------------------------------------------------------- faults
 
 
+def run_killing_a_worker(tmp_path, kill, *args, timeout=180) -> tuple:
+    """``hvdsgd.train ARGS`` on 2 workers, ``kill(pid, workers)`` once they are started (it kills
+    one and returns it), then the run to its end: (proc, out, err, victim index). A failed wait
+    or a hung run is killed with everything under it."""
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "--workers", "2", *args),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = psutil.Process(proc.pid)
+    try:
+        ws = workers_of(proc.pid, 2)
+        wait_started(proc.pid)
+        victim = kill(run, ws)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        for p in [*run.children(recursive=True), run] if proc.poll() is None else []:
+            p.kill()
+    return proc, out, err, ws.index(victim)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_killed_worker_is_reported(tmp_path, mode):
@@ -219,34 +242,23 @@ def test_killed_worker_is_reported(tmp_path, mode):
     # epochs, and the victim was gone). The survivor of "continue" trains its shard to the end,
     # so that run is shorter.
     epochs = "3000" if mode == "abort" else "500"
-    proc = subprocess.Popen(
-        train_cmd(
-            tmp_path,
-            "--strategy",
-            "hogwild",
-            "--workers",
-            "2",
-            "--epochs",
-            epochs,
-            "--on-worker-failure",
-            mode,
-            "--eval-interval",
-            "0.1",
-        ),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+
+    def kill(run, ws):
+        ws[1].send_signal(signal.SIGKILL)  # spawned after the segments were made
+        return ws[1]
+
+    proc, out, err, _ = run_killing_a_worker(
+        tmp_path,
+        kill,
+        "--strategy",
+        "hogwild",
+        "--epochs",
+        epochs,
+        "--on-worker-failure",
+        mode,
+        "--eval-interval",
+        "0.1",
     )
-    run = psutil.Process(proc.pid)
-    try:
-        victim = workers_of(proc.pid, 2)[1]  # spawned after the segments were made
-        wait_started(proc.pid)
-        victim.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=180)
-    finally:  # a failed wait or a hung run leaves nothing behind
-        for p in [*run.children(recursive=True), run] if proc.poll() is None else []:
-            p.kill()
     if mode == "abort":
         assert proc.returncode != 0
         line = [ln for ln in err.splitlines() if ln.startswith("hvdsgd: error:")]
@@ -302,27 +314,8 @@ def test_async_deferred_worker_killed_while_it_waits_for_a_slot_leaves_the_other
     workers run out of free slots and wait; the one asleep in a pipe read is SIGKILLed. With one
     free-slot queue for all workers that one held the queue's read lock, and the survivor
     waited for it for ever; with a pipe per worker the survivor trains to the end."""
-    proc = subprocess.Popen(
-        train_cmd(
-            tmp_path,
-            "--strategy",
-            "async-deferred",
-            "--workers",
-            "2",
-            "--epochs",
-            "300",
-            "--on-worker-failure",
-            "continue",
-        ),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    run = psutil.Process(proc.pid)
-    try:
-        ws = workers_of(proc.pid, 2)
-        wait_started(proc.pid)
+
+    def kill(run, ws):
         run.suspend()
         deadline = time.time() + 30
         while not any("pipe" in _wchan(w) for w in ws if w.status() == "sleeping"):
@@ -334,14 +327,23 @@ def test_async_deferred_worker_killed_while_it_waits_for_a_slot_leaves_the_other
             assert time.time() < deadline
             time.sleep(0.05)
         run.resume()
-        out, err = proc.communicate(timeout=120)
-    finally:  # a hung run leaves nothing behind
-        for p in [*run.children(recursive=True), run] if proc.poll() is None else []:
-            p.kill()
+        return victim
+
+    proc, out, err, victim = run_killing_a_worker(
+        tmp_path,
+        kill,
+        "--strategy",
+        "async-deferred",
+        "--epochs",
+        "300",
+        "--on-worker-failure",
+        "continue",
+        timeout=120,
+    )
     assert proc.returncode == 0, out + err
     assert "SIGKILL" in out + err
     s = summary_of(tmp_path)
-    assert s["failed_workers"] == [ws.index(victim)]
+    assert s["failed_workers"] == [victim]
     assert shm_segments(proc.pid) == []
 
 
